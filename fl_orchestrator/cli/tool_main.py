@@ -1,0 +1,165 @@
+"""`fl-orchestrator`: the datasite runner and the operator's tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from fl_orchestrator import __version__
+from fl_orchestrator.cli.daemon_main import EX_USAGE
+from fl_orchestrator.config import EX_CONFIG, ConfigError, load_config
+from fl_orchestrator.config.loader import _EMAIL, _JOB_NAME
+from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
+from fl_orchestrator.logs import LoggingSetupError, configure_logging, resolve_logging
+from fl_orchestrator.shell.hooks import HookError
+from fl_orchestrator.shell.models import ModelFileError, ModelStore, export_npz
+
+EX_NOINPUT = 66
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EX_USAGE)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
+    return value
+
+
+def _email(text: str) -> str:
+    if not _EMAIL.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an email like name@example.org")
+    return text
+
+
+def _job_name(text: str) -> str:
+    if not _JOB_NAME.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1-64 of letters, digits, '.', '-', '_'")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands."""
+    parser = _Parser(prog="fl-orchestrator", description="fl-orchestrator tools.")
+    parser.add_argument("--version", action="version", version=f"fl-orchestrator {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    site = sub.add_parser("datasite", help="run the datasite side of a job")
+    site.add_argument("--syftbox-root", required=True, type=Path)
+    site.add_argument("--email", required=True, type=_email, help="this datasite's email")
+    site.add_argument("--aggregator", required=True, type=_email, help="the aggregator's email")
+    site.add_argument("--job", required=True, type=_job_name)
+    site.add_argument("--train", required=True, help="'package.module:function'")
+    site.add_argument("--heartbeat-interval-seconds", type=_positive_float, default=2.0)
+    site.add_argument("--rescan-interval-seconds", type=_positive_float, default=10.0)
+    site.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    site.add_argument("--log-format", choices=("auto", "json", "console"))
+
+    export = sub.add_parser("export", help="write a round's global model as .npz")
+    export.add_argument("--config", required=True, type=Path)
+    export.add_argument("--round", type=int, default=None, help="round (default: the latest)")
+    export.add_argument("--out", required=True, type=Path)
+
+    status = sub.add_parser("status", help="show where a job is")
+    status.add_argument("--config", required=True, type=Path)
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command == "datasite":
+        return _datasite(args)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.line(), file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "export":
+        store = ModelStore(config.state.state_dir, config.job.name)
+        rounds = store.rounds()
+        if not rounds:
+            print(f"no saved models in {store.directory}", file=sys.stderr)
+            return EX_NOINPUT
+        rnd = rounds[-1] if args.round is None else args.round
+        if rnd not in rounds:
+            print(f"round {rnd} has no saved model; saved rounds: {rounds[0]}..{rounds[-1]}", file=sys.stderr)
+            return EX_NOINPUT
+        try:
+            export_npz(store.load(rnd), args.out)
+        except ModelFileError as exc:
+            print(f"cannot export: {exc}", file=sys.stderr)
+            return EX_NOINPUT
+        print(str(args.out))
+        return 0
+    return _status(config.state.state_dir, as_json=args.json)
+
+
+def _status(state_dir: Path, *, as_json: bool) -> int:
+    path = state_dir / "status.json"
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        print(f"no status yet at {path}: has the daemon run?", file=sys.stderr)
+        return EX_NOINPUT
+    if as_json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(f"job {status['job']}: {status['state']}, round {status['round']} of {status['num_rounds']},"
+          f" phase {status['phase']}")
+    for name, record in sorted(status["datasites"].items()):
+        print(f"  {name}: ok {record['succeeded']}, failed {record['failed']},"
+              f" timed out {record['timed_out']}, rejected {record['rejected']}")
+    return 0
+
+
+def _datasite(args: argparse.Namespace) -> int:
+    try:
+        level, fmt = resolve_logging(args.log_level, args.log_format)
+    except LoggingSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    configure_logging(level, fmt)
+    settings = RunnerSettings(
+        root=args.syftbox_root,
+        email=args.email,
+        aggregator=args.aggregator,
+        job=args.job,
+        train=args.train,
+        heartbeat_interval_seconds=args.heartbeat_interval_seconds,
+        rescan_interval_seconds=args.rescan_interval_seconds,
+    )
+    try:
+        runner = DatasiteRunner(settings)
+    except HookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        anyio.run(runner.run)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def run() -> None:
+    """Console-script wrapper."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,216 @@
+"""The job configuration: a tree of frozen dataclasses.
+
+Every field carries its constraint in ``metadata`` so that the loader can name
+the key, the value and what was expected in one line. Units live in key names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# Values a train-config table may carry to clients; lists must be homogeneous.
+ConfigScalar = int | float | str | bool | bytes
+ConfigValue = ConfigScalar | list[int] | list[float] | list[str] | list[bool] | list[bytes]
+
+
+def spec(
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    choices: tuple[str, ...] | None = None,
+    email: bool = False,
+    import_string: bool = False,
+) -> dict[str, Any]:
+    """Build the metadata the loader checks a field against."""
+    return {
+        "doc": doc,
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive_minimum": exclusive_minimum,
+        "choices": choices,
+        "email": email,
+        "import_string": import_string,
+    }
+
+
+@dataclass(frozen=True)
+class JobSection:
+    """The round loop, with Flower's names where Flower has one."""
+
+    name: str = field(metadata=spec("job name: letters, digits, '-', '_' and '.'"))
+    num_rounds: int = field(default=3, metadata=spec("number of rounds", minimum=1))
+    round_timeout_seconds: float = field(
+        default=600.0,
+        metadata=spec("seconds a round collects results", minimum=0, exclusive_minimum=True),
+    )
+    fraction_train: float = field(
+        default=1.0,
+        metadata=spec("share of available datasites trained per round", minimum=0, maximum=1),
+    )
+    min_train_nodes: int = field(
+        default=2, metadata=spec("fewest successful results a round aggregates", minimum=1)
+    )
+    min_available_nodes: int = field(
+        default=2, metadata=spec("datasites that must be present to start a round", minimum=1)
+    )
+    available_timeout_seconds: float = field(
+        default=600.0,
+        metadata=spec(
+            "seconds to wait for min_available_nodes before failing", minimum=0,
+            exclusive_minimum=True,
+        ),
+    )
+    max_round_retries: int = field(
+        default=2, metadata=spec("retries of a round that missed min_train_nodes", minimum=0)
+    )
+    selection_seed: int = field(default=0, metadata=spec("seed of the per-round selection"))
+    train_config: dict[str, ConfigValue] = field(
+        default_factory=dict, metadata=spec("values sent to every datasite each round")
+    )
+
+
+@dataclass(frozen=True)
+class SyftBoxSection:
+    """Where the synced tree is and who takes part."""
+
+    root: Path = field(metadata=spec("SyftBox folder (holds datasites/)"))
+    aggregator_email: str = field(metadata=spec("the aggregator's datasite email", email=True))
+    datasites: tuple[str, ...] = field(
+        metadata=spec("emails of the targeted datasites", email=True)
+    )
+    presence_ttl_seconds: float = field(
+        default=60.0,
+        metadata=spec(
+            "a datasite counts as available this long after its last heartbeat", minimum=0,
+            exclusive_minimum=True,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a randomly initialised model."""
+
+    shape: tuple[int, ...] = field(metadata=spec("array shape, a list of positive ints", minimum=1))
+    dtype: str = field(
+        default="float32", metadata=spec("array dtype", choices=("float32", "float64"))
+    )
+    init: str = field(
+        default="normal", metadata=spec("initialiser", choices=("zeros", "normal", "uniform"))
+    )
+    scale: float = field(default=0.01, metadata=spec("std (normal) or bound (uniform)", minimum=0))
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The initial global model: a seeded random init or a checkpoint file."""
+
+    source: str = field(
+        default="random", metadata=spec("where round 0 comes from", choices=("random", "checkpoint"))
+    )
+    seed: int = field(default=0, metadata=spec("seed of the random init"))
+    checkpoint_path: Path | None = field(
+        default=None, metadata=spec("an .npz or .msgpack weights file (source = checkpoint)")
+    )
+    arrays: dict[str, ArraySpec] = field(
+        default_factory=dict, metadata=spec("array name -> shape spec (source = random)")
+    )
+
+
+@dataclass(frozen=True)
+class StrategySection:
+    """How results become the next global model."""
+
+    name: str = field(default="fedavg", metadata=spec("aggregation strategy", choices=("fedavg",)))
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    """Central validation, run before round 1 and after every round."""
+
+    global_evaluate: str | None = field(
+        default=None, metadata=spec("'package.module:function'", import_string=True)
+    )
+    timeout_seconds: float = field(
+        default=300.0,
+        metadata=spec("deadline of one central evaluation", minimum=0, exclusive_minimum=True),
+    )
+
+
+@dataclass(frozen=True)
+class StateSection:
+    """Where the daemon keeps models, ledgers and quarantine."""
+
+    state_dir: Path = field(metadata=spec("state directory"))
+
+
+@dataclass(frozen=True)
+class DaemonSection:
+    """Service behaviour: watching, deadlines and shutdown."""
+
+    rescan_interval_seconds: float = field(
+        default=15.0,
+        metadata=spec("safety-net full rescan period", minimum=0, exclusive_minimum=True),
+    )
+    watch_debounce_milliseconds: int = field(
+        default=5, metadata=spec("file-event batching window", minimum=1, maximum=10_000)
+    )
+    aggregation_timeout_seconds: float = field(
+        default=600.0,
+        metadata=spec("deadline of one aggregation", minimum=0, exclusive_minimum=True),
+    )
+    shutdown_timeout_seconds: float = field(
+        default=5.0,
+        metadata=spec("drain deadline after SIGTERM", minimum=0, exclusive_minimum=True),
+    )
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Bounds on what an inbound file may carry."""
+
+    max_file_bytes: int = field(
+        default=2 * 1024**3, metadata=spec("largest result file read", minimum=1)
+    )
+    max_header_bytes: int = field(
+        default=1024 * 1024, metadata=spec("largest message header", minimum=64)
+    )
+    max_num_examples: int = field(
+        default=10**12, metadata=spec("largest num_examples accepted", minimum=1)
+    )
+    max_metrics: int = field(default=256, metadata=spec("most metric entries", minimum=0))
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """Log level and format; flags and environment override these."""
+
+    level: str = field(
+        default="info", metadata=spec("log level", choices=("debug", "info", "warning", "error"))
+    )
+    format: str = field(
+        default="auto", metadata=spec("log format", choices=("auto", "json", "console"))
+    )
+
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One job, as loaded from one TOML file."""
+
+    job: JobSection
+    syftbox: SyftBoxSection
+    model: ModelSection
+    state: StateSection
+    strategy: StrategySection = field(default_factory=StrategySection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    source_path: Path | None = field(default=None, metadata=spec("(set by the loader)"))

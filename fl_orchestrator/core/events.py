@@ -1,0 +1,194 @@
+"""What goes into the round state machine, and what comes out.
+
+Events carry the time they happened (``now``, seconds on the wall clock) so the
+machine never reads a clock; tests drive it with a fake one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fl_orchestrator.wire.reasons import Reason
+
+Metrics = dict[str, int | float]
+
+
+# ---- events -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """The service is up and watching."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class NodeSeen:
+    """A datasite's heartbeat arrived."""
+
+    now: float
+    datasite: str
+
+
+@dataclass(frozen=True)
+class ResultReceived:
+    """A result file decoded cleanly; the machine decides whether it counts.
+
+    ``payload`` is the shell's handle on the weights; the machine only passes it on.
+    """
+
+    now: float
+    datasite: str
+    round: int
+    reply_to: str | None
+    ok: bool
+    num_examples: int = 0
+    metrics: Metrics = field(default_factory=dict)
+    error_type: str | None = None
+    error_message: str | None = None
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A timer the machine asked for has fired (or a rescan happened)."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class RoundAggregated:
+    """The shell folded, finalised and saved the round's model."""
+
+    now: float
+    round: int
+
+
+@dataclass(frozen=True)
+class AggregationFailed:
+    """The shell could not produce the round's model."""
+
+    now: float
+    round: int
+    error: str
+
+
+Event = Started | NodeSeen | ResultReceived | Tick | RoundAggregated | AggregationFailed
+
+
+# ---- actions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AwaitNodes:
+    """Too few datasites are present; say who is missing and until when we wait."""
+
+    round: int
+    available: tuple[str, ...]
+    missing: tuple[str, ...]
+    needed: int
+    until: float
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Write the round's model (once) and one task per selected datasite."""
+
+    round: int
+    attempt: int
+    tasks: dict[str, str]  # datasite -> task id
+    deadline: float
+    created: float
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Fold this result into the round's aggregate."""
+
+    round: int
+    attempt: int
+    datasite: str
+    num_examples: int
+    payload: Any
+
+
+@dataclass(frozen=True)
+class RecordFailure:
+    """A selected datasite reported that its training failed."""
+
+    round: int
+    datasite: str
+    error_type: str
+    error_message: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Do not use this result: quarantine it with a reason."""
+
+    datasite: str
+    reason: Reason
+    detail: str
+    payload: Any
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """Who was asked, who answered and how long it took."""
+
+    round: int
+    attempt: int
+    selected: tuple[str, ...]
+    succeeded: tuple[str, ...]
+    failed: dict[str, str]
+    timed_out: tuple[str, ...]
+    dispatched_at: float
+    closed_at: float
+    train_seconds: dict[str, float]
+    num_examples: int
+    train_metrics: Metrics
+
+
+@dataclass(frozen=True)
+class AbandonAttempt:
+    """The attempt missed min_train_nodes: drop its partial aggregate."""
+
+    summary: RoundSummary
+    reason: str
+    retry: bool
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Finish the round's aggregate, save it and report RoundAggregated."""
+
+    summary: RoundSummary
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """All rounds are done."""
+
+    rounds: int
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job cannot go on."""
+
+    reason: str
+
+
+Action = (
+    AwaitNodes
+    | Dispatch
+    | Accept
+    | RecordFailure
+    | Reject
+    | AbandonAttempt
+    | Aggregate
+    | JobFinished
+    | JobFailed
+)

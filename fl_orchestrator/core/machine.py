@@ -1,0 +1,337 @@
+"""The round state machine: distribute -> train -> collect -> aggregate.
+
+Pure: no I/O, no clock, no event loop. ``handle(event)`` returns the actions
+the shell must carry out, and ``next_wakeup()`` says when to send the next Tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from fl_orchestrator.core.events import (
+    AbandonAttempt,
+    Accept,
+    Action,
+    Aggregate,
+    AggregationFailed,
+    AwaitNodes,
+    Dispatch,
+    Event,
+    JobFailed,
+    JobFinished,
+    Metrics,
+    NodeSeen,
+    RecordFailure,
+    Reject,
+    ResultReceived,
+    RoundAggregated,
+    RoundSummary,
+    Started,
+    Tick,
+)
+from fl_orchestrator.core.selection import select_datasites, task_id
+from fl_orchestrator.wire.reasons import Reason
+
+
+class Phase(StrEnum):
+    """Where the job is."""
+
+    STARTING = "starting"
+    WAITING_FOR_NODES = "waiting_for_nodes"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RoundRules:
+    """The knobs of the round loop, copied out of the job config."""
+
+    run_id: str
+    datasites: tuple[str, ...]
+    num_rounds: int
+    round_timeout_seconds: float
+    fraction_train: float
+    min_train_nodes: int
+    min_available_nodes: int
+    available_timeout_seconds: float
+    max_round_retries: int
+    presence_ttl_seconds: float
+    selection_seed: int
+
+
+@dataclass
+class DatasiteRecord:
+    """One datasite across the whole job."""
+
+    last_seen: float | None = None
+    selected: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    rejected: int = 0
+    train_seconds_total: float = 0.0
+
+
+@dataclass
+class Attempt:
+    """The open attempt of the current round."""
+
+    round: int
+    attempt: int
+    tasks: dict[str, str]
+    dispatched_at: float
+    deadline: float
+    succeeded: dict[str, float] = field(default_factory=dict)
+    num_examples: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Metrics] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def answered(self) -> set[str]:
+        return set(self.succeeded) | set(self.failed)
+
+    def outstanding(self) -> set[str]:
+        return set(self.tasks) - self.answered()
+
+
+class RoundMachine:
+    """Drives one job through its rounds; see the module docstring."""
+
+    def __init__(self, rules: RoundRules, *, first_round: int = 1) -> None:
+        self.rules = rules
+        self.phase = Phase.STARTING
+        self.round = first_round
+        self.attempt_number = 0
+        self.current: Attempt | None = None
+        self.wait_until: float | None = None
+        self.last_missing: tuple[str, ...] | None = None
+        self.records = {d: DatasiteRecord() for d in rules.datasites}
+        self.history: list[RoundSummary] = []
+
+    # ---- public --------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; return the actions it calls for."""
+        if isinstance(event, NodeSeen):
+            return self._on_node_seen(event)
+        if isinstance(event, ResultReceived):
+            return self._on_result(event)
+        if self.phase in (Phase.DONE, Phase.FAILED):
+            return []
+        if isinstance(event, Started):
+            if self.round > self.rules.num_rounds:
+                self.phase = Phase.DONE
+                return [JobFinished(self.rules.num_rounds)]
+            return self._enter_waiting(event.now)
+        if isinstance(event, Tick):
+            return self._on_tick(event.now)
+        if isinstance(event, RoundAggregated):
+            return self._on_aggregated(event)
+        if isinstance(event, AggregationFailed):
+            return self._fail(f"round {event.round} aggregation failed: {event.error}")
+        raise TypeError(f"unknown event {event!r}")
+
+    def next_wakeup(self) -> float | None:
+        """When the shell should send the next Tick, if anything is time-bound."""
+        if self.phase == Phase.WAITING_FOR_NODES:
+            return self.wait_until
+        if self.phase == Phase.TRAINING and self.current is not None:
+            return self.current.deadline
+        return None
+
+    def available(self, now: float) -> tuple[str, ...]:
+        """Datasites whose last heartbeat is recent enough."""
+        horizon = now - self.rules.presence_ttl_seconds
+        return tuple(
+            d for d, r in self.records.items() if r.last_seen is not None and r.last_seen >= horizon
+        )
+
+    # ---- presence and dispatch ---------------------------------------------------------
+
+    def _on_node_seen(self, event: NodeSeen) -> list[Action]:
+        record = self.records.get(event.datasite)
+        if record is None:
+            return []
+        record.last_seen = max(record.last_seen or event.now, event.now)
+        if self.phase == Phase.WAITING_FOR_NODES:
+            return self._try_dispatch(event.now)
+        return []
+
+    def _enter_waiting(self, now: float) -> list[Action]:
+        self.phase = Phase.WAITING_FOR_NODES
+        self.wait_until = now + self.rules.available_timeout_seconds
+        self.last_missing = None
+        return self._try_dispatch(now)
+
+    def _try_dispatch(self, now: float) -> list[Action]:
+        available = self.available(now)
+        if len(available) < self.rules.min_available_nodes:
+            missing = tuple(d for d in self.rules.datasites if d not in available)
+            if missing == self.last_missing:
+                return []
+            self.last_missing = missing
+            assert self.wait_until is not None
+            return [
+                AwaitNodes(
+                    self.round, available, missing, self.rules.min_available_nodes, self.wait_until
+                )
+            ]
+        self.attempt_number += 1
+        selected = select_datasites(
+            available,
+            fraction=self.rules.fraction_train,
+            minimum=self.rules.min_train_nodes,
+            seed=self.rules.selection_seed,
+            rnd=self.round,
+            attempt=self.attempt_number,
+        )
+        tasks = {d: task_id(self.rules.run_id, self.round, self.attempt_number, d) for d in selected}
+        deadline = now + self.rules.round_timeout_seconds
+        self.current = Attempt(self.round, self.attempt_number, tasks, now, deadline)
+        for d in selected:
+            self.records[d].selected += 1
+        self.phase = Phase.TRAINING
+        self.wait_until = None
+        return [Dispatch(self.round, self.attempt_number, dict(tasks), deadline, now)]
+
+    # ---- collection --------------------------------------------------------------------
+
+    def _on_result(self, event: ResultReceived) -> list[Action]:
+        record = self.records.get(event.datasite)
+        if record is None:
+            return [Reject(event.datasite, Reason.UNKNOWN_DATASITE, "not in this job", event.payload)]
+        # A result proves the datasite is alive even if its heartbeat lags behind.
+        record.last_seen = max(record.last_seen or event.now, event.now)
+        rejection = self._check_result(event)
+        if rejection is not None:
+            record.rejected += 1
+            return [Reject(event.datasite, rejection[0], rejection[1], event.payload)]
+        current = self.current
+        assert current is not None
+        elapsed = max(0.0, event.now - current.dispatched_at)
+        actions: list[Action] = []
+        if event.ok:
+            current.succeeded[event.datasite] = elapsed
+            current.num_examples[event.datasite] = event.num_examples
+            current.metrics[event.datasite] = dict(event.metrics)
+            record.succeeded += 1
+            record.train_seconds_total += elapsed
+            actions.append(
+                Accept(current.round, current.attempt, event.datasite, event.num_examples, event.payload)
+            )
+        else:
+            error_type = event.error_type or "Error"
+            current.failed[event.datasite] = error_type
+            record.failed += 1
+            actions.append(
+                RecordFailure(current.round, event.datasite, error_type, event.error_message or "")
+            )
+        if not current.outstanding():
+            actions.extend(self._close(event.now))
+        elif len(current.succeeded) + len(current.outstanding()) < self.rules.min_train_nodes:
+            actions.extend(self._close(event.now))
+        return actions
+
+    def _check_result(self, event: ResultReceived) -> tuple[Reason, str] | None:
+        current = self.current
+        if event.round < self.round or (
+            event.round == self.round and self.phase in (Phase.AGGREGATING, Phase.DONE)
+        ):
+            return Reason.ROUND_CLOSED, f"round {event.round} is closed (now at {self.round})"
+        if event.round > self.round or current is None or self.phase != Phase.TRAINING:
+            return Reason.UNKNOWN_ROUND, f"round {event.round} is not open (phase {self.phase})"
+        expected = current.tasks.get(event.datasite)
+        if expected is None:
+            return Reason.NOT_SELECTED, f"not selected in round {self.round} attempt {current.attempt}"
+        if event.reply_to != expected:
+            return Reason.REPLY_TO_MISMATCH, f"reply_to {event.reply_to!r} is not this attempt's task"
+        if event.datasite in current.answered():
+            return Reason.DUPLICATE, f"already answered round {self.round}"
+        return None
+
+    def _on_tick(self, now: float) -> list[Action]:
+        if self.phase == Phase.WAITING_FOR_NODES:
+            actions = self._try_dispatch(now)
+            if self.phase == Phase.WAITING_FOR_NODES and self.wait_until is not None:
+                if now >= self.wait_until:
+                    available = self.available(now)
+                    missing = [d for d in self.rules.datasites if d not in available]
+                    return self._fail(
+                        f"only {len(available)} of {self.rules.min_available_nodes} needed datasites"
+                        f" were seen within {self.rules.available_timeout_seconds:g} s before round"
+                        f" {self.round}; missing: {', '.join(missing)}"
+                    )
+            return actions
+        if self.phase == Phase.TRAINING and self.current and now >= self.current.deadline:
+            return self._close(now)
+        return []
+
+    def _summary(self, now: float) -> RoundSummary:
+        current = self.current
+        assert current is not None
+        timed_out = tuple(sorted(current.outstanding()))
+        total = sum(current.num_examples.values())
+        return RoundSummary(
+            round=current.round,
+            attempt=current.attempt,
+            selected=tuple(sorted(current.tasks)),
+            succeeded=tuple(sorted(current.succeeded)),
+            failed=dict(sorted(current.failed.items())),
+            timed_out=timed_out,
+            dispatched_at=current.dispatched_at,
+            closed_at=now,
+            train_seconds=dict(sorted(current.succeeded.items())),
+            num_examples=total,
+            train_metrics=weighted_metrics(current.metrics, current.num_examples),
+        )
+
+    def _close(self, now: float) -> list[Action]:
+        summary = self._summary(now)
+        for d in summary.timed_out:
+            self.records[d].timed_out += 1
+        self.history.append(summary)
+        if len(summary.succeeded) >= self.rules.min_train_nodes:
+            self.phase = Phase.AGGREGATING
+            return [Aggregate(summary)]
+        reason = (
+            f"round {self.round} attempt {summary.attempt}: {len(summary.succeeded)} of"
+            f" {self.rules.min_train_nodes} needed results"
+        )
+        self.current = None
+        if summary.attempt > self.rules.max_round_retries:
+            actions: list[Action] = [AbandonAttempt(summary, reason, retry=False)]
+            actions.extend(self._fail(f"{reason}; no retries left ({self.rules.max_round_retries})"))
+            return actions
+        actions = [AbandonAttempt(summary, reason, retry=True)]
+        actions.extend(self._enter_waiting(now))
+        return actions
+
+    def _on_aggregated(self, event: RoundAggregated) -> list[Action]:
+        if self.phase != Phase.AGGREGATING or event.round != self.round:
+            return []
+        self.current = None
+        self.round += 1
+        self.attempt_number = 0
+        if self.round > self.rules.num_rounds:
+            self.phase = Phase.DONE
+            return [JobFinished(self.rules.num_rounds)]
+        return self._enter_waiting(event.now)
+
+    def _fail(self, reason: str) -> list[Action]:
+        self.phase = Phase.FAILED
+        self.current = None
+        return [JobFailed(reason)]
+
+
+def weighted_metrics(metrics: dict[str, Metrics], weights: dict[str, int]) -> Metrics:
+    """Mean of each numeric metric, weighted by num_examples, over the datasites that sent it."""
+    sums: dict[str, float] = {}
+    totals: dict[str, int] = {}
+    for datasite, values in metrics.items():
+        weight = weights.get(datasite, 0)
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + weight * float(value)
+            totals[key] = totals.get(key, 0) + weight
+    return {k: sums[k] / totals[k] for k in sorted(sums) if totals[k] > 0}

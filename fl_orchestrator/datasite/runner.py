@@ -1,0 +1,225 @@
+"""The datasite side: watch for tasks, train with the data owner's function, reply.
+
+The data owner's function is named by an import string and is called as
+``train(arrays, config) -> (arrays, num_examples, metrics)``. If it raises,
+the aggregator gets a failed result with the exception's type and message
+only: no traceback, no data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import structlog
+from watchfiles import Change, awatch
+
+from fl_orchestrator.shell.atomic import atomic_write, atomic_write_text
+from fl_orchestrator.shell.hooks import load_callable
+from fl_orchestrator.wire.frames import FrameLimits
+from fl_orchestrator.wire.layout import JobLayout
+from fl_orchestrator.wire.messages import (
+    Envelope,
+    HeartbeatMessage,
+    ModelMessage,
+    ResultMessage,
+    TaskMessage,
+    decode_message,
+    encode_heartbeat,
+    encode_result_frames,
+)
+from fl_orchestrator.wire.permissions import datasite_permissions
+from fl_orchestrator.wire.reasons import Reason, Rejection
+
+log = structlog.get_logger("fl_orchestrator.datasite")
+
+TrainFunction = Callable[[dict[str, np.ndarray], dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """Everything the runner needs; all of it comes from flags."""
+
+    root: Path
+    email: str
+    aggregator: str
+    job: str
+    train: str
+    heartbeat_interval_seconds: float = 2.0
+    rescan_interval_seconds: float = 10.0
+    debounce_milliseconds: int = 5
+    max_model_bytes: int = 4 * 1024**3
+
+
+class TrainOutputError(TypeError):
+    """The train function returned something other than (arrays, num_examples, metrics)."""
+
+
+def normalise_train_output(output: Any) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
+    """Check the train function's return value and coerce it to wire types."""
+    if not (isinstance(output, tuple) and len(output) == 3):
+        raise TrainOutputError("train must return (arrays, num_examples, metrics)")
+    arrays, num_examples, metrics = output
+    if not isinstance(arrays, Mapping) or not all(isinstance(v, np.ndarray) for v in arrays.values()):
+        raise TrainOutputError("arrays must be a dict of numpy arrays")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
+        raise TrainOutputError("num_examples must be a positive int")
+    clean: dict[str, int | float] = {}
+    for key, value in dict(metrics or {}).items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+            raise TrainOutputError(f"metric {key!r} must be a number")
+        number = value.item() if isinstance(value, np.generic) else value
+        if isinstance(number, float) and not math.isfinite(number):
+            raise TrainOutputError(f"metric {key!r} is not finite")
+        clean[str(key)] = number
+    return dict(arrays), int(num_examples), clean
+
+
+class DatasiteRunner:
+    """Serves one job for one datasite."""
+
+    def __init__(self, settings: RunnerSettings, train: TrainFunction | None = None) -> None:
+        self.settings = settings
+        self.layout = JobLayout(settings.root, settings.job, settings.aggregator)
+        self.train = train or load_callable(settings.train, what="--train")
+        self.tasks_dir = self.layout.tasks_dir(settings.email)
+        self.own_dir = self.layout.app_dir(settings.email)
+        self.state = "idle"
+        self.done: set[str] = set()
+        self._model_cache: tuple[str, dict[str, np.ndarray]] | None = None
+        self._limits = FrameLimits(max_header_bytes=16 * 1024 * 1024, max_elements=2**34)
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        await anyio.to_thread.run_sync(self._prepare)
+        send, receive = anyio.create_memory_object_stream[Path](1024)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._heartbeat_forever)
+            group.start_soon(self._watch_tasks, send)
+            group.start_soon(self._rescan_forever, send.clone())
+            async with receive:
+                async for path in receive:
+                    await self._handle(path)
+
+    def _prepare(self) -> None:
+        self.layout.results_dir(self.settings.email).mkdir(parents=True, exist_ok=True)
+        for name, text in datasite_permissions(self.settings.aggregator).items():
+            atomic_write_text(self.own_dir / name, text)
+        self._write_heartbeat()
+        log.info("datasite.started", datasite=self.settings.email, job=self.settings.job,
+                 tasks_dir=str(self.tasks_dir))
+
+    def _write_heartbeat(self) -> None:
+        beat = HeartbeatMessage(
+            Envelope(self.settings.job, 0, secrets.token_hex(8), None, time.time(), None), self.state
+        )
+        atomic_write(self.layout.heartbeat_path(self.settings.email), [encode_heartbeat(beat)], durable=False)
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.heartbeat_interval_seconds)
+            await anyio.to_thread.run_sync(self._write_heartbeat)
+
+    async def _watch_tasks(self, send: Any) -> None:
+        marker = str(self.tasks_dir) + os.sep
+        watch_root = self.layout.datasites_dir
+        watch_root.mkdir(parents=True, exist_ok=True)
+
+        def accept(change: Change, path: str) -> bool:
+            return change != Change.deleted and path.startswith(marker) and path.endswith(".task")
+
+        async for changes in awatch(watch_root, watch_filter=accept, debounce=self.settings.debounce_milliseconds,
+                                    step=1, recursive=True, ignore_permission_denied=True):
+            for _, path in sorted(changes):
+                await send.send(Path(path))
+
+    async def _rescan_forever(self, send: Any) -> None:
+        while True:
+            paths = await anyio.to_thread.run_sync(self._scan)
+            for path in paths:
+                await send.send(path)
+            await anyio.sleep(self.settings.rescan_interval_seconds)
+
+    def _scan(self) -> list[Path]:
+        try:
+            return sorted(self.tasks_dir.glob("*.task"))
+        except OSError:
+            return []
+
+    async def _handle(self, path: Path) -> None:
+        task_id = path.name[: -len(".task")]
+        if task_id in self.done:
+            return
+        result_path = self.layout.result_path(self.settings.email, task_id)
+        if result_path.exists():
+            self.done.add(task_id)
+            return
+        try:
+            task = await anyio.to_thread.run_sync(self._read_task, path)
+        except (OSError, Rejection) as exc:
+            log.warning("task.unreadable", path=str(path), error=str(exc))
+            return
+        self.done.add(task_id)
+        env = task.envelope
+        if env.deadline is not None and env.deadline < time.time():
+            log.info("task.expired", round=env.round, task=task_id)
+            return
+        log.info("task.received", datasite=self.settings.email, round=env.round, task=task_id)
+        self.state = "training"
+        started = time.perf_counter()
+        try:
+            result = await anyio.to_thread.run_sync(self._train_and_encode, task)
+        finally:
+            self.state = "idle"
+        await anyio.to_thread.run_sync(lambda: atomic_write(result_path, encode_result_frames(result)))
+        log.info("task.answered", datasite=self.settings.email, round=env.round, ok=result.ok,
+                 error_type=result.error_type, seconds=round(time.perf_counter() - started, 3))
+
+    def _read_task(self, path: Path) -> TaskMessage:
+        data = path.read_bytes()
+        task = decode_message(data, expect_kind="task", expect_job=self.settings.job, limits=self._limits)
+        assert isinstance(task, TaskMessage)
+        if task.envelope.message_id != path.name[: -len(".task")]:
+            raise Rejection(Reason.BAD_NAME, "task file name and message_id differ")
+        return task
+
+    def _load_model(self, task: TaskMessage) -> dict[str, np.ndarray]:
+        ref = task.model
+        if self._model_cache and self._model_cache[0] == ref.sha256:
+            return {k: v.copy() for k, v in self._model_cache[1].items()}
+        path = (self.layout.aggregator_dir / ref.path).resolve()
+        if not path.is_relative_to(self.layout.aggregator_dir.resolve()):
+            raise ValueError("model path leaves the aggregator's job folder")
+        if ref.nbytes > self.settings.max_model_bytes:
+            raise ValueError(f"model is {ref.nbytes} bytes; limit {self.settings.max_model_bytes}")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ValueError("model file does not match its sha256 (not fully synced yet?)")
+        message = decode_message(data, expect_kind="model", expect_job=self.settings.job, limits=self._limits)
+        assert isinstance(message, ModelMessage)
+        model = {k: np.array(v) for k, v in message.arrays.items()}
+        self._model_cache = (ref.sha256, model)
+        return {k: v.copy() for k, v in model.items()}
+
+    def _train_and_encode(self, task: TaskMessage) -> ResultMessage:
+        env = task.envelope
+        reply = Envelope(self.settings.job, env.round, secrets.token_hex(16), env.message_id, time.time(), None)
+        try:
+            arrays = self._load_model(task)
+            output = self.train(arrays, dict(task.config))
+            new_arrays, num_examples, metrics = normalise_train_output(output)
+        except Exception as exc:  # the data owner's code: report type and message only
+            log.warning("train.failed", datasite=self.settings.email, round=env.round,
+                        error_type=type(exc).__name__, error=str(exc)[:500])
+            return ResultMessage(reply, False, 0, {}, type(exc).__name__, str(exc)[:2000])
+        return ResultMessage(reply, True, num_examples, metrics, arrays=new_arrays)
+

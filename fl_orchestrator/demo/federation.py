@@ -1,0 +1,152 @@
+"""A whole federation on one machine: the daemon and datasite processes over one folder.
+
+Used by the demo and by the end-to-end tests. Every process is a real
+subprocess talking only through files; teardown kills by PID, even on error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fl_orchestrator.config import JobConfig, load_config
+
+
+@dataclass(frozen=True)
+class DatasiteSpec:
+    """One datasite process: its email, train function and environment."""
+
+    email: str
+    train: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LocalFederation:
+    """Runs a job's datasites as processes; the daemon runs via ``run_daemon``."""
+
+    config_path: Path
+    log_dir: Path
+    extra_pythonpath: Sequence[Path] = ()
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    @property
+    def config(self) -> JobConfig:
+        """The job's config, as the daemon will see it."""
+        return load_config(self.config_path)
+
+    def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [str(p) for p in self.extra_pythonpath]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["FL_ORCHESTRATOR_LOG_FORMAT"] = "json"
+        env.update(extra)
+        return env
+
+    def start_datasites(self, specs: Sequence[DatasiteSpec], *, heartbeat_interval_seconds: float = 0.5) -> None:
+        """Start one runner process per datasite."""
+        config = self.config
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            log = open(self.log_dir / f"{spec.email}.log", "wb")  # noqa: SIM115 - closed in stop()
+            self._logs.append(log)
+            command = [
+                sys.executable, "-m", "fl_orchestrator.cli.tool_main", "datasite",
+                "--syftbox-root", str(config.syftbox.root),
+                "--email", spec.email,
+                "--aggregator", config.syftbox.aggregator_email,
+                "--job", config.job.name,
+                "--train", spec.train,
+                "--heartbeat-interval-seconds", str(heartbeat_interval_seconds),
+                "--rescan-interval-seconds", "2",
+            ]
+            self.processes.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env(spec.env))
+            )
+
+    def run_daemon(self, *, timeout_seconds: float, extra_args: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        """Run the daemon to completion, yielding its JSON log events as they come.
+
+        Non-JSON lines are yielded as {"event": "raw", "line": ...}. The last item
+        is {"event": "daemon.exit", "code": N}.
+        """
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "fl_orchestrator.cli.daemon_main", "--config", str(self.config_path),
+                   "--log-format", "json", *extra_args]
+        daemon = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env({}))
+        self.processes.append(daemon)
+        assert daemon.stdout is not None
+        timer = _Watchdog(daemon, timeout_seconds)
+        with open(self.log_dir / "daemon.log", "wb") as raw_log:
+            for raw in daemon.stdout:
+                raw_log.write(raw)
+                line = raw.decode("utf-8", "replace").strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = {"event": "raw", "line": line}
+                if not isinstance(event, dict):
+                    event = {"event": "raw", "line": line}
+                yield event
+        code = daemon.wait()
+        timer.cancel()
+        yield {"event": "daemon.exit", "code": code, "timed_out": timer.fired}
+
+    def stop(self) -> None:
+        """Stop every process: SIGTERM, then SIGKILL after a short grace."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log in self._logs:
+            log.close()
+        self.processes.clear()
+        self._logs.clear()
+
+
+class _Watchdog:
+    """Kills the daemon if it overruns its deadline, so a stuck run never hangs the caller."""
+
+    def __init__(self, process: subprocess.Popen[bytes], seconds: float) -> None:
+        import threading
+
+        self.fired = False
+        self._process = process
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self._process.poll() is None:
+            self._process.kill()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def prepare_workdir(template: Path, workdir: Path) -> Path:
+    """Copy a job file into workdir so its relative paths land there; return the copy."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    target = workdir / "job.toml"
+    shutil.copyfile(template, target)
+    return target

@@ -1,0 +1,26 @@
+"""Loading user code named by import strings ("package.module:function")."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+class HookError(Exception):
+    """An import string that does not name a callable."""
+
+
+def load_callable(spec: str, *, what: str) -> Callable[..., Any]:
+    """Import 'package.module:attribute' and check that it is callable."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise HookError(f"{what} = {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise HookError(f"{what} = {spec!r}: cannot import {module_name}: {exc}") from exc
+    target = getattr(module, attribute, None)
+    if not callable(target):
+        raise HookError(f"{what} = {spec!r}: {module_name} has no callable {attribute!r}")
+    return target

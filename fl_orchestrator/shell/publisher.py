@@ -1,0 +1,87 @@
+"""Writes the aggregator's side of the protocol: permissions, models and tasks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fl_orchestrator.shell.atomic import atomic_write, atomic_write_text
+from fl_orchestrator.shell.models import model_message
+from fl_orchestrator.wire.layout import JobLayout
+from fl_orchestrator.wire.messages import (
+    Envelope,
+    ModelRef,
+    TaskMessage,
+    encode_model_frames,
+    encode_task,
+    sha256_of_frames,
+)
+from fl_orchestrator.wire.permissions import aggregator_permissions
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A round's model as written for the datasites."""
+
+    round: int
+    ref: ModelRef
+    nbytes: int
+
+
+class Publisher:
+    """Everything the aggregator writes into its own datasite."""
+
+    def __init__(self, layout: JobLayout, datasites: tuple[str, ...]) -> None:
+        self.layout = layout
+        self.datasites = datasites
+        self.bytes_written = 0
+
+    def write_permissions(self) -> None:
+        """Grant the datasites read access to models and to their own tasks."""
+        for name, text in aggregator_permissions(self.datasites).items():
+            path = self.layout.aggregator_dir / name
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                self.bytes_written += atomic_write_text(path, text)
+
+    def write_model(self, rnd: int, model: Mapping[str, np.ndarray]) -> Broadcast:
+        """Write round rnd's model once, named by its content hash; reuse it if present."""
+        frames = encode_model_frames(model_message(self.layout.job, rnd, model, f"g{rnd}"))
+        sha = sha256_of_frames(frames)
+        name = self.layout.model_name(rnd, sha)
+        path = self.layout.models_dir / name
+        nbytes = sum(memoryview(f).nbytes for f in frames)
+        if not (path.exists() and path.stat().st_size == nbytes):
+            self.bytes_written += atomic_write(path, frames)
+        relative = path.relative_to(self.layout.aggregator_dir).as_posix()
+        return Broadcast(rnd, ModelRef(relative, sha, nbytes), nbytes)
+
+    def write_tasks(
+        self,
+        broadcast: Broadcast,
+        tasks: Mapping[str, str],
+        *,
+        attempt: int,
+        deadline: float,
+        config: Mapping[str, Any],
+    ) -> int:
+        """Write one small task per selected datasite; return the bytes written."""
+        total = 0
+        now = time.time()
+        for datasite, task_id in tasks.items():
+            message = TaskMessage(
+                Envelope(self.layout.job, broadcast.round, task_id, None, now, deadline),
+                attempt,
+                broadcast.ref,
+                dict(config),
+            )
+            # Tasks are rebuilt identically from the run's state, so a crash
+            # before the page cache is flushed loses nothing: no fsync each.
+            total += atomic_write(
+                self.layout.task_path(datasite, task_id), [encode_task(message)], durable=False
+            )
+        self.bytes_written += total
+        return total
