@@ -24,8 +24,9 @@ class LoggingSetupError(ValueError):
     """A log level or format that does not exist."""
 
 
-def resolve_logging(flag_level: str | None, flag_format: str | None, config_level: str = "info",
-                    config_format: str = "auto") -> tuple[str, str]:
+def resolve_logging(
+    flag_level: str | None, flag_format: str | None, config_level: str = "info", config_format: str = "auto"
+) -> tuple[str, str]:
     """Flag beats environment beats config."""
     level = flag_level or os.environ.get(ENV_LEVEL) or config_level
     fmt = flag_format or os.environ.get(ENV_FORMAT) or config_format

@@ -29,9 +29,7 @@ class Strategy(Protocol):
     def fold(self, update: Mapping[str, np.ndarray], num_examples: int) -> None:
         """Add one accepted result (streaming strategies)."""
 
-    def aggregate_all(
-        self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int]
-    ) -> None:
+    def aggregate_all(self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int]) -> None:
         """Take every accepted result at once (non-streaming strategies)."""
 
     def finish(self) -> Weights:

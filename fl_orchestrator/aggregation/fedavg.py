@@ -74,9 +74,7 @@ class FedAvg:
             raise RuntimeError("fold before begin_round")
         self._sum.add(update, float(num_examples))
 
-    def aggregate_all(
-        self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int]
-    ) -> None:
+    def aggregate_all(self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int]) -> None:
         """Fold a whole set at once (same result as folding one by one)."""
         for update, n in zip(updates, num_examples, strict=True):
             self.fold(update, n)

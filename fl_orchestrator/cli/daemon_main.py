@@ -64,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        level, fmt = resolve_logging(args.log_level, args.log_format, config.logging.level, config.logging.format)
+        level, fmt = resolve_logging(
+            args.log_level, args.log_format, config.logging.level, config.logging.format
+        )
     except ConfigError as exc:
         print(exc.line(), file=sys.stderr)
         return EX_CONFIG

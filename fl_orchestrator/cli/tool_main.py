@@ -120,11 +120,15 @@ def _status(state_dir: Path, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    print(f"job {status['job']}: {status['state']}, round {status['round']} of {status['num_rounds']},"
-          f" phase {status['phase']}")
+    print(
+        f"job {status['job']}: {status['state']}, round {status['round']} of {status['num_rounds']},"
+        f" phase {status['phase']}"
+    )
     for name, record in sorted(status["datasites"].items()):
-        print(f"  {name}: ok {record['succeeded']}, failed {record['failed']},"
-              f" timed out {record['timed_out']}, rejected {record['rejected']}")
+        print(
+            f"  {name}: ok {record['succeeded']}, failed {record['failed']},"
+            f" timed out {record['timed_out']}, rejected {record['rejected']}"
+        )
     return 0
 
 

@@ -57,14 +57,12 @@ def load_config(path: Path | str) -> JobConfig:
     return config_from_table(table, base_dir=path.resolve().parent, source_path=path.resolve())
 
 
-def config_from_table(
-    table: dict[str, Any], *, base_dir: Path, source_path: Path | None = None
-) -> JobConfig:
+def config_from_table(table: dict[str, Any], *, base_dir: Path, source_path: Path | None = None) -> JobConfig:
     """Build a JobConfig from an already parsed table (paths resolve against base_dir)."""
     table = dict(table)
     if "source_path" in table:
         raise ConfigError("source_path", table["source_path"], "no such key (it is set by the loader)")
-    config = _build(JobConfig, table, "", base_dir)
+    config: JobConfig = _build(JobConfig, table, "", base_dir)
     config = dataclasses.replace(config, source_path=source_path)
     _check_cross_fields(config)
     return config
@@ -78,9 +76,7 @@ def _build(cls: type[Any], table: object, prefix: str, base_dir: Path) -> Any:
         if key not in fields:
             near = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise ConfigError(
-                prefix + key, table[key], f"no such key; known keys: {', '.join(fields)}{hint}"
-            )
+            raise ConfigError(prefix + key, table[key], f"no such key; known keys: {', '.join(fields)}{hint}")
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for name, fld in fields.items():
@@ -104,8 +100,8 @@ def _convert(tp: Any, value: object, key: str, base_dir: Path, meta: Any) -> Any
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _convert(non_none[0], value, key, base_dir, meta)
-    if dataclasses.is_dataclass(tp):
-        return _build(typing.cast(type[Any], tp), value, key + ".", base_dir)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", base_dir)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, value, f"true or false ({doc})")
@@ -135,14 +131,13 @@ def _convert(tp: Any, value: object, key: str, base_dir: Path, meta: Any) -> Any
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(key, value, f"a list ({doc})")
-        return tuple(
-            _convert(args[0], item, f"{key}[{i}]", base_dir, meta) for i, item in enumerate(value)
-        )
+        return tuple(_convert(args[0], item, f"{key}[{i}]", base_dir, meta) for i, item in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, value, f"a table ({doc})")
-        if dataclasses.is_dataclass(args[1]):
-            return {k: _build(args[1], v, f"{key}.{k}.", base_dir) for k, v in value.items()}
+        item_type = args[1]
+        if isinstance(item_type, type) and dataclasses.is_dataclass(item_type):
+            return {k: _build(item_type, v, f"{key}.{k}.", base_dir) for k, v in value.items()}
         return {k: _check_config_value(v, f"{key}.{k}") for k, v in value.items()}
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a schema bug, not user input
 
@@ -212,7 +207,8 @@ def _check_cross_fields(config: JobConfig) -> None:
         )
     if "server-round" in job.train_config:
         raise ConfigError(
-            "job.train_config.server-round", job.train_config["server-round"],
+            "job.train_config.server-round",
+            job.train_config["server-round"],
             "no such key (the server sets it each round)",
         )
     if model.source == "random":
@@ -220,7 +216,8 @@ def _check_cross_fields(config: JobConfig) -> None:
             raise ConfigError("model.arrays", {}, "at least one array when model.source = 'random'")
         if model.checkpoint_path is not None:
             raise ConfigError(
-                "model.checkpoint_path", str(model.checkpoint_path),
+                "model.checkpoint_path",
+                str(model.checkpoint_path),
                 "no checkpoint_path when model.source = 'random'",
             )
     else:
@@ -231,9 +228,7 @@ def _check_cross_fields(config: JobConfig) -> None:
         if model.arrays:
             raise ConfigError("model.arrays", list(model.arrays), "no arrays when source = 'checkpoint'")
         if not model.checkpoint_path.is_file():
-            raise ConfigError(
-                "model.checkpoint_path", str(model.checkpoint_path), "an existing file"
-            )
+            raise ConfigError("model.checkpoint_path", str(model.checkpoint_path), "an existing file")
         if model.checkpoint_path.suffix not in (".npz", ".msgpack"):
             raise ConfigError(
                 "model.checkpoint_path", str(model.checkpoint_path), "a file ending .npz or .msgpack"

@@ -60,7 +60,8 @@ class JobSection:
     available_timeout_seconds: float = field(
         default=600.0,
         metadata=spec(
-            "seconds to wait for min_available_nodes before failing", minimum=0,
+            "seconds to wait for min_available_nodes before failing",
+            minimum=0,
             exclusive_minimum=True,
         ),
     )
@@ -79,13 +80,12 @@ class SyftBoxSection:
 
     root: Path = field(metadata=spec("SyftBox folder (holds datasites/)"))
     aggregator_email: str = field(metadata=spec("the aggregator's datasite email", email=True))
-    datasites: tuple[str, ...] = field(
-        metadata=spec("emails of the targeted datasites", email=True)
-    )
+    datasites: tuple[str, ...] = field(metadata=spec("emails of the targeted datasites", email=True))
     presence_ttl_seconds: float = field(
         default=60.0,
         metadata=spec(
-            "a datasite counts as available this long after its last heartbeat", minimum=0,
+            "a datasite counts as available this long after its last heartbeat",
+            minimum=0,
             exclusive_minimum=True,
         ),
     )
@@ -96,12 +96,8 @@ class ArraySpec:
     """One array of a randomly initialised model."""
 
     shape: tuple[int, ...] = field(metadata=spec("array shape, a list of positive ints", minimum=1))
-    dtype: str = field(
-        default="float32", metadata=spec("array dtype", choices=("float32", "float64"))
-    )
-    init: str = field(
-        default="normal", metadata=spec("initialiser", choices=("zeros", "normal", "uniform"))
-    )
+    dtype: str = field(default="float32", metadata=spec("array dtype", choices=("float32", "float64")))
+    init: str = field(default="normal", metadata=spec("initialiser", choices=("zeros", "normal", "uniform")))
     scale: float = field(default=0.01, metadata=spec("std (normal) or bound (uniform)", minimum=0))
 
 
@@ -173,15 +169,9 @@ class DaemonSection:
 class LimitsSection:
     """Bounds on what an inbound file may carry."""
 
-    max_file_bytes: int = field(
-        default=2 * 1024**3, metadata=spec("largest result file read", minimum=1)
-    )
-    max_header_bytes: int = field(
-        default=1024 * 1024, metadata=spec("largest message header", minimum=64)
-    )
-    max_num_examples: int = field(
-        default=10**12, metadata=spec("largest num_examples accepted", minimum=1)
-    )
+    max_file_bytes: int = field(default=2 * 1024**3, metadata=spec("largest result file read", minimum=1))
+    max_header_bytes: int = field(default=1024 * 1024, metadata=spec("largest message header", minimum=64))
+    max_num_examples: int = field(default=10**12, metadata=spec("largest num_examples accepted", minimum=1))
     max_metrics: int = field(default=256, metadata=spec("most metric entries", minimum=0))
 
 
@@ -192,9 +182,7 @@ class LoggingSection:
     level: str = field(
         default="info", metadata=spec("log level", choices=("debug", "info", "warning", "error"))
     )
-    format: str = field(
-        default="auto", metadata=spec("log format", choices=("auto", "json", "console"))
-    )
+    format: str = field(default="auto", metadata=spec("log format", choices=("auto", "json", "console")))
 
 
 LogFormat = Literal["auto", "json", "console"]

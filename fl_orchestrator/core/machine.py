@@ -144,9 +144,7 @@ class RoundMachine:
     def available(self, now: float) -> tuple[str, ...]:
         """Datasites whose last heartbeat is recent enough."""
         horizon = now - self.rules.presence_ttl_seconds
-        return tuple(
-            d for d, r in self.records.items() if r.last_seen is not None and r.last_seen >= horizon
-        )
+        return tuple(d for d, r in self.records.items() if r.last_seen is not None and r.last_seen >= horizon)
 
     # ---- presence and dispatch ---------------------------------------------------------
 
@@ -174,9 +172,7 @@ class RoundMachine:
             self.last_missing = missing
             assert self.wait_until is not None
             return [
-                AwaitNodes(
-                    self.round, available, missing, self.rules.min_available_nodes, self.wait_until
-                )
+                AwaitNodes(self.round, available, missing, self.rules.min_available_nodes, self.wait_until)
             ]
         self.attempt_number += 1
         selected = select_datasites(
@@ -228,9 +224,10 @@ class RoundMachine:
             actions.append(
                 RecordFailure(current.round, event.datasite, error_type, event.error_message or "")
             )
-        if not current.outstanding():
-            actions.extend(self._close(event.now))
-        elif len(current.succeeded) + len(current.outstanding()) < self.rules.min_train_nodes:
+        if (
+            not current.outstanding()
+            or len(current.succeeded) + len(current.outstanding()) < self.rules.min_train_nodes
+        ):
             actions.extend(self._close(event.now))
         return actions
 
@@ -254,15 +251,15 @@ class RoundMachine:
     def _on_tick(self, now: float) -> list[Action]:
         if self.phase == Phase.WAITING_FOR_NODES:
             actions = self._try_dispatch(now)
-            if self.phase == Phase.WAITING_FOR_NODES and self.wait_until is not None:
-                if now >= self.wait_until:
-                    available = self.available(now)
-                    missing = [d for d in self.rules.datasites if d not in available]
-                    return self._fail(
-                        f"only {len(available)} of {self.rules.min_available_nodes} needed datasites"
-                        f" were seen within {self.rules.available_timeout_seconds:g} s before round"
-                        f" {self.round}; missing: {', '.join(missing)}"
-                    )
+            still_waiting = self.phase == Phase.WAITING_FOR_NODES
+            if still_waiting and self.wait_until is not None and now >= self.wait_until:
+                available = self.available(now)
+                missing = [d for d in self.rules.datasites if d not in available]
+                return self._fail(
+                    f"only {len(available)} of {self.rules.min_available_nodes} needed datasites"
+                    f" were seen within {self.rules.available_timeout_seconds:g} s before round"
+                    f" {self.round}; missing: {', '.join(missing)}"
+                )
             return actions
         if self.phase == Phase.TRAINING and self.current and now >= self.current.deadline:
             return self._close(now)

@@ -115,8 +115,12 @@ class DatasiteRunner:
         for name, text in datasite_permissions(self.settings.aggregator).items():
             atomic_write_text(self.own_dir / name, text)
         self._write_heartbeat()
-        log.info("datasite.started", datasite=self.settings.email, job=self.settings.job,
-                 tasks_dir=str(self.tasks_dir))
+        log.info(
+            "datasite.started",
+            datasite=self.settings.email,
+            job=self.settings.job,
+            tasks_dir=str(self.tasks_dir),
+        )
 
     def _write_heartbeat(self) -> None:
         beat = HeartbeatMessage(
@@ -137,8 +141,14 @@ class DatasiteRunner:
         def accept(change: Change, path: str) -> bool:
             return change != Change.deleted and path.startswith(marker) and path.endswith(".task")
 
-        async for changes in awatch(watch_root, watch_filter=accept, debounce=self.settings.debounce_milliseconds,
-                                    step=1, recursive=True, ignore_permission_denied=True):
+        async for changes in awatch(
+            watch_root,
+            watch_filter=accept,
+            debounce=self.settings.debounce_milliseconds,
+            step=1,
+            recursive=True,
+            ignore_permission_denied=True,
+        ):
             for _, path in sorted(changes):
                 await send.send(Path(path))
 
@@ -181,8 +191,14 @@ class DatasiteRunner:
         finally:
             self.state = "idle"
         await anyio.to_thread.run_sync(lambda: atomic_write(result_path, encode_result_frames(result)))
-        log.info("task.answered", datasite=self.settings.email, round=env.round, ok=result.ok,
-                 error_type=result.error_type, seconds=round(time.perf_counter() - started, 3))
+        log.info(
+            "task.answered",
+            datasite=self.settings.email,
+            round=env.round,
+            ok=result.ok,
+            error_type=result.error_type,
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
     def _read_task(self, path: Path) -> TaskMessage:
         data = path.read_bytes()
@@ -212,14 +228,20 @@ class DatasiteRunner:
 
     def _train_and_encode(self, task: TaskMessage) -> ResultMessage:
         env = task.envelope
-        reply = Envelope(self.settings.job, env.round, secrets.token_hex(16), env.message_id, time.time(), None)
+        reply = Envelope(
+            self.settings.job, env.round, secrets.token_hex(16), env.message_id, time.time(), None
+        )
         try:
             arrays = self._load_model(task)
             output = self.train(arrays, dict(task.config))
             new_arrays, num_examples, metrics = normalise_train_output(output)
         except Exception as exc:  # the data owner's code: report type and message only
-            log.warning("train.failed", datasite=self.settings.email, round=env.round,
-                        error_type=type(exc).__name__, error=str(exc)[:500])
+            log.warning(
+                "train.failed",
+                datasite=self.settings.email,
+                round=env.round,
+                error_type=type(exc).__name__,
+                error=str(exc)[:500],
+            )
             return ResultMessage(reply, False, 0, {}, type(exc).__name__, str(exc)[:2000])
         return ResultMessage(reply, True, num_examples, metrics, arrays=new_arrays)
-

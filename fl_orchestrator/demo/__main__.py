@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         note = {"slow": "  (slower than the round timeout)", "flaky": "  (fails every third round)"}
         print(f"  datasite {email}{note.get(behaviour, '')}")
     print()
-    print(f"{'round':>5}  {'sent':>4} {'ok':>3} {'fail':>4} {'late':>4}  {'accuracy':>8}  {'collect s':>9}  stragglers")
+    header = ("round", "sent", "ok", "fail", "late", "accuracy", "collect s")
+    print("{:>5}  {:>4} {:>3} {:>4} {:>4}  {:>8}  {:>9}  notes".format(*header))
     final_accuracy: float | None = None
     final_model = ""
     exit_code = 1
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         for event in federation.run_daemon(timeout_seconds=limit):
             name = event.get("event")
             if name == "evaluate.done" and event.get("round") == 0:
-                print(f"{0:>5}  {'':>4} {'':>3} {'':>4} {'':>4}  {event['metrics']['accuracy']:>8.3f}  (initial model)")
+                initial = event["metrics"]["accuracy"]
+                print(f"{0:>5}  {'':>17}  {initial:>8.3f}  {'':>9}  initial model")
             elif name == "round.completed":
                 _print_round(event)
                 final_accuracy = event.get("evaluate_metrics", {}).get("accuracy", final_accuracy)
@@ -97,8 +99,11 @@ def _print_round(event: dict[str, Any]) -> None:
     accuracy = event.get("evaluate_metrics", {}).get("accuracy", float("nan"))
     stragglers = ", ".join(event.get("stragglers", []))
     failures = ", ".join(f"{k} ({v})" for k, v in event.get("failures", {}).items())
-    notes = "; ".join(x for x in (f"timed out: {stragglers}" if stragglers else "",
-                                  f"failed: {failures}" if failures else "") if x)
+    notes = "; ".join(
+        x
+        for x in (f"timed out: {stragglers}" if stragglers else "", f"failed: {failures}" if failures else "")
+        if x
+    )
     print(
         f"{event['round']:>5}  {event['sent']:>4} {event['succeeded']:>3} {event['failed']:>4}"
         f" {event['timed_out']:>4}  {accuracy:>8.3f}  {event['collect_seconds']:>9.3f}  {notes}"

@@ -101,7 +101,9 @@ def sgd(
     return {"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)}, loss
 
 
-def train(arrays: dict[str, np.ndarray], config: dict[str, Any]) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+def train(
+    arrays: dict[str, np.ndarray], config: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
     """The data owner's train function, as the datasite runner calls it."""
     index = int(os.environ.get(ENV_PARTITION, "0"))
     count = int(os.environ.get(ENV_NUM_PARTITIONS, "1"))
@@ -121,7 +123,11 @@ def train(arrays: dict[str, np.ndarray], config: dict[str, Any]) -> tuple[dict[s
     )
     if behaviour == "slow":
         time.sleep(float(os.environ.get(ENV_SLOW_SECONDS, "5")))
-    return new_arrays, len(labels), {"train_loss": loss, "train_accuracy": accuracy(new_arrays, features, labels)}
+    return (
+        new_arrays,
+        len(labels),
+        {"train_loss": loss, "train_accuracy": accuracy(new_arrays, features, labels)},
+    )
 
 
 def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, float]:

@@ -55,7 +55,9 @@ class LocalFederation:
         env.update(extra)
         return env
 
-    def start_datasites(self, specs: Sequence[DatasiteSpec], *, heartbeat_interval_seconds: float = 0.5) -> None:
+    def start_datasites(
+        self, specs: Sequence[DatasiteSpec], *, heartbeat_interval_seconds: float = 0.5
+    ) -> None:
         """Start one runner process per datasite."""
         config = self.config
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -63,29 +65,51 @@ class LocalFederation:
             log = open(self.log_dir / f"{spec.email}.log", "wb")  # noqa: SIM115 - closed in stop()
             self._logs.append(log)
             command = [
-                sys.executable, "-m", "fl_orchestrator.cli.tool_main", "datasite",
-                "--syftbox-root", str(config.syftbox.root),
-                "--email", spec.email,
-                "--aggregator", config.syftbox.aggregator_email,
-                "--job", config.job.name,
-                "--train", spec.train,
-                "--heartbeat-interval-seconds", str(heartbeat_interval_seconds),
-                "--rescan-interval-seconds", "2",
+                sys.executable,
+                "-m",
+                "fl_orchestrator.cli.tool_main",
+                "datasite",
+                "--syftbox-root",
+                str(config.syftbox.root),
+                "--email",
+                spec.email,
+                "--aggregator",
+                config.syftbox.aggregator_email,
+                "--job",
+                config.job.name,
+                "--train",
+                spec.train,
+                "--heartbeat-interval-seconds",
+                str(heartbeat_interval_seconds),
+                "--rescan-interval-seconds",
+                "2",
             ]
             self.processes.append(
                 subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env(spec.env))
             )
 
-    def run_daemon(self, *, timeout_seconds: float, extra_args: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+    def run_daemon(
+        self, *, timeout_seconds: float, extra_args: Sequence[str] = ()
+    ) -> Iterator[dict[str, Any]]:
         """Run the daemon to completion, yielding its JSON log events as they come.
 
         Non-JSON lines are yielded as {"event": "raw", "line": ...}. The last item
         is {"event": "daemon.exit", "code": N}.
         """
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "fl_orchestrator.cli.daemon_main", "--config", str(self.config_path),
-                   "--log-format", "json", *extra_args]
-        daemon = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env({}))
+        command = [
+            sys.executable,
+            "-m",
+            "fl_orchestrator.cli.daemon_main",
+            "--config",
+            str(self.config_path),
+            "--log-format",
+            "json",
+            *extra_args,
+        ]
+        daemon = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env({})
+        )
         self.processes.append(daemon)
         assert daemon.stdout is not None
         timer = _Watchdog(daemon, timeout_seconds)

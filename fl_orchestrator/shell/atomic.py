@@ -6,6 +6,7 @@ and our own watchers ignore, so a reader sees either nothing or the whole file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterable
@@ -27,9 +28,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(
-    path: Path, chunks: Iterable[Any], *, durable: bool = True, mode: int = 0o644
-) -> int:
+def atomic_write(path: Path, chunks: Iterable[Any], *, durable: bool = True, mode: int = 0o644) -> int:
     """Write chunks to path atomically; return the bytes written.
 
     With durable=False the data and rename are not fsynced: for files that can
@@ -53,10 +52,8 @@ def atomic_write(
                 os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temp)
-        except OSError:
-            pass
         raise
     if durable:
         fsync_dir(path.parent)

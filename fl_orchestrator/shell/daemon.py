@@ -108,7 +108,9 @@ class Daemon:
         await anyio.to_thread.run_sync(self._prepare)
         assert self.machine is not None
         reader = InboundReader(
-            self.layout, frozenset(self.config.syftbox.datasites), model_spec(self.global_model),
+            self.layout,
+            frozenset(self.config.syftbox.datasites),
+            model_spec(self.global_model),
             self.config.limits,
         )
         batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](16)
@@ -189,7 +191,9 @@ class Daemon:
             for path in batch:
                 await self._intake_one(reader, path, events)
 
-    async def _intake_one(self, reader: InboundReader, path: Path, events: ObjectSendStream[ev.Event]) -> None:
+    async def _intake_one(
+        self, reader: InboundReader, path: Path, events: ObjectSendStream[ev.Event]
+    ) -> None:
         classified = self.layout.classify(path)
         if classified is None or classified.kind == FileKind.IGNORED:
             return
@@ -264,7 +268,9 @@ class Daemon:
         if (self.machine.phase, self.machine.round) != phase_before:
             await anyio.to_thread.run_sync(self._write_status, "running")
             if self.on_transition:
-                self.on_transition(f"round {self.machine.round}/{self.config.job.num_rounds}: {self.machine.phase}")
+                self.on_transition(
+                    f"round {self.machine.round}/{self.config.job.num_rounds}: {self.machine.phase}"
+                )
 
     async def _execute(self, action: ev.Action) -> list[ev.Event]:
         if isinstance(action, ev.Dispatch):
@@ -276,20 +282,33 @@ class Daemon:
             await self._refuse(path, action.datasite, action.reason, action.detail)
         elif isinstance(action, ev.RecordFailure):
             log.warning(
-                "result.failed", job=self.job, round=action.round, datasite=action.datasite,
-                error_type=action.error_type, error_message=action.error_message,
+                "result.failed",
+                job=self.job,
+                round=action.round,
+                datasite=action.datasite,
+                error_type=action.error_type,
+                error_message=action.error_message,
             )
         elif isinstance(action, ev.AwaitNodes):
             log.warning(
-                "round.waiting_for_nodes", job=self.job, round=action.round,
-                available=len(action.available), needed=action.needed, missing=list(action.missing),
+                "round.waiting_for_nodes",
+                job=self.job,
+                round=action.round,
+                available=len(action.available),
+                needed=action.needed,
+                missing=list(action.missing),
                 wait_seconds_left=round(action.until - self.clock(), 3),
             )
         elif isinstance(action, ev.AbandonAttempt):
             log.warning(
-                "round.attempt_failed", job=self.job, round=action.summary.round,
-                attempt=action.summary.attempt, reason=action.reason, retry=action.retry,
-                succeeded=list(action.summary.succeeded), failed=action.summary.failed,
+                "round.attempt_failed",
+                job=self.job,
+                round=action.summary.round,
+                attempt=action.summary.attempt,
+                reason=action.reason,
+                retry=action.retry,
+                succeeded=list(action.summary.succeeded),
+                failed=action.summary.failed,
                 timed_out=list(action.summary.timed_out),
             )
         elif isinstance(action, ev.Aggregate):
@@ -298,7 +317,9 @@ class Daemon:
             self.exit_code = EXIT_DONE
             await anyio.to_thread.run_sync(self._write_status, "done")
             log.info(
-                "job.finished", job=self.job, rounds=action.rounds,
+                "job.finished",
+                job=self.job,
+                rounds=action.rounds,
                 final_model=str(self.final_model_path or self.store.path_for(action.rounds)),
                 evaluate_metrics=self.last_evaluate,
             )
@@ -325,9 +346,15 @@ class Daemon:
             )
         )
         log.info(
-            "round.dispatched", job=self.job, round=action.round, attempt=action.attempt,
-            phase="train", selected=sorted(action.tasks), model=broadcast.ref.path,
-            model_bytes=broadcast.nbytes, task_bytes=task_bytes,
+            "round.dispatched",
+            job=self.job,
+            round=action.round,
+            attempt=action.attempt,
+            phase="train",
+            selected=sorted(action.tasks),
+            model=broadcast.ref.path,
+            model_bytes=broadcast.nbytes,
+            task_bytes=task_bytes,
             deadline_in_seconds=round(action.deadline - self.clock(), 3),
             dispatch_seconds=round(time.perf_counter() - started, 6),
         )
@@ -338,8 +365,13 @@ class Daemon:
         with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
             await anyio.to_thread.run_sync(self.strategy.fold, message.arrays, action.num_examples)
         log.info(
-            "result.accepted", job=self.job, round=action.round, datasite=action.datasite,
-            num_examples=action.num_examples, metrics=message.metrics, path=str(path),
+            "result.accepted",
+            job=self.job,
+            round=action.round,
+            datasite=action.datasite,
+            num_examples=action.num_examples,
+            metrics=message.metrics,
+            path=str(path),
             fold_seconds=round(time.perf_counter() - started, 6),
         )
 
@@ -362,13 +394,22 @@ class Daemon:
             )
         )
         log.info(
-            "round.completed", job=self.job, round=summary.round, phase="aggregate",
-            sent=len(summary.selected), succeeded=len(summary.succeeded),
-            failed=len(summary.failed), timed_out=len(summary.timed_out),
-            stragglers=list(summary.timed_out), failures=summary.failed,
-            num_examples=summary.num_examples, train_metrics=summary.train_metrics,
-            evaluate_metrics=evaluate, collect_seconds=line["collect_seconds"],
-            aggregate_seconds=round(aggregate_seconds, 6), model=str(path),
+            "round.completed",
+            job=self.job,
+            round=summary.round,
+            phase="aggregate",
+            sent=len(summary.selected),
+            succeeded=len(summary.succeeded),
+            failed=len(summary.failed),
+            timed_out=len(summary.timed_out),
+            stragglers=list(summary.timed_out),
+            failures=summary.failed,
+            num_examples=summary.num_examples,
+            train_metrics=summary.train_metrics,
+            evaluate_metrics=evaluate,
+            collect_seconds=line["collect_seconds"],
+            aggregate_seconds=round(aggregate_seconds, 6),
+            model=str(path),
         )
         return [ev.RoundAggregated(self.clock(), summary.round)]
 
@@ -380,7 +421,12 @@ class Daemon:
                 self._run_evaluate_sync, rnd, abandon_on_cancel=True
             )
         if scope.cancelled_caught:
-            log.error("evaluate.timeout", job=self.job, round=rnd, timeout_seconds=self.config.evaluate.timeout_seconds)
+            log.error(
+                "evaluate.timeout",
+                job=self.job,
+                round=rnd,
+                timeout_seconds=self.config.evaluate.timeout_seconds,
+            )
             return {}
         return self.last_evaluate
 
@@ -395,7 +441,11 @@ class Daemon:
             log.error("evaluate.failed", job=self.job, round=rnd, error=f"{type(exc).__name__}: {exc}")
             return {}
         log.info(
-            "evaluate.done", job=self.job, round=rnd, phase="evaluate", metrics=metrics,
+            "evaluate.done",
+            job=self.job,
+            round=rnd,
+            phase="evaluate",
+            metrics=metrics,
             evaluate_seconds=round(time.perf_counter() - started, 6),
         )
         return metrics

@@ -20,7 +20,7 @@ def load_callable(spec: str, *, what: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise HookError(f"{what} = {spec!r}: cannot import {module_name}: {exc}") from exc
-    target = getattr(module, attribute, None)
+    target: object = getattr(module, attribute, None)
     if not callable(target):
         raise HookError(f"{what} = {spec!r}: {module_name} has no callable {attribute!r}")
     return target

@@ -24,7 +24,9 @@ class Quarantine:
     directory: Path
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def refuse(self, path: Path, datasite: str, reason: Reason, detail: str, **context: object) -> Path | None:
+    def refuse(
+        self, path: Path, datasite: str, reason: Reason, detail: str, **context: object
+    ) -> Path | None:
         """Log, count and move one refused file; return where it went (None if not moved)."""
         per_site = self.counts.setdefault(datasite, {})
         per_site[str(reason)] = per_site.get(str(reason), 0) + 1

@@ -25,8 +25,18 @@ Weights = dict[str, np.ndarray]
 WIRE_DTYPES: Mapping[str, np.dtype[Any]] = {
     name: np.dtype(name).newbyteorder("<")
     for name in (
-        "float16", "float32", "float64", "int8", "int16", "int32", "int64",
-        "uint8", "uint16", "uint32", "uint64", "bool",
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
     )
 }
 _BIN32 = struct.Struct(">BI")
@@ -68,7 +78,7 @@ def encode_frames(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | 
             if wire.nbytes > _MAX_BIN32:
                 raise ValueError(f"array {name} is {wire.nbytes} bytes; the limit is 4 GiB - 1")
             manifest.append([name, dtype_name, list(wire.shape)])
-            payloads.append(memoryview(wire.reshape(-1).view(np.uint8)))
+            payloads.append(memoryview(wire.reshape(-1).view(np.uint8).data))
         full["arrays"] = manifest
     chunks.append(msgpack.packb(full, use_bin_type=True))
     for payload in payloads:
@@ -144,7 +154,9 @@ def decode_arrays(
     return arrays
 
 
-def _manifest_entry(index: int, entry: object, limits: FrameLimits) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
+def _manifest_entry(
+    index: int, entry: object, limits: FrameLimits
+) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
     if not (isinstance(entry, list) and len(entry) == 3):
         raise Rejection(Reason.BAD_ARRAY_MANIFEST, f"arrays[{index}] is not [name, dtype, shape]")
     name, dtype_name, shape = entry

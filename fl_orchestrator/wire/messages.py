@@ -282,7 +282,7 @@ def _metrics(raw: object, max_metrics: int) -> Metrics:
 
 def _typed(header: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
     value = header.get(key)
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise Rejection(Reason.BAD_FIELD, f"{key} must be {kind.__name__}, not {type(value).__name__}")
     return value
 
@@ -327,7 +327,4 @@ def check_weights_match(arrays: Weights, spec: ModelSpec) -> None:
 def _all_finite(array: np.ndarray, block: int = 1 << 16) -> bool:
     flat = array.reshape(-1)
     # Block-wise so the boolean temporary stays in cache for large arrays.
-    for start in range(0, flat.size, block):
-        if not np.isfinite(flat[start : start + block]).all():
-            return False
-    return True
+    return all(np.isfinite(flat[start : start + block]).all() for start in range(0, flat.size, block))

@@ -32,19 +32,13 @@ def aggregator_permissions(datasites: Sequence[str]) -> dict[str, str]:
         "  - pattern: '**'\n"
         "    access: {read: []}\n"
     )
-    legacy_rules = [
-        f"- path: 'models/**'\n  user: {_quote(d)}\n  permissions: [read]\n" for d in datasites
-    ]
+    legacy_rules = [f"- path: 'models/**'\n  user: {_quote(d)}\n  permissions: [read]\n" for d in datasites]
     legacy_rules.append("- path: 'tasks/{useremail}/**'\n  user: '*'\n  permissions: [read]\n")
     return {PUB_FILE: pub, LEGACY_FILE: "".join(legacy_rules)}
 
 
 def datasite_permissions(aggregator: str) -> dict[str, str]:
     """Rules for a datasite's job folder: the aggregator reads everything in it."""
-    pub = (
-        "rules:\n"
-        "  - pattern: '**'\n"
-        f"    access: {{read: [{_quote(aggregator)}]}}\n"
-    )
+    pub = f"rules:\n  - pattern: '**'\n    access: {{read: [{_quote(aggregator)}]}}\n"
     legacy = f"- path: '**'\n  user: {_quote(aggregator)}\n  permissions: [read]\n"
     return {PUB_FILE: pub, LEGACY_FILE: legacy}
