@@ -16,6 +16,7 @@ import structlog
 from fl_orchestrator import __version__
 from fl_orchestrator.config import EX_CONFIG, ConfigError, JobConfig, load_config
 from fl_orchestrator.logs import LoggingSetupError, configure_logging, resolve_logging
+from fl_orchestrator.service.sdnotify import SystemdNotifier
 from fl_orchestrator.shell.daemon import EXIT_SOFTWARE, Daemon
 from fl_orchestrator.shell.hooks import HookError
 from fl_orchestrator.shell.models import ModelFileError
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level, fmt)
     log = structlog.get_logger("fl_orchestrator.main")
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, notifier=SystemdNotifier.from_environment())
     except HookError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -124,10 +124,13 @@ def _convert(tp: Any, value: object, key: str, base_dir: Path, meta: Any) -> Any
         _check_string(value, key, meta)
         return value
     if tp is Path:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or "\0" in value:
             raise ConfigError(key, value, f"a path string ({doc})")
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (base_dir / path).resolve()
+        try:
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else (base_dir / path).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # unknown ~user, symlink loop
+            raise ConfigError(key, value, f"a resolvable path ({exc})") from None
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(key, value, f"a list ({doc})")
@@ -160,9 +163,9 @@ def _check_string(value: str, key: str, meta: Any) -> None:
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(key, value, f"one of {', '.join(repr(c) for c in choices)}")
-    if meta.get("email") and not _EMAIL.match(value):
+    if meta.get("email") and not _EMAIL.fullmatch(value):
         raise ConfigError(key, value, "an email address like name@example.org")
-    if meta.get("import_string") and not _IMPORT_STRING.match(value):
+    if meta.get("import_string") and not _IMPORT_STRING.fullmatch(value):
         raise ConfigError(key, value, f"an import string 'package.module:function' ({doc})")
 
 
@@ -177,13 +180,15 @@ def _check_config_value(value: object, key: str) -> object:
             raise ConfigError(
                 key, value, "a list whose items are all int, all float, all str, all bool or all bytes"
             )
+        if any(isinstance(item, float) and not math.isfinite(item) for item in value):
+            raise ConfigError(key, value, "a list of finite numbers")
         return list(value)
     raise ConfigError(key, value, "an int, float, str, bool, bytes or a homogeneous list of one")
 
 
 def _check_cross_fields(config: JobConfig) -> None:
     job, box, model = config.job, config.syftbox, config.model
-    if not _JOB_NAME.match(job.name):
+    if not _JOB_NAME.fullmatch(job.name):
         raise ConfigError("job.name", job.name, "1-64 of letters, digits, '.', '-', '_'")
     if not box.datasites:
         raise ConfigError("syftbox.datasites", [], "at least one datasite email")
@@ -234,5 +239,5 @@ def _check_cross_fields(config: JobConfig) -> None:
                 "model.checkpoint_path", str(model.checkpoint_path), "a file ending .npz or .msgpack"
             )
     for name in model.arrays:
-        if not re.match(r"^[A-Za-z0-9_.:/-]{1,128}$", name) or ".." in name:
+        if not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,128}", name) or ".." in name:
             raise ConfigError(f"model.arrays.{name}", name, "an array name of [A-Za-z0-9_.:/-]")

@@ -108,7 +108,7 @@ class ModelSection:
     source: str = field(
         default="random", metadata=spec("where round 0 comes from", choices=("random", "checkpoint"))
     )
-    seed: int = field(default=0, metadata=spec("seed of the random init"))
+    seed: int = field(default=0, metadata=spec("seed of the random init", minimum=0))
     checkpoint_path: Path | None = field(
         default=None, metadata=spec("an .npz or .msgpack weights file (source = checkpoint)")
     )

@@ -25,6 +25,7 @@ from watchfiles import Change, awatch
 
 from fl_orchestrator.shell.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.shell.hooks import load_callable
+from fl_orchestrator.shell.watcher import set_when_cancelled
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
@@ -134,6 +135,7 @@ class DatasiteRunner:
             await anyio.to_thread.run_sync(self._write_heartbeat)
 
     async def _watch_tasks(self, send: Any) -> None:
+        stop = anyio.Event()
         marker = str(self.tasks_dir) + os.sep
         watch_root = self.layout.datasites_dir
         watch_root.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,14 @@ class DatasiteRunner:
         def accept(change: Change, path: str) -> bool:
             return change != Change.deleted and path.startswith(marker) and path.endswith(".task")
 
+        async with anyio.create_task_group() as group:
+            group.start_soon(set_when_cancelled, stop)
+            await self._forward_task_events(watch_root, accept, stop, send)
+            group.cancel_scope.cancel()
+
+    async def _forward_task_events(
+        self, watch_root: Path, accept: Callable[[Change, str], bool], stop: anyio.Event, send: Any
+    ) -> None:
         async for changes in awatch(
             watch_root,
             watch_filter=accept,
@@ -148,6 +158,7 @@ class DatasiteRunner:
             step=1,
             recursive=True,
             ignore_permission_denied=True,
+            stop_event=stop,
         ):
             for _, path in sorted(changes):
                 await send.send(Path(path))

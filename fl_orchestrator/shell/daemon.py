@@ -25,6 +25,7 @@ from fl_orchestrator.aggregation.fedavg import make_strategy
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import Phase, RoundMachine, RoundRules
+from fl_orchestrator.service.sdnotify import SystemdNotifier
 from fl_orchestrator.shell.hooks import load_callable
 from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused
 from fl_orchestrator.shell.journal import Journal
@@ -41,6 +42,8 @@ log = structlog.get_logger("fl_orchestrator.daemon")
 EXIT_DONE = 0
 EXIT_JOB_FAILED = 1
 EXIT_SOFTWARE = 70
+
+_STATE_OF_PHASE = {Phase.DONE: "done", Phase.FAILED: "failed"}
 
 Clock = Callable[[], float]
 Evaluate = Callable[[dict[str, np.ndarray]], dict[str, float]]
@@ -73,14 +76,12 @@ class Daemon:
         *,
         clock: Clock = time.time,
         handle_signals: bool = True,
-        on_ready: Callable[[], None] | None = None,
-        on_transition: Callable[[str], None] | None = None,
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.handle_signals = handle_signals
-        self.on_ready = on_ready
-        self.on_transition = on_transition
+        self.notifier = notifier or SystemdNotifier.from_environment({})
         self.job = config.job.name
         self.layout = JobLayout(config.syftbox.root, self.job, config.syftbox.aggregator_email)
         self.state_dir = config.state.state_dir
@@ -100,6 +101,7 @@ class Daemon:
         self.exit_code: int | None = None
         self.final_model_path: Path | None = None
         self.last_evaluate: dict[str, float] = {}
+        self.failure_reason: str | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -130,11 +132,14 @@ class Daemon:
                 )
             )
             root.start_soon(self._intake, reader, batches_recv, events_send)
-            if self.on_ready:
-                self.on_ready()
+            interval = self.notifier.watchdog_interval_seconds()
+            if interval is not None:
+                root.start_soon(self._ping_watchdog, interval)
+            self.notifier.ready(self._status_line())
             code = await self._round_loop(events_recv)
             self.exit_code = code
             root.cancel_scope.cancel()
+        self.notifier.stopping(self._status_line())
         if self.exit_code is None:  # cancelled by a signal
             self.exit_code = EXIT_DONE
             with anyio.move_on_after(self.config.daemon.shutdown_timeout_seconds, shield=True):
@@ -168,6 +173,19 @@ class Daemon:
             parameters=params,
             model_bytes=sum(a.nbytes for a in self.global_model.values()),
             state_dir=str(self.state_dir),
+        )
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself, so a loop that stops turning stops the pings.
+        while True:
+            self.notifier.watchdog()
+            await anyio.sleep(interval)
+
+    def _status_line(self) -> str:
+        if self.machine is None:
+            return "starting"
+        return f"{self.job}: round {min(self.machine.round, self.config.job.num_rounds)}/" + (
+            f"{self.config.job.num_rounds} {self.machine.phase}"
         )
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
@@ -266,11 +284,10 @@ class Daemon:
             for follow_up in await self._execute(action):
                 await self._feed(follow_up)
         if (self.machine.phase, self.machine.round) != phase_before:
-            await anyio.to_thread.run_sync(self._write_status, "running")
-            if self.on_transition:
-                self.on_transition(
-                    f"round {self.machine.round}/{self.config.job.num_rounds}: {self.machine.phase}"
-                )
+            await anyio.to_thread.run_sync(
+                self._write_status, _STATE_OF_PHASE.get(self.machine.phase, "running")
+            )
+            self.notifier.status(self._status_line())
 
     async def _execute(self, action: ev.Action) -> list[ev.Event]:
         if isinstance(action, ev.Dispatch):
@@ -315,7 +332,6 @@ class Daemon:
             return await self._aggregate(action.summary)
         elif isinstance(action, ev.JobFinished):
             self.exit_code = EXIT_DONE
-            await anyio.to_thread.run_sync(self._write_status, "done")
             log.info(
                 "job.finished",
                 job=self.job,
@@ -325,7 +341,7 @@ class Daemon:
             )
         elif isinstance(action, ev.JobFailed):
             self.exit_code = EXIT_JOB_FAILED
-            await anyio.to_thread.run_sync(self._write_status, "failed", {"error": action.reason})
+            self.failure_reason = action.reason
             log.error("job.failed", job=self.job, reason=action.reason)
         return []
 
@@ -452,7 +468,9 @@ class Daemon:
 
     def _write_status(self, state: str, extra: dict[str, Any] | None = None) -> None:
         assert self.machine is not None
-        merged = {"quarantined": self.quarantine.counts, "last_evaluate": self.last_evaluate}
+        merged: dict[str, Any] = {"quarantined": self.quarantine.counts, "last_evaluate": self.last_evaluate}
+        if self.failure_reason:
+            merged["error"] = self.failure_reason
         merged.update(extra or {})
         try:
             self.journal.write_status(self.machine, now=self.clock(), state=state, extra=merged)

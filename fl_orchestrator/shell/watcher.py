@@ -58,7 +58,9 @@ async def watch_job_files(
 ) -> None:
     """Send batches of paths to look at: a full scan now, then events, then rescans."""
     layout.datasites_dir.mkdir(parents=True, exist_ok=True)
+    stop = anyio.Event()
     async with anyio.create_task_group() as group:
+        group.start_soon(set_when_cancelled, stop)
         group.start_soon(_rescan_forever, layout, datasites, send, rescan_interval_seconds)
         step = max(1, min(debounce_milliseconds, math.ceil(debounce_milliseconds / 4)))
         async for changes in awatch(
@@ -68,8 +70,23 @@ async def watch_job_files(
             step=step,
             recursive=True,
             ignore_permission_denied=True,
+            stop_event=stop,
         ):
             await send.send(sorted({Path(path) for _, path in changes}))
+        group.cancel_scope.cancel()
+
+
+async def set_when_cancelled(stop: anyio.Event) -> None:
+    """Set ``stop`` when the enclosing scope is cancelled.
+
+    The file-watching thread cannot be cancelled; it checks its stop event
+    between steps, so this turns a cancellation into a prompt return instead
+    of a wait for the watcher's own timeout.
+    """
+    try:
+        await anyio.sleep_forever()
+    finally:
+        stop.set()
 
 
 async def _rescan_forever(

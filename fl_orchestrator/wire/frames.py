@@ -171,12 +171,14 @@ def _manifest_entry(
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             raise Rejection(Reason.BAD_ARRAY_MANIFEST, f"array {name!r} has shape {shape!r}")
         dims.append(dim)
+    # Zero dims are skipped: numpy refuses a shape like (0, 2**62) even though it holds nothing.
     elements = 1
     for dim in dims:
-        elements *= dim
+        elements *= max(dim, 1)
     if elements > limits.max_elements:
         raise Rejection(
-            Reason.BAD_ARRAY_MANIFEST, f"array {name!r} has {elements} elements; limit {limits.max_elements}"
+            Reason.BAD_ARRAY_MANIFEST,
+            f"array {name!r} has shape {dims}; limit {limits.max_elements} elements",
         )
     return name, WIRE_DTYPES[dtype_name], tuple(dims)
 

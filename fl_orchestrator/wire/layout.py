@@ -114,7 +114,7 @@ class JobLayout:
             return Classified(datasite, FileKind.HEARTBEAT)
         if len(rest) == 2 and rest[0] == "results" and name.endswith(".result"):
             stem = name[: -len(".result")]
-            return Classified(datasite, FileKind.RESULT, bad_name=not _ID.match(stem))
+            return Classified(datasite, FileKind.RESULT, bad_name=not _ID.fullmatch(stem))
         if len(rest) > 2 and rest[0] == "results":
             return Classified(datasite, FileKind.RESULT, bad_name=True)
         return Classified(datasite, FileKind.IGNORED)

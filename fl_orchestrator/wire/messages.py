@@ -168,13 +168,13 @@ def decode_message(
     """Decode one file's bytes into a typed message, or raise Rejection."""
     header, offset = decode_header(buffer, limits)
     version = header.get("version")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise Rejection(Reason.UNSUPPORTED_VERSION, f"version {version!r}; this server speaks 1")
     kind = header.get("kind")
     if kind != expect_kind:
         raise Rejection(Reason.WRONG_KIND, f"kind {kind!r} where {expect_kind!r} was expected")
     allowed = _KIND_FIELDS[expect_kind]
-    extra = sorted(set(header) - allowed)
+    extra = sorted(set(header) - allowed, key=repr)  # keys may be str or bytes
     if extra:
         raise Rejection(Reason.UNEXPECTED_FIELD, f"unexpected fields {extra}")
     missing = sorted(allowed - set(header) - ({"arrays"} if expect_kind == "result" else set()))
@@ -200,7 +200,7 @@ def _envelope(header: Mapping[str, Any]) -> Envelope:
     if rnd < 0:
         raise Rejection(Reason.BAD_FIELD, f"round {rnd} is negative")
     message_id = _typed(header, "message_id", str)
-    if not (1 <= len(message_id) <= 64) or not message_id.isalnum():
+    if not (1 <= len(message_id) <= 64) or not (message_id.isascii() and message_id.isalnum()):
         raise Rejection(Reason.BAD_FIELD, "message_id must be 1-64 letters or digits")
     reply_to = header.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or len(reply_to) > 64):
@@ -219,7 +219,7 @@ def _task(header: Mapping[str, Any], env: Envelope) -> TaskMessage:
     path, sha, nbytes = model["path"], model["sha256"], model["nbytes"]
     if not isinstance(path, str) or ".." in path.split("/") or path.startswith("/"):
         raise Rejection(Reason.BAD_FIELD, "model.path must be a relative path without '..'")
-    if not isinstance(sha, str) or len(sha) != 64:
+    if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= set("0123456789abcdef"):
         raise Rejection(Reason.BAD_FIELD, "model.sha256 must be 64 hex digits")
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
         raise Rejection(Reason.BAD_FIELD, "model.nbytes must be a positive int")
@@ -249,6 +249,9 @@ def _result(
         etype, emsg = error["type"], error["message"]
         if not isinstance(etype, str) or not isinstance(emsg, str):
             raise Rejection(Reason.BAD_FIELD, "error.type and error.message must be strings")
+        if header.get("arrays", []) != []:
+            raise Rejection(Reason.BAD_FIELD, "an error result carries no arrays")
+        _no_arrays(buffer, offset)
         return ResultMessage(env, False, 0, metrics, etype[:200], emsg[:2000])
     if header.get("error") is not None:
         raise Rejection(Reason.BAD_FIELD, "an ok result carries error = nil")
