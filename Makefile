@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check clean
+.PHONY: install demo test chaos lint typecheck check clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The long crash-safety run: 100 random kill -9s instead of the suite's 20.
+chaos: $(STAMP)
+	CHAOS_KILLS=100 $(PY) -m pytest -q -s tests/test_chaos.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_orchestrator tests

@@ -20,6 +20,7 @@ from fl_orchestrator.service.sdnotify import SystemdNotifier
 from fl_orchestrator.shell.daemon import EXIT_SOFTWARE, Daemon
 from fl_orchestrator.shell.hooks import HookError
 from fl_orchestrator.shell.models import ModelFileError
+from fl_orchestrator.shell.persistence import EX_IOERR, StartRefused, StateWriteError
 
 EX_USAGE = 64
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fl-orchestratord", description="Federated-learning aggregation service.")
     parser.add_argument("--config", required=True, type=Path, help="job file (TOML)")
     parser.add_argument("--check", action="store_true", help="validate, print the resolved config, exit")
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="start a new run of a job whose state folder holds an earlier run (archived, not overwritten)",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", choices=("auto", "json", "console"))
     parser.add_argument("--version", action="version", version=f"fl-orchestrator {__version__}")
@@ -80,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level, fmt)
     log = structlog.get_logger("fl_orchestrator.main")
     try:
-        daemon = Daemon(config, notifier=SystemdNotifier.from_environment())
+        daemon = Daemon(config, notifier=SystemdNotifier.from_environment(), rerun=args.rerun)
     except HookError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -89,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelFileError as exc:
         print(f"config error: model.checkpoint_path: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except StartRefused as exc:
+        print(f"state error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except StateWriteError as exc:
+        log.error("daemon.state_unwritable", error=str(exc))
+        return EX_IOERR
     except KeyboardInterrupt:
         return 130
     except Exception:

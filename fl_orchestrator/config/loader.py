@@ -35,7 +35,8 @@ class ConfigError(Exception):
         shown = "(missing)" if self.value is _MISSING else repr(self.value)
         if len(shown) > 120:
             shown = shown[:117] + "..."
-        return f"config error: {self.key} = {shown}: expected {self.expected}"
+        key = self.key if self.key.isprintable() else repr(self.key)  # TOML keys may hold newlines
+        return f"config error: {key} = {shown}: expected {self.expected}"
 
 
 _MISSING: Any = object()

@@ -142,6 +142,17 @@ class StateSection:
     """Where the daemon keeps models, ledgers and quarantine."""
 
     state_dir: Path = field(metadata=spec("state directory"))
+    keep_checkpoints: int = field(
+        default=3, metadata=spec("how many of the newest round checkpoints to keep", minimum=1)
+    )
+    write_retry_seconds: float = field(
+        default=30.0,
+        metadata=spec(
+            "how long a failing state write is retried before the daemon exits 74",
+            minimum=0,
+            exclusive_minimum=True,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,10 @@ class DaemonSection:
     aggregation_timeout_seconds: float = field(
         default=600.0,
         metadata=spec("deadline of one aggregation", minimum=0, exclusive_minimum=True),
+    )
+    restart_grants_fresh_timeout: bool = field(
+        default=False,
+        metadata=spec("a restart mid-round restarts the round's timeout instead of keeping its deadline"),
     )
     shutdown_timeout_seconds: float = field(
         default=5.0,

@@ -124,6 +124,8 @@ class RoundMachine:
             if self.round > self.rules.num_rounds:
                 self.phase = Phase.DONE
                 return [JobFinished(self.rules.num_rounds)]
+            if self.phase in (Phase.TRAINING, Phase.AGGREGATING):
+                return []  # resumed mid-round: nothing to start
             return self._enter_waiting(event.now)
         if isinstance(event, Tick):
             return self._on_tick(event.now)
@@ -140,6 +142,31 @@ class RoundMachine:
         if self.phase == Phase.TRAINING and self.current is not None:
             return self.current.deadline
         return None
+
+    def records_snapshot(self) -> dict[str, dict[str, float | int | None]]:
+        """Per-datasite accounting as plain data, for checkpoints."""
+        return {name: dict(vars(record)) for name, record in self.records.items()}
+
+    def restore_records(self, snapshot: dict[str, dict[str, float | int | None]]) -> None:
+        """Load accounting saved by records_snapshot (unknown datasites are dropped)."""
+        for name, values in snapshot.items():
+            if name in self.records:
+                for key, value in values.items():
+                    if key != "last_seen" and hasattr(self.records[name], key):
+                        setattr(self.records[name], key, value)
+
+    def replay_dispatch(
+        self, attempt: int, tasks: dict[str, str], dispatched_at: float, deadline: float
+    ) -> None:
+        """Re-enter an attempt recorded before a restart, exactly as it was dispatched."""
+        self.attempt_number = attempt
+        self.current = Attempt(self.round, attempt, dict(tasks), dispatched_at, deadline)
+        for d in tasks:
+            if d in self.records:
+                self.records[d].selected += 1
+        self.phase = Phase.TRAINING
+        self.wait_until = None
+        self.last_missing = None
 
     def available(self, now: float) -> tuple[str, ...]:
         """Datasites whose last heartbeat is recent enough."""

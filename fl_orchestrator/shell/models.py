@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,8 +87,12 @@ def _job_of(data: bytes) -> str:
 
 
 def model_message(job: str, rnd: int, model: Mapping[str, np.ndarray], message_id: str) -> ModelMessage:
-    """Wrap a model for writing."""
-    return ModelMessage(Envelope(job, rnd, message_id, None, time.time(), None), dict(model))
+    """Wrap a model for writing.
+
+    No timestamp: the same model always encodes to the same bytes, so its
+    content-addressed broadcast name is stable across restarts.
+    """
+    return ModelMessage(Envelope(job, rnd, message_id, None, 0.0, None), dict(model))
 
 
 class ModelStore:

@@ -74,7 +74,8 @@ def encode_frames(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | 
         manifest = []
         for name, array in arrays.items():
             dtype_name = wire_dtype_name(array.dtype)
-            wire = np.ascontiguousarray(array, dtype=WIRE_DTYPES[dtype_name])
+            # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+            wire = np.asarray(array, dtype=WIRE_DTYPES[dtype_name], order="C")
             if wire.nbytes > _MAX_BIN32:
                 raise ValueError(f"array {name} is {wire.nbytes} bytes; the limit is 4 GiB - 1")
             manifest.append([name, dtype_name, list(wire.shape)])

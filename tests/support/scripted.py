@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
 
 ENV_INDEX = "SCRIPTED_INDEX"
+ENV_DELAY = "SCRIPTED_DELAY_SECONDS"
 
 
 def scripted_update(arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
@@ -25,6 +27,7 @@ def train(
 ) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
     """Train function run by datasite processes."""
     index = int(os.environ[ENV_INDEX])
+    time.sleep(float(os.environ.get(ENV_DELAY, "0")))
     return (
         scripted_update(arrays, index),
         num_examples_of(index),

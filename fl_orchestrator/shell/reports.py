@@ -17,7 +17,7 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-class Journal:
+class Reports:
     """status.json, rewritten atomically on every transition; metrics.jsonl, one line a round."""
 
     def __init__(self, state_dir: Path, job: str) -> None:
@@ -49,6 +49,20 @@ class Journal:
             status.update(extra)
         atomic_write_text(self.status_path, json.dumps(status, sort_keys=True), durable=False)
 
+    def logged_rounds(self) -> set[int]:
+        """Rounds that already have a metrics line."""
+        try:
+            text = self.metrics_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return set()
+        rounds = set()
+        for line in text.splitlines():
+            try:
+                rounds.add(int(json.loads(line)["round"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a crash
+        return rounds
+
     def append_round(
         self,
         summary: RoundSummary,
@@ -75,8 +89,15 @@ class Journal:
             "written": time.time(),
         }
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        if summary.round in self.logged_rounds():
+            return line  # written before a restart: one line per round, never two
+        with open(self.metrics_path, "a+b") as handle:
+            # A crash can leave a torn last line; start ours on a fresh one.
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
+            handle.write((json.dumps(line, sort_keys=True) + "\n").encode())
             handle.flush()
             os.fsync(handle.fileno())
         fsync_dir(self.state_dir)

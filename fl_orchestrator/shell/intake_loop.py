@@ -1,0 +1,104 @@
+"""The intake task: paths from the watcher become events for the round loop.
+
+Each file is looked at once per identity (inode, size, mtime): a rescan that
+finds a file already handled costs one lstat. Decoding runs in a worker
+thread; refusals are quarantined right here and never reach the round loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from fl_orchestrator.core import events as ev
+from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused
+from fl_orchestrator.shell.quarantine import Quarantine
+from fl_orchestrator.shell.watcher import PathBatch
+from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
+from fl_orchestrator.wire.messages import HeartbeatMessage, ResultMessage
+from fl_orchestrator.wire.reasons import Reason
+
+
+class IntakeLoop:
+    """Turns watched paths into NodeSeen and ResultReceived events."""
+
+    def __init__(
+        self,
+        layout: JobLayout,
+        reader: InboundReader,
+        quarantine: Quarantine,
+        clock: Callable[[], float],
+    ) -> None:
+        self.layout = layout
+        self.reader = reader
+        self.quarantine = quarantine
+        self.clock = clock
+        self.seen: dict[Path, FileIdentity] = {}
+
+    async def run(self, batches: ObjectReceiveStream[PathBatch], events: ObjectSendStream[ev.Event]) -> None:
+        """Consume path batches until the watcher closes."""
+        async for batch in batches:
+            for path in batch:
+                event = await self.take(path)
+                if event is not None:
+                    await events.send(event)
+
+    async def take(self, path: Path) -> ev.Event | None:
+        """Look at one path; return its event, or None if it is nothing new."""
+        classified = self.layout.classify(path)
+        if classified is None or classified.kind == FileKind.IGNORED:
+            return None
+        if classified.bad_name:
+            await self.refuse(path, classified.datasite, Reason.BAD_NAME, "expected results/<task id>.result")
+            return None
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return None  # gone already: a later event or rescan will say if it comes back
+        if self.seen.get(path) == FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns):
+            return None
+        outcome = await anyio.to_thread.run_sync(
+            self.reader.read_inbound, path, classified.kind, classified.datasite
+        )
+        if isinstance(outcome, Refused):
+            await self.refuse(path, outcome.datasite, outcome.reason, outcome.detail)
+            return None
+        self.seen[path] = outcome.identity
+        return self.event_for(outcome)
+
+    def event_for(self, inbound: Inbound) -> ev.Event:
+        """The machine's view of a decoded file."""
+        message = inbound.message
+        now = self.clock()
+        if isinstance(message, HeartbeatMessage):
+            # The file's mtime, not the moment we read it: a heartbeat left behind
+            # by a datasite that died before our restart must not count as fresh.
+            return ev.NodeSeen(min(now, inbound.identity.mtime_ns / 1e9), inbound.datasite)
+        assert isinstance(message, ResultMessage)
+        env = message.envelope
+        reply_to = env.reply_to
+        if reply_to != task_id_of_result(inbound.path):
+            reply_to = None  # name and content disagree: it can never match a task
+        return ev.ResultReceived(
+            now=now,
+            datasite=inbound.datasite,
+            round=env.round,
+            reply_to=reply_to,
+            ok=message.ok,
+            num_examples=message.num_examples,
+            metrics=message.metrics,
+            error_type=message.error_type,
+            error_message=message.error_message,
+            payload=(inbound.path, message, inbound.identity),
+        )
+
+    async def refuse(self, path: Path, datasite: str, reason: Reason, detail: str) -> None:
+        """Quarantine one file and forget it."""
+        await anyio.to_thread.run_sync(
+            lambda: self.quarantine.refuse(path, datasite, reason, detail, job=self.layout.job)
+        )
+        self.seen.pop(path, None)

@@ -1,0 +1,176 @@
+"""The heavy half of each round: broadcast, fold, aggregate, evaluate.
+
+Everything numpy-heavy or file-heavy runs in a worker thread so that file
+intake and timers keep turning while a model is folded or written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import structlog
+
+from fl_orchestrator.aggregation.base import Strategy
+from fl_orchestrator.config.schema import JobConfig
+from fl_orchestrator.core import events as ev
+from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused
+from fl_orchestrator.shell.models import ModelStore
+from fl_orchestrator.shell.publisher import Broadcast, Publisher
+from fl_orchestrator.state import failpoints
+from fl_orchestrator.wire.layout import FileKind
+from fl_orchestrator.wire.messages import ResultMessage
+
+log = structlog.get_logger("fl_orchestrator.rounds")
+
+Evaluate = Callable[[dict[str, np.ndarray]], dict[str, float]]
+
+
+class ResultGone(Exception):
+    """A result counted before a restart can no longer be read as it was."""
+
+
+class RoundWork:
+    """Carries out Dispatch, Accept and Aggregate for the daemon."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        *,
+        publisher: Publisher,
+        store: ModelStore,
+        strategy: Strategy,
+        evaluate: Evaluate | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.job = config.job.name
+        self.publisher = publisher
+        self.store = store
+        self.strategy = strategy
+        self.evaluate_hook = evaluate
+        self.clock = clock
+        self.global_model: dict[str, np.ndarray] = {}
+        self.broadcast: Broadcast | None = None
+        self.last_evaluate: dict[str, float] = {}
+
+    async def dispatch(self, action: ev.Dispatch, *, begin: bool = True) -> None:
+        """Write the round's model (once) and its tasks; start a fresh aggregate if ``begin``."""
+        started = time.perf_counter()
+        if self.broadcast is None or self.broadcast.round != action.round:
+            self.broadcast = await anyio.to_thread.run_sync(
+                self.publisher.write_model, action.round, self.global_model
+            )
+        failpoints.hit("dispatch.after_model")
+        if begin:
+            self.strategy.begin_round(action.round, self.global_model)
+        config: dict[str, Any] = dict(self.config.job.train_config)
+        config.update(self.strategy.round_config(action.round))
+        config["server-round"] = action.round
+        broadcast = self.broadcast
+        task_bytes = await anyio.to_thread.run_sync(
+            lambda: self.publisher.write_tasks(
+                broadcast, action.tasks, attempt=action.attempt, deadline=action.deadline, config=config
+            )
+        )
+        failpoints.hit("dispatch.after_tasks")
+        log.info(
+            "round.dispatched",
+            job=self.job,
+            round=action.round,
+            attempt=action.attempt,
+            phase="train",
+            selected=sorted(action.tasks),
+            model=broadcast.ref.path,
+            model_bytes=broadcast.nbytes,
+            task_bytes=task_bytes,
+            deadline_in_seconds=round(action.deadline - self.clock(), 3),
+            dispatch_seconds=round(time.perf_counter() - started, 6),
+        )
+
+    async def fold(self, action: ev.Accept, reader: InboundReader | None = None) -> None:
+        """Fold one accepted result; re-read it from disk if it was counted before a restart."""
+        path, message, identity = action.payload
+        started = time.perf_counter()
+        if message is None:
+            assert reader is not None
+            message = await anyio.to_thread.run_sync(self._reread, reader, path, action.datasite, identity)
+        arrays = message.arrays
+        with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
+            await anyio.to_thread.run_sync(self.strategy.fold, arrays, action.num_examples)
+        failpoints.hit("fold.after")
+        log.info(
+            "result.accepted",
+            job=self.job,
+            round=action.round,
+            datasite=action.datasite,
+            num_examples=action.num_examples,
+            metrics=message.metrics,
+            path=str(path),
+            fold_seconds=round(time.perf_counter() - started, 6),
+        )
+
+    @staticmethod
+    def _reread(reader: InboundReader, path: Path, datasite: str, identity: FileIdentity) -> ResultMessage:
+        outcome = reader.read_inbound(path, FileKind.RESULT, datasite)
+        if isinstance(outcome, Refused):
+            raise ResultGone(f"{path}: {outcome.reason}: {outcome.detail}")
+        assert isinstance(outcome, Inbound) and isinstance(outcome.message, ResultMessage)
+        if (outcome.identity.inode, outcome.identity.size) != (identity.inode, identity.size):
+            raise ResultGone(f"{path} changed since it was counted")
+        return outcome.message
+
+    async def aggregate(self, summary: ev.RoundSummary) -> tuple[Path, float]:
+        """Finish the aggregate and save the model; return its path and the seconds it took."""
+        started = time.perf_counter()
+        failpoints.hit("aggregate.before_finish")
+        with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
+            new_model = await anyio.to_thread.run_sync(self.strategy.finish, abandon_on_cancel=True)
+            path = await anyio.to_thread.run_sync(self.store.save, summary.round, new_model)
+        failpoints.hit("aggregate.after_model_saved")
+        self.global_model = new_model
+        return path, time.perf_counter() - started
+
+    async def evaluate(self, rnd: int) -> dict[str, float]:
+        """Central evaluation of the current global model, bounded by its timeout."""
+        if self.evaluate_hook is None:
+            return {}
+        with anyio.move_on_after(self.config.evaluate.timeout_seconds) as scope:
+            self.last_evaluate = await anyio.to_thread.run_sync(
+                self.evaluate_sync, rnd, abandon_on_cancel=True
+            )
+        if scope.cancelled_caught:
+            log.error(
+                "evaluate.timeout",
+                job=self.job,
+                round=rnd,
+                timeout_seconds=self.config.evaluate.timeout_seconds,
+            )
+            return {}
+        return self.last_evaluate
+
+    def evaluate_sync(self, rnd: int) -> dict[str, float]:
+        """Run the user's global_evaluate; a failure is logged, not fatal."""
+        if self.evaluate_hook is None:
+            return {}
+        started = time.perf_counter()
+        try:
+            raw = self.evaluate_hook({k: v.copy() for k, v in self.global_model.items()})
+            metrics = {str(k): float(v) for k, v in dict(raw).items()}
+        except Exception as exc:  # user code
+            log.error("evaluate.failed", job=self.job, round=rnd, error=f"{type(exc).__name__}: {exc}")
+            return {}
+        log.info(
+            "evaluate.done",
+            job=self.job,
+            round=rnd,
+            phase="evaluate",
+            metrics=metrics,
+            evaluate_seconds=round(time.perf_counter() - started, 6),
+        )
+        self.last_evaluate = metrics
+        return metrics
