@@ -225,12 +225,13 @@ class RoundMachine:
         record = self.records.get(event.datasite)
         if record is None:
             return [Reject(event.datasite, Reason.UNKNOWN_DATASITE, "not in this job", event.payload)]
-        # A result proves the datasite is alive even if its heartbeat lags behind.
-        record.last_seen = max(record.last_seen or event.now, event.now)
         rejection = self._check_result(event)
         if rejection is not None:
             record.rejected += 1
             return [Reject(event.datasite, rejection[0], rejection[1], event.payload)]
+        # A counted result proves the datasite is alive even if its heartbeat lags;
+        # a stale file found by a rescan proves nothing.
+        record.last_seen = max(record.last_seen or event.now, event.now)
         current = self.current
         assert current is not None
         elapsed = max(0.0, event.now - current.dispatched_at)

@@ -65,13 +65,40 @@ class TrainOutputError(TypeError):
     """The train function returned something other than (arrays, num_examples, metrics)."""
 
 
-def normalise_train_output(output: Any) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
-    """Check the train function's return value and coerce it to wire types."""
+class ModelNotReady(Exception):
+    """The task's model has not (fully) arrived yet: try again on the next event or rescan."""
+
+
+class ModelUnusable(Exception):
+    """The task's model arrived but can never be used."""
+
+
+def normalise_train_output(
+    output: Any, reference: Mapping[str, np.ndarray] | None = None
+) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
+    """Check the train function's return value against the model it was given.
+
+    A mismatch is reported here, by the data owner's runner, with a message
+    they can act on, rather than as a quarantined file on the server.
+    """
     if not (isinstance(output, tuple) and len(output) == 3):
         raise TrainOutputError("train must return (arrays, num_examples, metrics)")
     arrays, num_examples, metrics = output
     if not isinstance(arrays, Mapping) or not all(isinstance(v, np.ndarray) for v in arrays.values()):
         raise TrainOutputError("arrays must be a dict of numpy arrays")
+    if reference is not None:
+        if set(arrays) != set(reference):
+            missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+            raise TrainOutputError(f"arrays must have the model's names: missing {missing}, extra {extra}")
+        for name, ref in reference.items():
+            got = arrays[name]
+            if got.dtype != ref.dtype or got.shape != ref.shape:
+                raise TrainOutputError(
+                    f"array {name!r} is {got.dtype}{list(got.shape)};"
+                    f" the model's is {ref.dtype}{list(ref.shape)}"
+                )
+            if got.dtype.kind == "f" and not np.isfinite(got).all():
+                raise TrainOutputError(f"array {name!r} holds NaN or Inf")
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
         raise TrainOutputError("num_examples must be a positive int")
     clean: dict[str, int | float] = {}
@@ -96,6 +123,7 @@ class DatasiteRunner:
         self.own_dir = self.layout.app_dir(settings.email)
         self.state = "idle"
         self.done: set[str] = set()
+        self.waiting: set[str] = set()
         self._model_cache: tuple[str, dict[str, np.ndarray]] | None = None
         self._limits = FrameLimits(max_header_bytes=16 * 1024 * 1024, max_elements=2**34)
 
@@ -136,12 +164,17 @@ class DatasiteRunner:
 
     async def _watch_tasks(self, send: Any) -> None:
         stop = anyio.Event()
-        marker = str(self.tasks_dir) + os.sep
+        tasks_marker = str(self.tasks_dir) + os.sep
+        models_marker = str(self.layout.models_dir) + os.sep
         watch_root = self.layout.datasites_dir
         watch_root.mkdir(parents=True, exist_ok=True)
 
         def accept(change: Change, path: str) -> bool:
-            return change != Change.deleted and path.startswith(marker) and path.endswith(".task")
+            if change == Change.deleted or path.endswith(".tmp"):
+                return False
+            return (path.startswith(tasks_marker) and path.endswith(".task")) or path.startswith(
+                models_marker
+            )
 
         async with anyio.create_task_group() as group:
             group.start_soon(set_when_cancelled, stop)
@@ -177,6 +210,11 @@ class DatasiteRunner:
             return []
 
     async def _handle(self, path: Path) -> None:
+        if not path.name.endswith(".task"):
+            # A model arrived: tasks that were waiting for it can go now.
+            for task_id in sorted(self.waiting):
+                await self._handle(self.tasks_dir / f"{task_id}.task")
+            return
         task_id = path.name[: -len(".task")]
         if task_id in self.done:
             return
@@ -187,21 +225,32 @@ class DatasiteRunner:
         try:
             task = await anyio.to_thread.run_sync(self._read_task, path)
         except (OSError, Rejection) as exc:
+            # Possibly still syncing; the next event or rescan tries again.
             log.warning("task.unreadable", path=str(path), error=str(exc))
             return
-        self.done.add(task_id)
         env = task.envelope
         if env.deadline is not None and env.deadline < time.time():
+            self.done.add(task_id)
+            self.waiting.discard(task_id)
             log.info("task.expired", round=env.round, task=task_id)
             return
+        try:
+            model = await anyio.to_thread.run_sync(self._load_model, task)
+        except ModelNotReady as exc:
+            if task_id not in self.waiting:
+                log.info("task.waiting_for_model", round=env.round, task=task_id, reason=str(exc))
+            self.waiting.add(task_id)
+            return
+        self.waiting.discard(task_id)
+        self.done.add(task_id)
         log.info("task.received", datasite=self.settings.email, round=env.round, task=task_id)
         self.state = "training"
         started = time.perf_counter()
         try:
-            result = await anyio.to_thread.run_sync(self._train_and_encode, task)
+            frames, result = await anyio.to_thread.run_sync(self._train_and_encode, task, model)
         finally:
             self.state = "idle"
-        await anyio.to_thread.run_sync(lambda: atomic_write(result_path, encode_result_frames(result)))
+        await anyio.to_thread.run_sync(lambda: atomic_write(result_path, frames))
         log.info(
             "task.answered",
             datasite=self.settings.email,
@@ -219,33 +268,54 @@ class DatasiteRunner:
             raise Rejection(Reason.BAD_NAME, "task file name and message_id differ")
         return task
 
-    def _load_model(self, task: TaskMessage) -> dict[str, np.ndarray]:
+    def _load_model(self, task: TaskMessage) -> dict[str, np.ndarray] | ModelUnusable:
+        """The task's model, ModelUnusable if it can never be used; raises ModelNotReady."""
         ref = task.model
         if self._model_cache and self._model_cache[0] == ref.sha256:
             return {k: v.copy() for k, v in self._model_cache[1].items()}
         path = (self.layout.aggregator_dir / ref.path).resolve()
         if not path.is_relative_to(self.layout.aggregator_dir.resolve()):
-            raise ValueError("model path leaves the aggregator's job folder")
+            return ModelUnusable("the model path leaves the aggregator's job folder")
         if ref.nbytes > self.settings.max_model_bytes:
-            raise ValueError(f"model is {ref.nbytes} bytes; limit {self.settings.max_model_bytes}")
+            return ModelUnusable(
+                f"the model is {ref.nbytes} bytes; this runner's limit is {self.settings.max_model_bytes}"
+            )
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ModelNotReady(f"{path.name} has not arrived") from None
+        if size != ref.nbytes:
+            raise ModelNotReady(f"{path.name} has {size} of {ref.nbytes} bytes")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise ValueError("model file does not match its sha256 (not fully synced yet?)")
-        message = decode_message(data, expect_kind="model", expect_job=self.settings.job, limits=self._limits)
+            raise ModelNotReady(f"{path.name} does not match its sha256 yet")
+        try:
+            message = decode_message(
+                data, expect_kind="model", expect_job=self.settings.job, limits=self._limits
+            )
+        except Rejection as exc:
+            return ModelUnusable(f"the model file is invalid: {exc.reason}: {exc.detail}")
         assert isinstance(message, ModelMessage)
         model = {k: np.array(v) for k, v in message.arrays.items()}
         self._model_cache = (ref.sha256, model)
         return {k: v.copy() for k, v in model.items()}
 
-    def _train_and_encode(self, task: TaskMessage) -> ResultMessage:
+    def _train_and_encode(
+        self, task: TaskMessage, model: dict[str, np.ndarray] | ModelUnusable
+    ) -> tuple[list[Any], ResultMessage]:
+        """Train and encode; any failure becomes an error result, never a dead runner."""
         env = task.envelope
         reply = Envelope(
             self.settings.job, env.round, secrets.token_hex(16), env.message_id, time.time(), None
         )
         try:
-            arrays = self._load_model(task)
-            output = self.train(arrays, dict(task.config))
-            new_arrays, num_examples, metrics = normalise_train_output(output)
+            if isinstance(model, ModelUnusable):
+                raise model
+            reference = {k: v.copy() for k, v in model.items()}
+            output = self.train(model, dict(task.config))
+            new_arrays, num_examples, metrics = normalise_train_output(output, reference)
+            result = ResultMessage(reply, True, num_examples, metrics, arrays=new_arrays)
+            return encode_result_frames(result), result
         except Exception as exc:  # the data owner's code: report type and message only
             log.warning(
                 "train.failed",
@@ -254,5 +324,5 @@ class DatasiteRunner:
                 error_type=type(exc).__name__,
                 error=str(exc)[:500],
             )
-            return ResultMessage(reply, False, 0, {}, type(exc).__name__, str(exc)[:2000])
-        return ResultMessage(reply, True, num_examples, metrics, arrays=new_arrays)
+            failed = ResultMessage(reply, False, 0, {}, type(exc).__name__, str(exc)[:2000])
+            return encode_result_frames(failed), failed
