@@ -17,6 +17,7 @@ import tomli_w
 from fl_orchestrator.cli import daemon_main
 from fl_orchestrator.config import EX_CONFIG, ConfigError, JobConfig, config_from_table, load_config
 from fl_orchestrator.config.loader import _check_config_value
+from fl_orchestrator.config.render import config_to_table
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "config" / "example.toml"
@@ -835,10 +836,10 @@ def test_cli_check_demo(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["syftbox"]["root"] == str(DEMO.parent.resolve() / "syftbox")
 
 
-def test_resolved_config_dict_renders_bytes_as_hex(tmp_path: Path) -> None:
+def test_config_to_table_renders_bytes_as_hex(tmp_path: Path) -> None:
     table = variant({"job.train_config": {"key": b"\x01\xab", "keys": [b"\x00"]}})
     config = config_from_table(table, base_dir=tmp_path)
-    data = daemon_main.resolved_config_dict(config)
+    data = config_to_table(config)
     assert data["job"]["train_config"] == {"key": "01ab", "keys": ["00"]}
     json.dumps(data)
 

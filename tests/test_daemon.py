@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fl_orchestrator.config import load_config
+from fl_orchestrator.config.render import config_to_table
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
 from fl_orchestrator.shell.daemon import EXIT_DONE, EXIT_JOB_FAILED, Daemon
 from fl_orchestrator.wire.layout import JobLayout
@@ -161,3 +162,14 @@ async def test_watcher_detects_results_quickly(tmp_path: Path) -> None:
     (line,) = metrics_lines(daemon)
     assert line["collect_seconds"] < 5.0
     assert os.path.exists(line["model_path"])
+
+
+async def test_the_effective_config_is_written_beside_the_state_and_reloads_identically(
+    tmp_path: Path,
+) -> None:
+    job = write_job(tmp_path, job_table(3, job={"num_rounds": 1, "train_config": {"lr": 0.5, "tags": ["a"]}}))
+    daemon = await run_federation(job, [scripted_train(i) for i in range(3)])
+    effective = daemon.state_dir / "effective-config.toml"
+    reloaded = load_config(effective)
+    original = load_config(job)
+    assert config_to_table(reloaded, for_toml=True) == config_to_table(original, for_toml=True)

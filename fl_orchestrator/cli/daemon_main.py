@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ import anyio
 import structlog
 
 from fl_orchestrator import __version__
-from fl_orchestrator.config import EX_CONFIG, ConfigError, JobConfig, load_config
+from fl_orchestrator.config import EX_CONFIG, ConfigError, load_config
+from fl_orchestrator.config.render import config_to_table
 from fl_orchestrator.logs import LoggingSetupError, configure_logging, resolve_logging
 from fl_orchestrator.service.sdnotify import SystemdNotifier
 from fl_orchestrator.shell.daemon import EXIT_SOFTWARE, Daemon
@@ -48,24 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolved_config_dict(config: JobConfig) -> dict[str, Any]:
-    """The config as plain JSON-able data, paths and all."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, bytes):
-            return value.hex()
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    result: dict[str, Any] = plain(asdict(config))
-    return result
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -81,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.check:
-        print(json.dumps(resolved_config_dict(config), indent=2, sort_keys=True))
+        print(json.dumps(config_to_table(config), indent=2, sort_keys=True))
         return 0
     configure_logging(level, fmt)
     log = structlog.get_logger("fl_orchestrator.main")

@@ -22,10 +22,12 @@ import structlog
 from anyio.abc import ObjectReceiveStream
 
 from fl_orchestrator.aggregation.fedavg import make_strategy
+from fl_orchestrator.config.render import config_to_toml
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import Phase, RoundMachine, RoundRules
 from fl_orchestrator.service.sdnotify import SystemdNotifier
+from fl_orchestrator.shell.atomic import atomic_write_text
 from fl_orchestrator.shell.hooks import load_callable
 from fl_orchestrator.shell.intake import FileIdentity, InboundReader
 from fl_orchestrator.shell.intake_loop import IntakeLoop
@@ -185,6 +187,8 @@ class Daemon:
             return True
         self.layout.aggregator_dir.mkdir(parents=True, exist_ok=True)
         self.work.publisher.write_permissions()
+        # Beside the state it produced, so the run can be reproduced exactly.
+        atomic_write_text(self.state_dir / "effective-config.toml", config_to_toml(self.config))
         machine = RoundMachine(rules_from_config(self.config, start.run.run_id))
         if start.checkpoint is None:
             self.work.global_model = initial_model(self.config.model)
