@@ -27,6 +27,7 @@ from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import Phase, RoundMachine, RoundRules
 from fl_orchestrator.service.sdnotify import SystemdNotifier
+from fl_orchestrator.shell.action_log import log_action, log_round_completed
 from fl_orchestrator.shell.atomic import atomic_write_text
 from fl_orchestrator.shell.hooks import load_callable
 from fl_orchestrator.shell.intake import FileIdentity, InboundReader
@@ -35,12 +36,13 @@ from fl_orchestrator.shell.models import ModelStore, initial_model
 from fl_orchestrator.shell.persistence import JobState
 from fl_orchestrator.shell.publisher import Publisher
 from fl_orchestrator.shell.quarantine import Quarantine
+from fl_orchestrator.shell.recording import event_for_record, records_for
 from fl_orchestrator.shell.reports import Reports
 from fl_orchestrator.shell.round_work import RoundWork
 from fl_orchestrator.shell.watcher import PathBatch, watch_job_files
 from fl_orchestrator.state import failpoints
 from fl_orchestrator.state.checkpoints import Checkpoint
-from fl_orchestrator.state.round_log import CloseRecord, DispatchRecord, ResultRecord
+from fl_orchestrator.state.round_log import DispatchRecord, ResultRecord
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import model_spec
 
@@ -232,26 +234,10 @@ class Daemon:
             if isinstance(record, DispatchRecord):
                 machine.replay_dispatch(record.attempt, record.tasks, record.dispatched_at, record.deadline)
                 self.strategy.begin_round(machine.round, self.work.global_model)
-            elif isinstance(record, ResultRecord):
-                identity = FileIdentity(*record.identity)
-                intake.seen[Path(record.path)] = identity
-                await self._feed(
-                    ev.ResultReceived(
-                        now=record.at,
-                        datasite=record.datasite,
-                        round=machine.round,
-                        reply_to=record.reply_to,
-                        ok=record.ok,
-                        num_examples=record.num_examples,
-                        metrics=record.metrics,
-                        error_type=record.error_type,
-                        error_message=record.error_message,
-                        payload=(Path(record.path), None, identity),
-                    ),
-                    reader=reader,
-                )
             else:
-                await self._feed(ev.Tick(record.at))
+                if isinstance(record, ResultRecord):
+                    intake.seen[Path(record.path)] = FileIdentity(*record.identity)
+                await self._feed(event_for_record(record, machine.round), reader=reader)
         self.replaying = False
         current = machine.current
         log.info(
@@ -328,36 +314,10 @@ class Daemon:
 
     async def _log_decisions(self, rnd: int, event: ev.Event, actions: list[ev.Action]) -> None:
         """Append what this event decided to the round log, before any of it takes effect."""
-        counted = any(isinstance(a, (ev.Accept, ev.RecordFailure)) for a in actions)
-        if isinstance(event, ev.ResultReceived) and counted:
-            path, _, identity = event.payload
-            assert event.reply_to is not None
-            record = ResultRecord(
-                attempt=self.machine.attempt_number if self.machine else 0,
-                datasite=event.datasite,
-                reply_to=event.reply_to,
-                ok=event.ok,
-                num_examples=event.num_examples,
-                metrics=dict(event.metrics),
-                error_type=event.error_type,
-                error_message=event.error_message,
-                path=str(path),
-                identity=(identity.inode, identity.size, identity.mtime_ns),
-                at=event.now,
-            )
-            await self.state.append(rnd, record)
-        closed = any(isinstance(a, (ev.Aggregate, ev.AbandonAttempt)) for a in actions)
-        if isinstance(event, ev.Tick) and closed:
-            attempt = next(
-                a for a in actions if isinstance(a, (ev.Aggregate, ev.AbandonAttempt))
-            ).summary.attempt
-            await self.state.append(rnd, CloseRecord(attempt, event.now))
-        for action in actions:
-            if isinstance(action, ev.Dispatch):
-                await self.state.append(
-                    action.round,
-                    DispatchRecord(action.attempt, action.tasks, action.created, action.deadline),
-                )
+        attempt = self.machine.attempt_number if self.machine else 0
+        for record_round, record in records_for(rnd, attempt, event, actions):
+            await self.state.append(record_round, record)
+            if isinstance(record, DispatchRecord):
                 failpoints.hit("dispatch.after_log")
 
     async def _execute(self, action: ev.Action, reader: InboundReader | None = None) -> list[ev.Event]:
@@ -370,38 +330,10 @@ class Daemon:
             if self.intake is not None and not self.replaying:
                 path = action.payload[0]
                 await self.intake.refuse(path, action.datasite, action.reason, action.detail)
-        elif isinstance(action, ev.RecordFailure):
-            log.warning(
-                "result.failed",
-                job=self.job,
-                round=action.round,
-                datasite=action.datasite,
-                error_type=action.error_type,
-                error_message=action.error_message,
-            )
-        elif isinstance(action, ev.AwaitNodes):
-            if not self.replaying:
-                log.warning(
-                    "round.waiting_for_nodes",
-                    job=self.job,
-                    round=action.round,
-                    available=len(action.available),
-                    needed=action.needed,
-                    missing=list(action.missing),
-                    wait_seconds_left=round(action.until - self.clock(), 3),
-                )
-        elif isinstance(action, ev.AbandonAttempt):
-            log.warning(
-                "round.attempt_failed",
-                job=self.job,
-                round=action.summary.round,
-                attempt=action.summary.attempt,
-                reason=action.reason,
-                retry=action.retry,
-                succeeded=list(action.summary.succeeded),
-                failed=action.summary.failed,
-                timed_out=list(action.summary.timed_out),
-            )
+        elif isinstance(action, (ev.RecordFailure, ev.AbandonAttempt)) or (
+            isinstance(action, ev.AwaitNodes) and not self.replaying
+        ):
+            log_action(self.job, action, self.clock)
         elif isinstance(action, ev.Aggregate):
             if self.replaying:
                 self.pending_aggregate = action.summary
@@ -448,22 +380,12 @@ class Daemon:
             machine.records_snapshot(),
         )
         await self.state.save_checkpoint(checkpoint)
-        log.info(
-            "round.completed",
-            job=self.job,
-            round=summary.round,
-            phase="aggregate",
-            sent=len(summary.selected),
-            succeeded=len(summary.succeeded),
-            failed=len(summary.failed),
-            timed_out=len(summary.timed_out),
-            stragglers=list(summary.timed_out),
-            failures=summary.failed,
-            num_examples=summary.num_examples,
-            train_metrics=summary.train_metrics,
-            evaluate_metrics=evaluate,
+        log_round_completed(
+            self.job,
+            summary,
+            evaluate=evaluate,
             collect_seconds=line["collect_seconds"],
-            aggregate_seconds=round(aggregate_seconds, 6),
+            aggregate_seconds=aggregate_seconds,
             model=str(path),
         )
         return [ev.RoundAggregated(self.clock(), summary.round)]

@@ -1,0 +1,76 @@
+"""One log event per machine action that has nothing to do but be reported."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from fl_orchestrator.core import events as ev
+
+log = structlog.get_logger("fl_orchestrator.daemon")
+
+
+def log_action(job: str, action: ev.Action, clock: Callable[[], float]) -> None:
+    """Report RecordFailure, AwaitNodes and AbandonAttempt."""
+    if isinstance(action, ev.RecordFailure):
+        log.warning(
+            "result.failed",
+            job=job,
+            round=action.round,
+            datasite=action.datasite,
+            error_type=action.error_type,
+            error_message=action.error_message,
+        )
+    elif isinstance(action, ev.AwaitNodes):
+        log.warning(
+            "round.waiting_for_nodes",
+            job=job,
+            round=action.round,
+            available=len(action.available),
+            needed=action.needed,
+            missing=list(action.missing),
+            wait_seconds_left=round(action.until - clock(), 3),
+        )
+    elif isinstance(action, ev.AbandonAttempt):
+        log.warning(
+            "round.attempt_failed",
+            job=job,
+            round=action.summary.round,
+            attempt=action.summary.attempt,
+            reason=action.reason,
+            retry=action.retry,
+            succeeded=list(action.summary.succeeded),
+            failed=action.summary.failed,
+            timed_out=list(action.summary.timed_out),
+        )
+
+
+def log_round_completed(
+    job: str,
+    summary: ev.RoundSummary,
+    *,
+    evaluate: dict[str, float],
+    collect_seconds: float,
+    aggregate_seconds: float,
+    model: str,
+) -> None:
+    """The per-round summary line operators tail."""
+    log.info(
+        "round.completed",
+        job=job,
+        round=summary.round,
+        phase="aggregate",
+        sent=len(summary.selected),
+        succeeded=len(summary.succeeded),
+        failed=len(summary.failed),
+        timed_out=len(summary.timed_out),
+        stragglers=list(summary.timed_out),
+        failures=summary.failed,
+        num_examples=summary.num_examples,
+        train_metrics=summary.train_metrics,
+        evaluate_metrics=evaluate,
+        collect_seconds=collect_seconds,
+        aggregate_seconds=round(aggregate_seconds, 6),
+        model=model,
+    )

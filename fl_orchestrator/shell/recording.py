@@ -1,0 +1,74 @@
+"""Between the machine and the round log: what to record, and how to replay it.
+
+Only decisions that cannot be recomputed after a crash are recorded: the
+dispatch (it depended on who was present), each counted result (it depended
+on arrival order) and a close on the deadline (it depended on the clock).
+Replaying those records through a machine restored from the last checkpoint
+reproduces the round exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fl_orchestrator.core import events as ev
+from fl_orchestrator.shell.intake import FileIdentity
+from fl_orchestrator.state.round_log import CloseRecord, DispatchRecord, Record, ResultRecord
+
+
+def records_for(
+    rnd: int, attempt: int, event: ev.Event, actions: list[ev.Action]
+) -> list[tuple[int, Record]]:
+    """The (round, record) pairs that must be durable before these actions take effect."""
+    records: list[tuple[int, Record]] = []
+    counted = any(isinstance(a, (ev.Accept, ev.RecordFailure)) for a in actions)
+    if isinstance(event, ev.ResultReceived) and counted:
+        path, _, identity = event.payload
+        assert event.reply_to is not None
+        result = ResultRecord(
+            attempt=attempt,
+            datasite=event.datasite,
+            reply_to=event.reply_to,
+            ok=event.ok,
+            num_examples=event.num_examples,
+            metrics=dict(event.metrics),
+            error_type=event.error_type,
+            error_message=event.error_message,
+            path=str(path),
+            identity=(identity.inode, identity.size, identity.mtime_ns),
+            at=event.now,
+        )
+        records.append((rnd, result))
+    if isinstance(event, ev.Tick):
+        for action in actions:
+            if isinstance(action, (ev.Aggregate, ev.AbandonAttempt)):
+                records.append((rnd, CloseRecord(action.summary.attempt, event.now)))
+                break
+    for action in actions:
+        if isinstance(action, ev.Dispatch):
+            dispatch = DispatchRecord(action.attempt, action.tasks, action.created, action.deadline)
+            records.append((action.round, dispatch))
+    return records
+
+
+def event_for_record(record: ResultRecord | CloseRecord, rnd: int) -> ev.Event:
+    """The machine event a recorded result or close replays as.
+
+    A replayed result carries no decoded message: the shell re-reads the file,
+    checking it is still the one that was counted.
+    """
+    if isinstance(record, CloseRecord):
+        return ev.Tick(record.at)
+    identity = FileIdentity(*record.identity)
+    return ev.ResultReceived(
+        now=record.at,
+        datasite=record.datasite,
+        round=rnd,
+        reply_to=record.reply_to,
+        ok=record.ok,
+        num_examples=record.num_examples,
+        metrics=record.metrics,
+        error_type=record.error_type,
+        error_message=record.error_message,
+        payload=(Path(record.path), None, identity),
+    )
