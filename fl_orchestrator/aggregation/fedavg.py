@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_orchestrator.aggregation.base import StrategyState, Weights
+from fl_orchestrator.aggregation.base import RoundSkipped, Strategy, StrategyState, Weights
 
 # Elements per block: the float64 slice of the accumulator plus the incoming
 # float32 slice stay inside a typical L2 cache.
@@ -41,13 +41,18 @@ class WeightedSum:
         self.total_weight += weight
         self.count += 1
 
+    def mean64(self) -> Weights:
+        """The weighted mean as flat float64 arrays (what server optimizers step from)."""
+        if self.count == 0:
+            raise RoundSkipped("no results were folded into this round")
+        if self.total_weight <= 0:
+            raise RoundSkipped("every result of this round reported num_examples = 0")
+        return {name: total / self.total_weight for name, total in self.sums.items()}
+
     def mean(self) -> Weights:
         """The weighted mean, cast back to each array's dtype."""
-        if self.total_weight <= 0:
-            raise ValueError("no results were folded into this round")
         out: Weights = {}
-        for name, total in self.sums.items():
-            mean = total / self.total_weight
+        for name, mean in self.mean64().items():
             dtype = self.dtypes[name]
             if dtype.kind in "iub":
                 mean = np.rint(mean)
@@ -99,8 +104,26 @@ class FedAvg:
         """Nothing to restore."""
 
 
-def make_strategy(name: str) -> FedAvg:
-    """The strategy named in job.toml."""
-    if name == "fedavg":
-        return FedAvg()
-    raise ValueError(f"unknown strategy {name!r}")
+class FedProx(FedAvg):
+    """Flower's FedProx: FedAvg on the server; clients add (mu/2)·||w - w_t||² to their loss.
+
+    The server's only part is to send ``proximal-mu`` in every round's config.
+    """
+
+    name = "fedprox"
+
+    def __init__(self, proximal_mu: float = 0.0) -> None:
+        super().__init__()
+        self.proximal_mu = float(proximal_mu)
+
+    def round_config(self, rnd: int) -> dict[str, Any]:
+        """Tell the clients the proximal term's weight, under Flower's key."""
+        return {"proximal-mu": self.proximal_mu}
+
+
+def make_strategy(name: str) -> Strategy:
+    """The strategy named in job.toml, with default parameters (see registry.build_strategy)."""
+    # Imported here: the registry imports this module.
+    from fl_orchestrator.aggregation.registry import build_strategy
+
+    return build_strategy(name)

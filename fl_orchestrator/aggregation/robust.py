@@ -1,0 +1,149 @@
+"""Coordinate-wise robust aggregation: FedMedian and FedTrimmedAvg (Yin et al. 2018).
+
+These need every result at once, so they are whole-set strategies
+(``streaming = False``). They never stack N whole models: each array is read
+in chunks of ``chunk_elements`` elements across the N updates (see chunks.py),
+so updates may be ``np.memmap`` views over the result files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fl_orchestrator.aggregation.base import RoundSkipped, StrategyState, Weights
+from fl_orchestrator.aggregation.chunks import (
+    CHUNK_ELEMENTS,
+    Layout,
+    check_updates,
+    empty_model,
+    layout_of,
+    ranges,
+    shaped,
+    stack_block,
+    to_dtype,
+)
+
+
+class WholeSetStrategy:
+    """Collects the round's updates, then aggregates them all in ``finish``.
+
+    The shell's memory-frugal path is ``aggregate_all`` with updates that are
+    memmap views over the result files. ``fold`` also works, but it keeps a
+    reference to every folded update until ``finish``, so in-memory updates
+    then cost N models of memory.
+    """
+
+    name = "whole-set"
+    streaming = False
+
+    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        if chunk_elements < 1:
+            raise ValueError("chunk_elements must be at least 1")
+        self.chunk_elements = chunk_elements
+        self._layout: Layout | None = None
+        self._updates: list[Mapping[str, np.ndarray]] = []
+        self._num_examples: list[int] = []
+
+    def begin_round(self, rnd: int, global_model: Mapping[str, np.ndarray]) -> None:
+        """Forget the previous round's updates; take the output layout from the model sent."""
+        self._layout = layout_of(global_model)
+        self._updates, self._num_examples = [], []
+
+    def fold(self, update: Mapping[str, np.ndarray], num_examples: int) -> None:
+        """Keep a reference to one result until ``finish``."""
+        self.aggregate_all([update], [num_examples])
+
+    def aggregate_all(self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int]) -> None:
+        """Take results (references only; nothing is read until ``finish``)."""
+        if self._layout is None:
+            raise RuntimeError("aggregate_all before begin_round")
+        if len(updates) != len(num_examples):
+            raise ValueError("updates and num_examples differ in length")
+        check_updates(updates, self._layout)
+        self._updates.extend(updates)
+        self._num_examples.extend(int(n) for n in num_examples)
+
+    def finish(self) -> Weights:
+        """Aggregate every collected result; raise RoundSkipped when there are too few."""
+        if self._layout is None:
+            raise RuntimeError("finish before begin_round")
+        if not self._updates:
+            raise RoundSkipped("no results were collected this round")
+        result = self._aggregate(self._updates, self._num_examples, self._layout)
+        self._updates, self._num_examples = [], []
+        return result
+
+    def round_config(self, rnd: int) -> dict[str, Any]:
+        """Nothing extra is sent."""
+        return {}
+
+    def state_dict(self) -> StrategyState:
+        """No state survives a round."""
+        return {}
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        """Nothing to restore."""
+
+    def _aggregate(
+        self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int], layout: Layout
+    ) -> Weights:
+        raise NotImplementedError
+
+    def _reduce_chunks(self, updates: Sequence[Mapping[str, np.ndarray]], layout: Layout) -> Weights:
+        """Apply ``self._reduce`` to every (N, chunk) block and assemble the model."""
+        out = empty_model(layout)
+        for name, spec in layout.items():
+            for start, stop in ranges(spec.size, self.chunk_elements):
+                block = stack_block(updates, name, start, stop)
+                out[name][start:stop] = to_dtype(self._reduce(block), spec.dtype)
+        return shaped(out, layout)
+
+    def _reduce(self, block: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class FedMedian(WholeSetStrategy):
+    """Coordinate-wise median of the results, unweighted (Yin et al. 2018)."""
+
+    name = "fedmedian"
+
+    def _aggregate(
+        self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int], layout: Layout
+    ) -> Weights:
+        return self._reduce_chunks(updates, layout)
+
+    def _reduce(self, block: np.ndarray) -> np.ndarray:
+        return np.asarray(np.median(block, axis=0))
+
+
+def trimmed_mean(block: np.ndarray, beta: float) -> np.ndarray:
+    """Mean over axis 0 after dropping int(beta·n) values at each end, per column."""
+    n = block.shape[0]
+    cut = int(beta * n)
+    if cut == 0:
+        return np.asarray(block.mean(axis=0))
+    kept = np.partition(block, (cut, n - cut - 1), axis=0)[cut : n - cut]
+    return np.asarray(kept.mean(axis=0))
+
+
+class FedTrimmedAvg(WholeSetStrategy):
+    """Coordinate-wise trimmed mean, unweighted: cut int(beta·n) from each end."""
+
+    name = "fedtrimmedavg"
+
+    def __init__(self, beta: float = 0.2, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        super().__init__(chunk_elements)
+        if not 0.0 <= beta < 0.5:
+            raise ValueError("beta must be in [0, 0.5)")
+        self.beta = float(beta)
+
+    def _aggregate(
+        self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int], layout: Layout
+    ) -> Weights:
+        return self._reduce_chunks(updates, layout)
+
+    def _reduce(self, block: np.ndarray) -> np.ndarray:
+        return trimmed_mean(block, self.beta)
