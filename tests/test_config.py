@@ -256,7 +256,7 @@ def test_wrong_type(
     [
         ({"logging.level": "INFO"}, "logging.level", "'INFO'", "one of 'debug', 'info', 'warning', 'error'"),
         ({"logging.format": "xml"}, "logging.format", "'xml'", "one of 'auto', 'json', 'console'"),
-        ({"strategy.name": "fedprox"}, "strategy.name", "'fedprox'", "one of 'fedavg'"),
+        ({"strategy.name": "fedprux"}, "strategy.name", "'fedprux'", "one of fedavg, fedprox"),
         ({"model.source": "hub"}, "model.source", "'hub'", "one of 'random', 'checkpoint'"),
         ({"model.arrays.w.dtype": "int8"}, "model.arrays.w.dtype", "'int8'", "one of 'float32', 'float64'"),
         ({"model.arrays.w.init": "ones"}, "model.arrays.w.init", "'ones'", "one of 'zeros', 'normal'"),

@@ -31,6 +31,8 @@ def schema_keys() -> dict[str, set[str]]:
             continue
         section_type = hints[field.name]
         keys = {f.name for f in dataclasses.fields(section_type)}
+        if "params" in keys:
+            keys = (keys - {"params"}) | {"<parameter>"}
         if section_type.__name__ == "ModelSection":
             keys.discard("arrays")
             keys |= {f"arrays.<name>.{f.name}" for f in dataclasses.fields(ArraySpec)}

@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fl_orchestrator.config.schema import JobConfig
+from fl_orchestrator.config.schema import JobConfig, StrategySection
 
 EX_CONFIG = 78
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
@@ -79,7 +79,12 @@ def _build(cls: type[Any], table: object, prefix: str, base_dir: Path) -> Any:
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise ConfigError(prefix + key, table[key], f"no such key; known keys: {', '.join(fields)}{hint}")
     hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
+    if cls is JobConfig and "strategy" in table:
+        table = dict(table)
+        strategy = _build_strategy(table.pop("strategy"))
+    else:
+        strategy = None
+    values: dict[str, Any] = {} if strategy is None else {"strategy": strategy}
     for name, fld in fields.items():
         key = prefix + name
         if name not in table:
@@ -91,6 +96,35 @@ def _build(cls: type[Any], table: object, prefix: str, base_dir: Path) -> Any:
             continue
         values[name] = _convert(hints[name], table[name], key, base_dir, fld.metadata)
     return cls(**values)
+
+
+def _build_strategy(table: object) -> StrategySection:
+    """[strategy]: a name plus that strategy's own parameters as flat keys."""
+    from fl_orchestrator.aggregation.registry import STRATEGIES, check_params
+
+    if not isinstance(table, dict):
+        raise ConfigError("strategy", table, "a table")
+    params = dict(table)
+    name = params.pop("name", "fedavg")
+    if not isinstance(name, str):
+        raise ConfigError("strategy.name", name, "a string")
+    if ":" in name:
+        if not _IMPORT_STRING.fullmatch(name):
+            raise ConfigError("strategy.name", name, "a built-in name or 'package.module:Class'")
+        checked = {k: _check_config_value(v, f"strategy.{k}") for k, v in params.items()}
+        error = check_params(name, checked)
+        if error:
+            raise ConfigError("strategy.name", name, f"a loadable strategy class ({error})")
+        return StrategySection(name, checked)
+    info = STRATEGIES.get(name)
+    if info is None:
+        raise ConfigError("strategy.name", name, f"one of {', '.join(STRATEGIES)} or 'package.module:Class'")
+    built = _build(info.params_type, params, "strategy.", Path("."))
+    error = check_params(name, built)
+    if error:
+        raise ConfigError("strategy", name, f"valid parameters: {error}")
+    values = {f.name: getattr(built, f.name) for f in dataclasses.fields(built)}
+    return StrategySection(name, values)
 
 
 def _convert(tp: Any, value: object, key: str, base_dir: Path, meta: Any) -> Any:
@@ -201,6 +235,13 @@ def _check_cross_fields(config: JobConfig) -> None:
             "syftbox.aggregator_email", box.aggregator_email, "an email not among the datasites"
         )
     n = len(box.datasites)
+    needed = _min_results(config)
+    if job.min_train_nodes < needed:
+        raise ConfigError(
+            "job.min_train_nodes",
+            job.min_train_nodes,
+            f"at least {needed}: strategy {config.strategy.name} needs that many results per round",
+        )
     if job.min_available_nodes > n:
         raise ConfigError(
             "job.min_available_nodes", job.min_available_nodes, f"at most the {n} listed datasites"
@@ -242,3 +283,11 @@ def _check_cross_fields(config: JobConfig) -> None:
     for name in model.arrays:
         if not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,128}", name) or ".." in name:
             raise ConfigError(f"model.arrays.{name}", name, "an array name of [A-Za-z0-9_.:/-]")
+
+
+def _min_results(config: JobConfig) -> int:
+    from fl_orchestrator.aggregation.registry import STRATEGIES, min_results
+
+    if config.strategy.name not in STRATEGIES:
+        return 1
+    return min_results(config.strategy.name, dict(config.strategy.params))

@@ -30,6 +30,9 @@ def config_to_table(config: JobConfig, *, for_toml: bool = False) -> dict[str, A
         return value
 
     table: dict[str, Any] = plain(asdict(config))
+    # Strategy parameters are flat keys of [strategy] in a job file.
+    strategy = table["strategy"]
+    strategy.update(strategy.pop("params"))
     if for_toml:
         table.pop("source_path", None)
     return table

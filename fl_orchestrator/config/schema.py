@@ -121,7 +121,10 @@ class ModelSection:
 class StrategySection:
     """How results become the next global model."""
 
-    name: str = field(default="fedavg", metadata=spec("aggregation strategy", choices=("fedavg",)))
+    name: str = field(default="fedavg", metadata=spec("a built-in strategy or 'package.module:Class'"))
+    params: dict[str, Any] = field(
+        default_factory=dict, metadata=spec("the strategy's parameters, as flat keys of [strategy]")
+    )
 
 
 @dataclass(frozen=True)

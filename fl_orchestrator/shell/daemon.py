@@ -21,7 +21,8 @@ import anyio
 import structlog
 from anyio.abc import ObjectReceiveStream
 
-from fl_orchestrator.aggregation.fedavg import make_strategy
+from fl_orchestrator.aggregation.base import Strategy
+from fl_orchestrator.aggregation.registry import build_strategy
 from fl_orchestrator.config.render import config_to_toml
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
@@ -110,7 +111,9 @@ class Daemon:
             config,
             publisher=Publisher(self.layout, config.syftbox.datasites),
             store=self.store,
-            strategy=make_strategy(config.strategy.name),
+            strategy=build_strategy(
+                config.strategy.name, dict(config.strategy.params), seed=config.job.selection_seed
+            ),
             evaluate=evaluate,
             clock=clock,
         )
@@ -123,7 +126,7 @@ class Daemon:
         self.pending_aggregate: ev.RoundSummary | None = None
 
     @property
-    def strategy(self) -> Any:
+    def strategy(self) -> Strategy:
         """The job's aggregation strategy."""
         return self.work.strategy
 

@@ -6,6 +6,7 @@ intake and timers keep turning while a model is folded or written.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +16,14 @@ import anyio
 import numpy as np
 import structlog
 
-from fl_orchestrator.aggregation.base import Strategy
+from fl_orchestrator.aggregation.base import RoundSkipped, Strategy
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused
 from fl_orchestrator.shell.models import ModelStore
 from fl_orchestrator.shell.publisher import Broadcast, Publisher
 from fl_orchestrator.state import failpoints
+from fl_orchestrator.wire.frames import FrameLimits, decode_arrays, decode_header
 from fl_orchestrator.wire.layout import FileKind
 from fl_orchestrator.wire.messages import ResultMessage
 
@@ -57,6 +59,8 @@ class RoundWork:
         self.global_model: dict[str, np.ndarray] = {}
         self.broadcast: Broadcast | None = None
         self.last_evaluate: dict[str, float] = {}
+        # Whole-set strategies: accepted results stay on disk until the round closes.
+        self.accepted_files: list[tuple[Path, int, FileIdentity]] = []
 
     async def dispatch(self, action: ev.Dispatch, *, begin: bool = True) -> None:
         """Write the round's model (once) and its tasks; start a fresh aggregate if ``begin``."""
@@ -68,6 +72,7 @@ class RoundWork:
         failpoints.hit("dispatch.after_model")
         if begin:
             self.strategy.begin_round(action.round, self.global_model)
+            self.accepted_files = []
         config: dict[str, Any] = dict(self.config.job.train_config)
         config.update(self.strategy.round_config(action.round))
         config["server-round"] = action.round
@@ -96,6 +101,18 @@ class RoundWork:
         """Fold one accepted result; re-read it from disk if it was counted before a restart."""
         path, message, identity = action.payload
         started = time.perf_counter()
+        if not self.strategy.streaming:
+            self.accepted_files.append((path, action.num_examples, identity))
+            log.info(
+                "result.accepted",
+                job=self.job,
+                round=action.round,
+                datasite=action.datasite,
+                num_examples=action.num_examples,
+                metrics=message.metrics if message is not None else None,
+                path=str(path),
+            )
+            return
         if message is None:
             assert reader is not None
             message = await anyio.to_thread.run_sync(self._reread, reader, path, action.datasite, identity)
@@ -129,11 +146,24 @@ class RoundWork:
         started = time.perf_counter()
         failpoints.hit("aggregate.before_finish")
         with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
-            new_model = await anyio.to_thread.run_sync(self.strategy.finish, abandon_on_cancel=True)
+            new_model = await anyio.to_thread.run_sync(self._finish, summary.round, abandon_on_cancel=True)
             path = await anyio.to_thread.run_sync(self.store.save, summary.round, new_model)
         failpoints.hit("aggregate.after_model_saved")
         self.global_model = new_model
         return path, time.perf_counter() - started
+
+    def _finish(self, rnd: int) -> dict[str, np.ndarray]:
+        """The next global model; the current one if the strategy skips the round."""
+        if not self.strategy.streaming:
+            updates = [map_result(path, identity) for path, _, identity in self.accepted_files]
+            self.strategy.aggregate_all(updates, [n for _, n, _ in self.accepted_files])
+        try:
+            return self.strategy.finish()
+        except RoundSkipped as exc:
+            log.warning("round.skipped", job=self.job, round=rnd, reason=str(exc), model="unchanged")
+            return self.global_model
+        finally:
+            self.accepted_files = []
 
     async def evaluate(self, rnd: int) -> dict[str, float]:
         """Central evaluation of the current global model, bounded by its timeout."""
@@ -174,3 +204,21 @@ class RoundWork:
         )
         self.last_evaluate = metrics
         return metrics
+
+
+_MAP_LIMITS = FrameLimits(max_header_bytes=64 * 1024 * 1024, max_elements=2**34)
+
+
+def map_result(path: Path, identity: FileIdentity) -> dict[str, np.ndarray]:
+    """A counted result's arrays as read-only views over the mapped file.
+
+    Whole-set strategies read these chunk by chunk, so memory holds chunks of
+    N results rather than N models. The file was validated when it was
+    counted; its inode and size must still be the same.
+    """
+    info = os.stat(path, follow_symlinks=False)
+    if (info.st_ino, info.st_size) != (identity.inode, identity.size):
+        raise ResultGone(f"{path} changed since it was counted")
+    mapped = memoryview(np.memmap(path, dtype=np.uint8, mode="r").data)
+    header, offset = decode_header(mapped, _MAP_LIMITS)
+    return decode_arrays(mapped, offset, header.get("arrays"), _MAP_LIMITS)
