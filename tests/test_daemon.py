@@ -173,3 +173,43 @@ async def test_the_effective_config_is_written_beside_the_state_and_reloads_iden
     reloaded = load_config(effective)
     original = load_config(job)
     assert config_to_table(reloaded, for_toml=True) == config_to_table(original, for_toml=True)
+
+
+async def test_configure_round_and_metrics_aggregation_hooks(tmp_path: Path) -> None:
+    from fl_orchestrator.wire.frames import FrameLimits
+    from fl_orchestrator.wire.messages import TaskMessage, decode_message
+
+    from support import hooks
+
+    hooks.SEEN.clear()
+    table = job_table(
+        3,
+        job={
+            "num_rounds": 2,
+            "configure_round": "support.hooks:decaying_lr",
+            "metrics_aggregation": "support.hooks:largest_loss",
+        },
+    )
+    daemon = await run_federation(write_job(tmp_path, table), [scripted_train(i) for i in range(3)])
+    assert daemon.exit_code == EXIT_DONE
+    assert [rnd for rnd, _ in hooks.SEEN] == [1, 2]
+    assert hooks.SEEN[0][1] == {}
+    assert hooks.SEEN[1][1]["round"] == 1 and hooks.SEEN[1][1]["train"] == {"max_loss": 1.0, "reporters": 3.0}
+    configs = {}
+    for task_file in daemon.layout.tasks_dir("ds0@example.org").glob("*.task"):
+        task = decode_message(
+            task_file.read_bytes(), expect_kind="task", expect_job="testjob", limits=FrameLimits()
+        )
+        assert isinstance(task, TaskMessage)
+        configs[task.config["server-round"]] = task.config
+    assert configs[1]["lr"] == 1.0 and configs[2]["lr"] == 0.5
+    assert [line["train_metrics"] for line in metrics_lines(daemon)] == [
+        {"max_loss": 1.0, "reporters": 3.0}
+    ] * 2
+
+
+async def test_a_configure_round_that_returns_junk_fails_the_job_with_its_reason(tmp_path: Path) -> None:
+    table = job_table(3, job={"configure_round": "support.hooks:bad_schedule"})
+    daemon = await run_federation(write_job(tmp_path, table), [scripted_train(i) for i in range(3)])
+    assert daemon.exit_code == EXIT_JOB_FAILED
+    assert "job.configure_round failed for round 1" in (daemon.failure_reason or "")

@@ -111,7 +111,7 @@ def _build_strategy(table: object) -> StrategySection:
     if ":" in name:
         if not _IMPORT_STRING.fullmatch(name):
             raise ConfigError("strategy.name", name, "a built-in name or 'package.module:Class'")
-        checked = {k: _check_config_value(v, f"strategy.{k}") for k, v in params.items()}
+        checked = {k: check_config_value(v, f"strategy.{k}") for k, v in params.items()}
         error = check_params(name, checked)
         if error:
             raise ConfigError("strategy.name", name, f"a loadable strategy class ({error})")
@@ -176,7 +176,7 @@ def _convert(tp: Any, value: object, key: str, base_dir: Path, meta: Any) -> Any
         item_type = args[1]
         if isinstance(item_type, type) and dataclasses.is_dataclass(item_type):
             return {k: _build(item_type, v, f"{key}.{k}.", base_dir) for k, v in value.items()}
-        return {k: _check_config_value(v, f"{key}.{k}") for k, v in value.items()}
+        return {k: check_config_value(v, f"{key}.{k}") for k, v in value.items()}
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a schema bug, not user input
 
 
@@ -204,7 +204,8 @@ def _check_string(value: str, key: str, meta: Any) -> None:
         raise ConfigError(key, value, f"an import string 'package.module:function' ({doc})")
 
 
-def _check_config_value(value: object, key: str) -> object:
+def check_config_value(value: object, key: str) -> object:
+    """Check one value a config table may send to datasites; raise ConfigError if it cannot be sent."""
     if isinstance(value, _CONFIG_SCALARS):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(key, value, "a finite number")

@@ -72,6 +72,21 @@ class JobSection:
     train_config: dict[str, ConfigValue] = field(
         default_factory=dict, metadata=spec("values sent to every datasite each round")
     )
+    configure_round: str | None = field(
+        default=None,
+        metadata=spec(
+            "'package.module:function' (round, previous metrics) -> config merged over train_config",
+            import_string=True,
+        ),
+    )
+    metrics_aggregation: str | None = field(
+        default=None,
+        metadata=spec(
+            "'package.module:function' [(num_examples, metrics), ...] -> metrics;"
+            " default: mean weighted by num_examples",
+            import_string=True,
+        ),
+    )
 
 
 @dataclass(frozen=True)

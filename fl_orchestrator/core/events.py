@@ -149,6 +149,8 @@ class RoundSummary:
     train_seconds: dict[str, float]
     num_examples: int
     train_metrics: Metrics
+    metrics_by_datasite: dict[str, Metrics] = field(default_factory=dict)
+    examples_by_datasite: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,8 @@ class RoundMachine:
             train_seconds=dict(sorted(current.succeeded.items())),
             num_examples=total,
             train_metrics=weighted_metrics(current.metrics, current.num_examples),
+            metrics_by_datasite={d: dict(m) for d, m in sorted(current.metrics.items())},
+            examples_by_datasite=dict(sorted(current.num_examples.items())),
         )
 
     def _close(self, now: float) -> list[Action]:

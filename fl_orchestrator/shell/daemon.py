@@ -39,7 +39,7 @@ from fl_orchestrator.shell.publisher import Publisher
 from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.recording import event_for_record, records_for
 from fl_orchestrator.shell.reports import Reports
-from fl_orchestrator.shell.round_work import RoundWork
+from fl_orchestrator.shell.round_work import HookFailed, RoundWork
 from fl_orchestrator.shell.watcher import PathBatch, watch_job_files
 from fl_orchestrator.state import failpoints
 from fl_orchestrator.state.checkpoints import Checkpoint
@@ -104,9 +104,15 @@ class Daemon:
             retry_seconds=config.state.write_retry_seconds,
         )
         self.quarantine = Quarantine(self.state_dir / "quarantine")
-        evaluate = None
+        evaluate = configure_round = metrics_aggregation = None
         if config.evaluate.global_evaluate:
             evaluate = load_callable(config.evaluate.global_evaluate, what="evaluate.global_evaluate")
+        if config.job.configure_round:
+            configure_round = load_callable(config.job.configure_round, what="job.configure_round")
+        if config.job.metrics_aggregation:
+            metrics_aggregation = load_callable(
+                config.job.metrics_aggregation, what="job.metrics_aggregation"
+            )
         self.work = RoundWork(
             config,
             publisher=Publisher(self.layout, config.syftbox.datasites),
@@ -116,6 +122,8 @@ class Daemon:
             ),
             evaluate=evaluate,
             clock=clock,
+            configure_round=configure_round,
+            metrics_aggregation=metrics_aggregation,
         )
         self.machine: RoundMachine | None = None
         self.intake: IntakeLoop | None = None
@@ -209,6 +217,9 @@ class Daemon:
             self.strategy.load_state_dict(start.checkpoint.strategy_state)
             machine.restore_records(start.checkpoint.records)
             machine.round = completed + 1
+            lines = self.reports.round_lines()
+            if lines and lines[-1].get("round") == completed:
+                self.work.previous_metrics = previous_metrics_of(lines[-1])
         self.machine = machine
         log.info(
             "job.started" if start.checkpoint is None else "job.resumed",
@@ -326,7 +337,10 @@ class Daemon:
     async def _execute(self, action: ev.Action, reader: InboundReader | None = None) -> list[ev.Event]:
         if isinstance(action, ev.Dispatch):
             if not self.replaying:
-                await self.work.dispatch(action)
+                try:
+                    await self.work.dispatch(action)
+                except HookFailed as exc:
+                    await self._fail_job(str(exc))
         elif isinstance(action, ev.Accept):
             await self.work.fold(action, reader)
         elif isinstance(action, ev.Reject):
@@ -353,11 +367,14 @@ class Daemon:
                 evaluate_metrics=self.work.last_evaluate,
             )
         elif isinstance(action, ev.JobFailed):
-            self.failure_reason = action.reason
-            await self.state.finish("failed", action.reason)
-            self.exit_code = EXIT_JOB_FAILED
-            log.error("job.failed", job=self.job, reason=action.reason)
+            await self._fail_job(action.reason)
         return []
+
+    async def _fail_job(self, reason: str) -> None:
+        self.failure_reason = reason
+        await self.state.finish("failed", reason)
+        self.exit_code = EXIT_JOB_FAILED
+        log.error("job.failed", job=self.job, reason=reason)
 
     async def _aggregate(self, summary: ev.RoundSummary) -> list[ev.Event]:
         machine = self.machine
@@ -368,12 +385,14 @@ class Daemon:
             log.exception("round.aggregation_failed", job=self.job, round=summary.round)
             return [ev.AggregationFailed(self.clock(), summary.round, f"{type(exc).__name__}: {exc}")]
         self.final_model_path = path
+        summary = self.work.aggregate_metrics(summary)
         evaluate = await self.work.evaluate(summary.round)
         line = await anyio.to_thread.run_sync(
             lambda: self.reports.append_round(
                 summary, evaluate=evaluate, aggregate_seconds=aggregate_seconds, model_path=path
             )
         )
+        self.work.previous_metrics = previous_metrics_of(line)
         assert self.state.run is not None
         checkpoint = Checkpoint(
             summary.round,
@@ -405,3 +424,12 @@ class Daemon:
             self.reports.write_status(self.machine, now=self.clock(), state=state, extra=extra)
         except OSError as exc:
             log.error("status.write_failed", path=str(self.reports.status_path), error=exc.strerror)
+
+
+def previous_metrics_of(line: dict[str, Any]) -> dict[str, Any]:
+    """What configure_round receives about the round before: from its metrics line."""
+    return {
+        "round": line.get("round"),
+        "train": dict(line.get("train_metrics") or {}),
+        "evaluate": dict(line.get("evaluate_metrics") or {}),
+    }

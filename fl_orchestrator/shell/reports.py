@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +18,24 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux), or None if unknown.
+
+    Written beside the pid in status.json so `fl-orchestrator status` can tell the
+    daemon from an unrelated process that was later given the same pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
+    except (IndexError, ValueError):
+        return None
+
+
 class Reports:
     """status.json, rewritten atomically on every transition; metrics.jsonl, one line a round."""
 
@@ -25,43 +44,64 @@ class Reports:
         self.job = job
         self.status_path = state_dir / STATUS_FILE
         self.metrics_path = state_dir / METRICS_FILE
+        self._host = socket.gethostname()
+        self._pid = os.getpid()
+        self._pid_start_ticks = process_start_ticks(self._pid)
 
     def write_status(
         self, machine: RoundMachine, *, now: float, state: str, extra: dict[str, Any] | None = None
     ) -> None:
-        """Snapshot the machine for `fl-orchestrator status`."""
+        """Snapshot the machine for `fl-orchestrator status`.
+
+        Times (`deadline`, `dispatched_at`, `updated`, each datasite's `last_seen`) are
+        the daemon clock's epoch seconds. `deadline` ends the open attempt while
+        training and the wait for datasites while waiting for them. `host`, `pid` and
+        `pid_start_ticks` identify the writing process, so a reader can tell whether
+        it is still alive.
+        """
         current = machine.current
         status: dict[str, Any] = {
             "job": self.job,
+            "run_id": machine.rules.run_id,
             "state": state,
             "phase": str(machine.phase),
             "round": min(machine.round, machine.rules.num_rounds),
             "num_rounds": machine.rules.num_rounds,
             "attempt": current.attempt if current else None,
+            "dispatched_at": current.dispatched_at if current else None,
             "deadline": current.deadline if current else machine.wait_until,
             "selected": sorted(current.tasks) if current else [],
             "answered": sorted(current.answered()) if current else [],
+            "attempt_failures": dict(sorted(current.failed.items())) if current else {},
             "updated": now,
-            "pid": os.getpid(),
+            "pid": self._pid,
+            "pid_start_ticks": self._pid_start_ticks,
+            "host": self._host,
             "datasites": {name: asdict(record) for name, record in machine.records.items()},
         }
         if extra:
             status.update(extra)
         atomic_write_text(self.status_path, json.dumps(status, sort_keys=True), durable=False)
 
-    def logged_rounds(self) -> set[int]:
-        """Rounds that already have a metrics line."""
+    def round_lines(self) -> list[dict[str, Any]]:
+        """Every intact metrics line, in order (a torn last line from a crash is skipped)."""
         try:
             text = self.metrics_path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return set()
-        rounds = set()
-        for line in text.splitlines():
+            return []
+        lines = []
+        for raw in text.splitlines():
             try:
-                rounds.add(int(json.loads(line)["round"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line from a crash
-        return rounds
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(line, dict) and isinstance(line.get("round"), int):
+                lines.append(line)
+        return lines
+
+    def logged_rounds(self) -> set[int]:
+        """Rounds that already have a metrics line."""
+        return {int(line["round"]) for line in self.round_lines()}
 
     def append_round(
         self,

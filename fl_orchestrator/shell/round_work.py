@@ -6,6 +6,7 @@ intake and timers keep turning while a model is folded or written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import numpy as np
 import structlog
 
 from fl_orchestrator.aggregation.base import RoundSkipped, Strategy
+from fl_orchestrator.config.loader import ConfigError, check_config_value
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused
@@ -36,6 +38,14 @@ class ResultGone(Exception):
     """A result counted before a restart can no longer be read as it was."""
 
 
+class HookFailed(Exception):
+    """A user hook (configure_round, metrics_aggregation) raised or returned something unusable."""
+
+
+ConfigureRound = Callable[[int, dict[str, Any]], Any]
+MetricsAggregation = Callable[[list[tuple[int, dict[str, float]]]], Any]
+
+
 class RoundWork:
     """Carries out Dispatch, Accept and Aggregate for the daemon."""
 
@@ -48,6 +58,8 @@ class RoundWork:
         strategy: Strategy,
         evaluate: Evaluate | None,
         clock: Callable[[], float],
+        configure_round: ConfigureRound | None = None,
+        metrics_aggregation: MetricsAggregation | None = None,
     ) -> None:
         self.config = config
         self.job = config.job.name
@@ -55,7 +67,11 @@ class RoundWork:
         self.store = store
         self.strategy = strategy
         self.evaluate_hook = evaluate
+        self.configure_round_hook = configure_round
+        self.metrics_hook = metrics_aggregation
         self.clock = clock
+        # What configure_round sees: the last completed round's metrics.
+        self.previous_metrics: dict[str, Any] = {}
         self.global_model: dict[str, np.ndarray] = {}
         self.broadcast: Broadcast | None = None
         self.last_evaluate: dict[str, float] = {}
@@ -73,9 +89,7 @@ class RoundWork:
         if begin:
             self.strategy.begin_round(action.round, self.global_model)
             self.accepted_files = []
-        config: dict[str, Any] = dict(self.config.job.train_config)
-        config.update(self.strategy.round_config(action.round))
-        config["server-round"] = action.round
+        config = self.round_config(action.round)
         broadcast = self.broadcast
         task_bytes = await anyio.to_thread.run_sync(
             lambda: self.publisher.write_tasks(
@@ -96,6 +110,47 @@ class RoundWork:
             deadline_in_seconds=round(action.deadline - self.clock(), 3),
             dispatch_seconds=round(time.perf_counter() - started, 6),
         )
+
+    def round_config(self, rnd: int) -> dict[str, Any]:
+        """Static train_config, then the strategy's, then configure_round's, then server-round."""
+        config: dict[str, Any] = dict(self.config.job.train_config)
+        config.update(self.strategy.round_config(rnd))
+        if self.configure_round_hook is not None:
+            try:
+                extra = self.configure_round_hook(rnd, dict(self.previous_metrics))
+                if not isinstance(extra, dict):
+                    raise TypeError(f"returned {type(extra).__name__}, not a dict")
+                for key, value in extra.items():
+                    if not isinstance(key, str) or key == "server-round":
+                        raise TypeError(f"key {key!r} cannot be set")
+                    check_config_value(value, f"configure_round[{key!r}]")
+            except (Exception, ConfigError) as exc:
+                raise HookFailed(
+                    f"job.configure_round failed for round {rnd}: {type(exc).__name__}: {exc}"
+                ) from exc
+            config.update(extra)
+        config["server-round"] = rnd
+        return config
+
+    def aggregate_metrics(self, summary: ev.RoundSummary) -> ev.RoundSummary:
+        """Apply job.metrics_aggregation, if set, to the round's per-datasite train metrics."""
+        if self.metrics_hook is None:
+            return summary
+        pairs = [
+            (summary.examples_by_datasite[d], {k: float(v) for k, v in m.items()})
+            for d, m in summary.metrics_by_datasite.items()
+        ]
+        try:
+            merged = {str(k): float(v) for k, v in dict(self.metrics_hook(pairs)).items()}
+        except Exception as exc:  # user code: keep the default aggregate, say why
+            log.error(
+                "metrics_aggregation.failed",
+                job=self.job,
+                round=summary.round,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return summary
+        return dataclasses.replace(summary, train_metrics=merged)
 
     async def fold(self, action: ev.Accept, reader: InboundReader | None = None) -> None:
         """Fold one accepted result; re-read it from disk if it was counted before a restart."""
