@@ -202,3 +202,16 @@ def test_restarting_a_finished_job_reports_it_complete(tmp_path: Path) -> None:
     run = load_run(config.state.state_dir, "testjob")
     assert run is not None and run.status == "done"
     assert not (config.state.state_dir / "models").exists()
+
+
+def test_restarting_a_failed_job_reports_the_failure_and_exits_1(tmp_path: Path) -> None:
+    from fl_orchestrator.shell.daemon import EXIT_JOB_FAILED
+
+    job = write_job(tmp_path, job_table(3))
+    config = load_config(job)
+    state = JobState(config.state.state_dir, "testjob", keep_checkpoints=2, retry_seconds=1)
+    state.start(rerun=False)
+    anyio.run(state.finish, "failed", "round 1 attempt 1: 1 of 2 needed results")
+    daemon = Daemon(config, handle_signals=False)
+    assert anyio.run(daemon.run) == EXIT_JOB_FAILED
+    assert daemon.failure_reason == "round 1 attempt 1: 1 of 2 needed results"

@@ -71,7 +71,7 @@ def _single(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> s
         ("NotifyAccess", "main"),
         ("WatchdogSec", "30"),
         ("Restart", "on-failure"),
-        ("RestartPreventExitStatus", "78"),
+        ("RestartPreventExitStatus", "1 78"),
         (
             "ExecStart",
             f"{INSTALLED_BINARY} --config /etc/fl-orchestrator/%i.toml",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +11,10 @@ from typing import Any
 import anyio
 
 from fl_orchestrator import __version__
+from fl_orchestrator.cli import init_job
 from fl_orchestrator.cli.daemon_main import EX_USAGE
+from fl_orchestrator.cli.report import ReportError, make_report
+from fl_orchestrator.cli.status_view import show_status
 from fl_orchestrator.config import EX_CONFIG, ConfigError, load_config
 from fl_orchestrator.config.loader import _EMAIL, _JOB_NAME
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
@@ -74,9 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--round", type=int, default=None, help="round (default: the latest)")
     export.add_argument("--out", required=True, type=Path)
 
-    status = sub.add_parser("status", help="show where a job is")
+    status = sub.add_parser(
+        "status",
+        help="show where a job is (reads <state_dir>/status.json; works while or after the daemon runs)",
+    )
     status.add_argument("--config", required=True, type=Path)
-    status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object with stable keys (format fl-orchestrator.status/1)",
+    )
+
+    report = sub.add_parser(
+        "report", help="plot training curves and participation per round as a PNG (needs matplotlib)"
+    )
+    report.add_argument("--config", required=True, type=Path)
+    report.add_argument("--out", required=True, type=Path, help="PNG file to write")
+
+    init = sub.add_parser("init", help="write a starter job file, validated like the daemon does")
+    init_job.add_arguments(init)
     return parser
 
 
@@ -85,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "datasite":
         return _datasite(args)
+    if args.command == "init":
+        return _init(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -107,28 +127,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EX_NOINPUT
         print(str(args.out))
         return 0
-    return _status(config.state.state_dir, as_json=args.json)
-
-
-def _status(state_dir: Path, *, as_json: bool) -> int:
-    path = state_dir / "status.json"
-    try:
-        status = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        print(f"no status yet at {path}: has the daemon run?", file=sys.stderr)
-        return EX_NOINPUT
-    if as_json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+    if args.command == "report":
+        try:
+            print(
+                make_report(
+                    config.state.state_dir, args.out, job=config.job.name, num_rounds=config.job.num_rounds
+                )
+            )
+        except ReportError as exc:
+            print(str(exc), file=sys.stderr)
+            return exc.exit_code
         return 0
-    print(
-        f"job {status['job']}: {status['state']}, round {status['round']} of {status['num_rounds']},"
-        f" phase {status['phase']}"
-    )
-    for name, record in sorted(status["datasites"].items()):
-        print(
-            f"  {name}: ok {record['succeeded']}, failed {record['failed']},"
-            f" timed out {record['timed_out']}, rejected {record['rejected']}"
-        )
+    code, text = show_status(config.state.state_dir, as_json=args.json)
+    print(text, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def _init(args: argparse.Namespace) -> int:
+    try:
+        out = init_job.write_job_file(args)
+    except ConfigError as exc:
+        print(exc.line(), file=sys.stderr)
+        return EX_CONFIG
+    except FileExistsError as exc:
+        print(f"init: {exc}", file=sys.stderr)
+        return init_job.EX_CANTCREAT
+    except OSError as exc:
+        print(f"init: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return init_job.EX_CANTCREAT
+    print(str(out))
     return 0
 
 

@@ -92,7 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"final model: {final_model}")
     print(f"logs: {workdir / 'logs'}   state: {config.state.state_dir}")
     print(f"export it:  fl-orchestrator export --config {job_file} --out model.npz")
+    _write_report(config.state.state_dir, workdir / "report.png", config.job.name, config.job.num_rounds)
     return 0 if final_accuracy >= TARGET_ACCURACY else 1
+
+
+def _write_report(state_dir: Path, out: Path, job: str, num_rounds: int) -> None:
+    """Training curves and participation, when the [plot] extra is installed."""
+    from fl_orchestrator.cli.report import ReportError, make_report
+
+    try:
+        make_report(state_dir, out, job=job, num_rounds=num_rounds)
+    except ReportError as exc:
+        print(f"report: skipped ({exc})")
+        return
+    print(f"report: {out}")
 
 
 def _print_round(event: dict[str, Any]) -> None:

@@ -131,6 +131,7 @@ class Daemon:
         self.final_model_path: Path | None = None
         self.failure_reason: str | None = None
         self.replaying = False
+        self.status_written_at = 0.0
         self.pending_aggregate: ev.RoundSummary | None = None
 
     @property
@@ -144,7 +145,8 @@ class Daemon:
         """Run the job to its end; return the process exit code."""
         complete = await anyio.to_thread.run_sync(self._prepare)
         if complete:
-            return EXIT_DONE
+            assert self.state.run is not None
+            return EXIT_DONE if self.state.run.status == "done" else EXIT_JOB_FAILED
         machine = self.machine
         assert machine is not None
         reader = InboundReader(
@@ -190,11 +192,13 @@ class Daemon:
     def _prepare(self) -> bool:
         start = self.state.start(rerun=self.rerun)
         if start.complete:
-            log.info(
-                "job.already_complete",
+            self.failure_reason = start.run.reason
+            (log.info if start.run.status == "done" else log.error)(
+                "job.already_complete" if start.run.status == "done" else "job.already_failed",
                 job=self.job,
                 run_id=start.run.run_id,
                 finished=start.run.finished,
+                reason=start.run.reason,
                 hint="start with --rerun to run it again; this run's outputs are archived, not overwritten",
             )
             return True
@@ -322,8 +326,15 @@ class Daemon:
         for action in actions:
             for follow_up in await self._execute(action, reader):
                 await self._feed(follow_up)
-        if (machine.phase, machine.round) != before and not self.replaying:
+        if self.replaying:
+            return
+        transition = (machine.phase, machine.round) != before
+        # Results and refusals change what `status` shows too; at most one extra write a second.
+        progress = bool(actions) and time.monotonic() - self.status_written_at >= 1.0
+        if transition or progress:
             await anyio.to_thread.run_sync(self._write_status, _STATE_OF_PHASE.get(machine.phase, "running"))
+            self.status_written_at = time.monotonic()
+        if transition:
             self.notifier.status(self._status_line())
 
     async def _log_decisions(self, rnd: int, event: ev.Event, actions: list[ev.Action]) -> None:

@@ -48,7 +48,7 @@ class StartPoint:
 
     run: RunRecord
     checkpoint: Checkpoint | None  # None: a fresh run, build round 0
-    complete: bool  # the run already finished: report and exit 0
+    complete: bool  # the run already ended (done or failed): report it and exit
 
 
 class JobState:
@@ -85,7 +85,8 @@ class JobState:
             self.run = new_run(self.state_dir, self.job)
             return StartPoint(self.run, None, False)
         self.run = run
-        if run.status == "done":
+        if run.status in ("done", "failed"):
+            # A failed run replays to the same failure: final too, until --rerun.
             return StartPoint(run, None, True)
         checkpoint = self.checkpoints.load_latest()
         if checkpoint is None:
