@@ -294,3 +294,89 @@ def test_accounting_invariants_hold_for_any_event_order(script: list[tuple[str, 
     assert set(accepted) == set(summary.succeeded)
     assert machine.phase in (Phase.AGGREGATING, Phase.FAILED)
     assert (machine.phase == Phase.AGGREGATING) == (len(summary.succeeded) >= 2)
+
+
+def aggregated(machine: RoundMachine, now: float) -> list[ev.Action]:
+    assert machine.current is not None
+    for site in sorted(machine.current.tasks):
+        result(machine, now, site)
+    return machine.handle(ev.RoundAggregated(now, machine.round))
+
+
+def eval_result(
+    machine: RoundMachine, now: float, site: str, *, n: int = 10, ok: bool = True, **kw: object
+) -> list:  # type: ignore[type-arg]
+    assert machine.evaluation is not None
+    fields: dict[str, object] = {
+        "now": now,
+        "datasite": site,
+        "round": machine.evaluation.round,
+        "reply_to": machine.evaluation.tasks.get(site),
+        "ok": ok,
+        "num_examples": n,
+        "metrics": {"accuracy": n / 100},
+        "purpose": "evaluate",
+    }
+    fields.update(kw)
+    return machine.handle(ev.ResultReceived(**fields))  # type: ignore[arg-type]
+
+
+def test_federated_evaluation_runs_after_aggregation_and_weights_metrics() -> None:
+    machine, _ = started(rules(num_rounds=2, fraction_evaluate=0.5, min_evaluate_nodes=2))
+    (dispatch,) = aggregated(machine, 1.0)
+    assert isinstance(dispatch, ev.Dispatch) and dispatch.purpose == "evaluate"
+    assert dispatch.round == 1 and dispatch.attempt == 0 and len(dispatch.tasks) == 2
+    assert machine.phase == Phase.EVALUATING and machine.next_wakeup() == 11.0
+    first, second = sorted(dispatch.tasks)
+    # A late training answer for the same round is refused while evaluating.
+    (late,) = machine.handle(ev.ResultReceived(2.0, first, 1, "x", True, 5, payload="p"))
+    assert late.reason == Reason.ROUND_CLOSED
+    assert eval_result(machine, 2.0, first, n=10) == []
+    (dup,) = eval_result(machine, 2.5, first, n=10)
+    assert dup.reason == Reason.DUPLICATE
+    done, next_dispatch = eval_result(machine, 3.0, second, n=30)
+    assert isinstance(done, ev.EvaluationDone)
+    assert done.metrics["accuracy"] == pytest.approx((10 * 0.1 + 30 * 0.3) / 40)
+    assert done.num_examples == 40 and done.timed_out == () and done.seconds == 2.0
+    assert (
+        isinstance(next_dispatch, ev.Dispatch)
+        and next_dispatch.round == 2
+        and next_dispatch.purpose == "train"
+    )
+
+
+def test_federated_evaluation_times_out_and_is_skipped_when_too_few_are_present() -> None:
+    machine, _ = started(rules(num_rounds=3, fraction_evaluate=1.0, min_evaluate_nodes=2))
+    (dispatch,) = aggregated(machine, 1.0)
+    one = sorted(dispatch.tasks)[0]
+    eval_result(machine, 2.0, one)
+    done, _next = machine.handle(ev.Tick(11.0))
+    assert isinstance(done, ev.EvaluationDone) and len(done.timed_out) == len(dispatch.tasks) - 1
+    assert machine.round == 2 and machine.phase == Phase.TRAINING
+
+
+def test_federated_evaluation_is_skipped_when_too_few_are_present() -> None:
+    r = rules(
+        min_available_nodes=1,
+        min_train_nodes=1,
+        fraction_train=0.25,
+        presence_ttl_seconds=5.0,
+        fraction_evaluate=1.0,
+        min_evaluate_nodes=3,
+    )
+    machine, dispatch = started(r)
+    (site,) = dispatch.tasks
+    result(machine, 10.0, site)  # only this one has been seen in the last 5 s
+    actions = machine.handle(ev.RoundAggregated(10.0, 1))
+    (skipped,) = only(actions, ev.EvaluationSkipped)
+    assert "min_evaluate_nodes (3)" in skipped.reason
+    assert machine.round == 2
+
+
+def test_evaluation_results_outside_an_evaluation_are_refused() -> None:
+    machine, dispatch = started(rules(fraction_evaluate=1.0))
+    site = sorted(dispatch.tasks)[0]
+    (reject,) = machine.handle(
+        ev.ResultReceived(1.0, site, 1, "whatever", True, 3, purpose="evaluate", payload="p")
+    )
+    assert reject.reason == Reason.ROUND_CLOSED

@@ -49,6 +49,7 @@ class ResultReceived:
     error_type: str | None = None
     error_message: str | None = None
     payload: Any = None
+    purpose: str = "train"  # or "evaluate": a federated-evaluation answer
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Dispatch:
     tasks: dict[str, str]  # datasite -> task id
     deadline: float
     created: float
+    purpose: str = "train"  # or "evaluate": score the round's new model, send no weights back
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,28 @@ class Aggregate:
 
 
 @dataclass(frozen=True)
+class EvaluationDone:
+    """Federated evaluation of a round's model ended (all answered, or its deadline passed)."""
+
+    round: int
+    selected: tuple[str, ...]
+    succeeded: tuple[str, ...]
+    failed: dict[str, str]
+    timed_out: tuple[str, ...]
+    num_examples: int
+    metrics: Metrics
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvaluationSkipped:
+    """Federated evaluation of a round's model did not start."""
+
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class JobFinished:
     """All rounds are done."""
 
@@ -191,6 +215,8 @@ Action = (
     | Reject
     | AbandonAttempt
     | Aggregate
+    | EvaluationDone
+    | EvaluationSkipped
     | JobFinished
     | JobFailed
 )

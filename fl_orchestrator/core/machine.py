@@ -6,9 +6,9 @@ the shell must carry out, and ``next_wakeup()`` says when to send the next Tick.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import StrEnum
 
+from fl_orchestrator.core.evaluation import EVALUATION_ATTEMPT, EvaluationRound, start_evaluation
 from fl_orchestrator.core.events import (
     AbandonAttempt,
     Accept,
@@ -17,10 +17,10 @@ from fl_orchestrator.core.events import (
     AggregationFailed,
     AwaitNodes,
     Dispatch,
+    EvaluationSkipped,
     Event,
     JobFailed,
     JobFinished,
-    Metrics,
     NodeSeen,
     RecordFailure,
     Reject,
@@ -30,8 +30,12 @@ from fl_orchestrator.core.events import (
     Started,
     Tick,
 )
+from fl_orchestrator.core.metrics import weighted_metrics
+from fl_orchestrator.core.records import Attempt, DatasiteRecord, RoundRules
 from fl_orchestrator.core.selection import select_datasites, task_id
 from fl_orchestrator.wire.reasons import Reason
+
+__all__ = ["Attempt", "DatasiteRecord", "Phase", "RoundMachine", "RoundRules", "weighted_metrics"]
 
 
 class Phase(StrEnum):
@@ -41,59 +45,9 @@ class Phase(StrEnum):
     WAITING_FOR_NODES = "waiting_for_nodes"
     TRAINING = "training"
     AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"
     DONE = "done"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class RoundRules:
-    """The knobs of the round loop, copied out of the job config."""
-
-    run_id: str
-    datasites: tuple[str, ...]
-    num_rounds: int
-    round_timeout_seconds: float
-    fraction_train: float
-    min_train_nodes: int
-    min_available_nodes: int
-    available_timeout_seconds: float
-    max_round_retries: int
-    presence_ttl_seconds: float
-    selection_seed: int
-
-
-@dataclass
-class DatasiteRecord:
-    """One datasite across the whole job."""
-
-    last_seen: float | None = None
-    selected: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    rejected: int = 0
-    train_seconds_total: float = 0.0
-
-
-@dataclass
-class Attempt:
-    """The open attempt of the current round."""
-
-    round: int
-    attempt: int
-    tasks: dict[str, str]
-    dispatched_at: float
-    deadline: float
-    succeeded: dict[str, float] = field(default_factory=dict)
-    num_examples: dict[str, int] = field(default_factory=dict)
-    metrics: dict[str, Metrics] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def answered(self) -> set[str]:
-        return set(self.succeeded) | set(self.failed)
-
-    def outstanding(self) -> set[str]:
-        return set(self.tasks) - self.answered()
 
 
 class RoundMachine:
@@ -109,6 +63,7 @@ class RoundMachine:
         self.last_missing: tuple[str, ...] | None = None
         self.records = {d: DatasiteRecord() for d in rules.datasites}
         self.history: list[RoundSummary] = []
+        self.evaluation: EvaluationRound | None = None
 
     # ---- public --------------------------------------------------------------------------
 
@@ -141,6 +96,8 @@ class RoundMachine:
             return self.wait_until
         if self.phase == Phase.TRAINING and self.current is not None:
             return self.current.deadline
+        if self.phase == Phase.EVALUATING and self.evaluation is not None:
+            return self.evaluation.deadline
         return None
 
     def records_snapshot(self) -> dict[str, dict[str, float | int | None]]:
@@ -225,6 +182,8 @@ class RoundMachine:
         record = self.records.get(event.datasite)
         if record is None:
             return [Reject(event.datasite, Reason.UNKNOWN_DATASITE, "not in this job", event.payload)]
+        if event.purpose == "evaluate":
+            return self._on_evaluation_result(event, record)
         rejection = self._check_result(event)
         if rejection is not None:
             record.rejected += 1
@@ -262,7 +221,7 @@ class RoundMachine:
     def _check_result(self, event: ResultReceived) -> tuple[Reason, str] | None:
         current = self.current
         if event.round < self.round or (
-            event.round == self.round and self.phase in (Phase.AGGREGATING, Phase.DONE)
+            event.round == self.round and self.phase in (Phase.AGGREGATING, Phase.EVALUATING, Phase.DONE)
         ):
             return Reason.ROUND_CLOSED, f"round {event.round} is closed (now at {self.round})"
         if event.round > self.round or current is None or self.phase != Phase.TRAINING:
@@ -291,6 +250,8 @@ class RoundMachine:
             return actions
         if self.phase == Phase.TRAINING and self.current and now >= self.current.deadline:
             return self._close(now)
+        if self.phase == Phase.EVALUATING and self.evaluation and now >= self.evaluation.deadline:
+            return self._finish_evaluation(now)
         return []
 
     def _summary(self, now: float) -> RoundSummary:
@@ -339,26 +300,70 @@ class RoundMachine:
         if self.phase != Phase.AGGREGATING or event.round != self.round:
             return []
         self.current = None
+        if self.rules.fraction_evaluate > 0:
+            evaluation = start_evaluation(
+                run_id=self.rules.run_id,
+                rnd=self.round,
+                available=self.available(event.now),
+                fraction=self.rules.fraction_evaluate,
+                minimum=self.rules.min_evaluate_nodes,
+                seed=self.rules.selection_seed,
+                now=event.now,
+                timeout_seconds=self.rules.round_timeout_seconds,
+            )
+            if evaluation is not None:
+                self.evaluation = evaluation
+                self.phase = Phase.EVALUATING
+                return [
+                    Dispatch(
+                        self.round,
+                        EVALUATION_ATTEMPT,
+                        dict(evaluation.tasks),
+                        evaluation.deadline,
+                        event.now,
+                        purpose="evaluate",
+                    )
+                ]
+            skipped = EvaluationSkipped(
+                self.round,
+                f"fewer than min_evaluate_nodes ({self.rules.min_evaluate_nodes}) datasites present",
+            )
+            return [skipped, *self._next_round(event.now)]
+        return self._next_round(event.now)
+
+    def _on_evaluation_result(self, event: ResultReceived, record: DatasiteRecord) -> list[Action]:
+        evaluation = self.evaluation
+        if self.phase != Phase.EVALUATING or evaluation is None or event.round != evaluation.round:
+            record.rejected += 1
+            reason = Reason.ROUND_CLOSED if event.round <= self.round else Reason.UNKNOWN_ROUND
+            return [
+                Reject(event.datasite, reason, f"no evaluation of round {event.round} is open", event.payload)
+            ]
+        rejection = evaluation.check(event)
+        if rejection is not None:
+            record.rejected += 1
+            return [Reject(event.datasite, rejection[0], rejection[1], event.payload)]
+        evaluation.record(event)
+        if not evaluation.outstanding():
+            return self._finish_evaluation(event.now)
+        return []
+
+    def _finish_evaluation(self, now: float) -> list[Action]:
+        evaluation = self.evaluation
+        assert evaluation is not None
+        self.evaluation = None
+        done = evaluation.summary(now, weighted_metrics(evaluation.metrics, evaluation.num_examples))
+        return [done, *self._next_round(now)]
+
+    def _next_round(self, now: float) -> list[Action]:
         self.round += 1
         self.attempt_number = 0
         if self.round > self.rules.num_rounds:
             self.phase = Phase.DONE
             return [JobFinished(self.rules.num_rounds)]
-        return self._enter_waiting(event.now)
+        return self._enter_waiting(now)
 
     def _fail(self, reason: str) -> list[Action]:
         self.phase = Phase.FAILED
         self.current = None
         return [JobFailed(reason)]
-
-
-def weighted_metrics(metrics: dict[str, Metrics], weights: dict[str, int]) -> Metrics:
-    """Mean of each numeric metric, weighted by num_examples, over the datasites that sent it."""
-    sums: dict[str, float] = {}
-    totals: dict[str, int] = {}
-    for datasite, values in metrics.items():
-        weight = weights.get(datasite, 0)
-        for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + weight * float(value)
-            totals[key] = totals.get(key, 0) + weight
-    return {k: sums[k] / totals[k] for k in sorted(sums) if totals[k] > 0}

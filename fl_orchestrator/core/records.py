@@ -1,0 +1,60 @@
+"""The machine's plain data: the rules it follows, per-datasite accounting, the open attempt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fl_orchestrator.core.events import Metrics
+
+
+@dataclass(frozen=True)
+class RoundRules:
+    """The knobs of the round loop, copied out of the job config."""
+
+    run_id: str
+    datasites: tuple[str, ...]
+    num_rounds: int
+    round_timeout_seconds: float
+    fraction_train: float
+    min_train_nodes: int
+    min_available_nodes: int
+    available_timeout_seconds: float
+    max_round_retries: int
+    presence_ttl_seconds: float
+    selection_seed: int
+    fraction_evaluate: float = 0.0
+    min_evaluate_nodes: int = 1
+
+
+@dataclass
+class DatasiteRecord:
+    """One datasite across the whole job."""
+
+    last_seen: float | None = None
+    selected: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    rejected: int = 0
+    train_seconds_total: float = 0.0
+
+
+@dataclass
+class Attempt:
+    """The open attempt of the current round."""
+
+    round: int
+    attempt: int
+    tasks: dict[str, str]
+    dispatched_at: float
+    deadline: float
+    succeeded: dict[str, float] = field(default_factory=dict)
+    num_examples: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Metrics] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def answered(self) -> set[str]:
+        return set(self.succeeded) | set(self.failed)
+
+    def outstanding(self) -> set[str]:
+        return set(self.tasks) - self.answered()
