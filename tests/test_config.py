@@ -16,7 +16,7 @@ import tomli_w
 
 from fl_orchestrator.cli import daemon_main
 from fl_orchestrator.config import EX_CONFIG, ConfigError, JobConfig, config_from_table, load_config
-from fl_orchestrator.config.loader import _check_config_value
+from fl_orchestrator.config.loader import check_config_value
 from fl_orchestrator.config.render import config_to_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -501,13 +501,13 @@ def test_server_round_in_train_config_rejected(tmp_path: Path) -> None:
     assert_line(err, "job.train_config.server-round", "3", "no such key (the server sets it each round)")
 
 
-def test_check_config_value_direct() -> None:
-    assert _check_config_value(b"\x00\xff", "k") == b"\x00\xff"
-    assert _check_config_value([b"a", b"b"], "k") == [b"a", b"b"]
-    assert _check_config_value([], "k") == []
-    assert _check_config_value(-0.0, "k") == 0.0
+def testcheck_config_value_direct() -> None:
+    assert check_config_value(b"\x00\xff", "k") == b"\x00\xff"
+    assert check_config_value([b"a", b"b"], "k") == [b"a", b"b"]
+    assert check_config_value([], "k") == []
+    assert check_config_value(-0.0, "k") == 0.0
     original = [1, 2]
-    copied = _check_config_value(original, "k")
+    copied = check_config_value(original, "k")
     assert copied == original and copied is not original
     cases: list[tuple[object, str]] = [
         ([b"a", "a"], "a list whose items are all int"),
@@ -521,7 +521,7 @@ def test_check_config_value_direct() -> None:
     ]
     for value, expected in cases:
         with pytest.raises(ConfigError) as info:
-            _check_config_value(value, "job.train_config.x")
+            check_config_value(value, "job.train_config.x")
         assert info.value.key == "job.train_config.x"
         assert expected in info.value.line(), info.value.line()
 
