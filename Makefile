@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test chaos lint typecheck check clean service-install ci-tools
+.PHONY: install demo test chaos fuzz lint typecheck check clean service-install ci-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -33,6 +33,10 @@ ci-tools:
 # The long crash-safety run: 100 random kill -9s instead of the suite's 20.
 chaos: $(STAMP)
 	CHAOS_KILLS=100 $(PY) -m pytest -q -s tests/test_chaos.py
+
+# The long decoder fuzz: 20 000 randomized examples per test instead of the suite's 300.
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_hostile_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_orchestrator tests

@@ -79,7 +79,9 @@ def metrics_lines(daemon: Daemon) -> list[dict[str, Any]]:
 
 
 async def test_straggler_times_out_and_the_partial_set_is_aggregated(tmp_path: Path) -> None:
-    job = write_job(tmp_path, job_table(3, job={"num_rounds": 2, "round_timeout_seconds": 1.0}))
+    # Three rounds: ds2's late round-1 answer can land in one batch with its round-2 answer,
+    # and round 3 keeps the job open until the late one has been looked at.
+    job = write_job(tmp_path, job_table(3, job={"num_rounds": 3, "round_timeout_seconds": 1.0}))
     slow = scripted_train(2, delay_seconds=1.3, slow_rounds=(1,))
     daemon = await run_federation(job, [scripted_train(0), scripted_train(1), slow])
     assert daemon.exit_code == EXIT_DONE
@@ -87,7 +89,7 @@ async def test_straggler_times_out_and_the_partial_set_is_aggregated(tmp_path: P
     assert line["succeeded"] == ["ds0@example.org", "ds1@example.org"]
     assert line["timed_out"] == ["ds2@example.org"]
     assert line["collect_seconds"] >= 1.0
-    # Its round-1 answer lands while round 2 is open: refused, not counted.
+    # Its round-1 answer lands after round 1 closed: refused, not counted.
     assert daemon.quarantine.counts["ds2@example.org"] == {"round_closed": 1}
     initial = daemon.store.load(0)
     expected = scripted.expected_fedavg(initial, [0, 1])

@@ -206,6 +206,36 @@ class LimitsSection:
     max_header_bytes: int = field(default=1024 * 1024, metadata=spec("largest message header", minimum=64))
     max_num_examples: int = field(default=10**12, metadata=spec("largest num_examples accepted", minimum=1))
     max_metrics: int = field(default=256, metadata=spec("most metric entries", minimum=0))
+    max_arrays: int = field(default=4096, metadata=spec("most arrays in one result", minimum=1))
+    max_array_dims: int = field(
+        default=8, metadata=spec("most dimensions of one array", minimum=0, maximum=32)
+    )
+    max_array_elements: int = field(
+        default=2**31, metadata=spec("most elements of one array", minimum=1, maximum=2**40)
+    )
+    max_msgpack_container_len: int = field(
+        default=4096, metadata=spec("most entries of one msgpack array or map in a header", minimum=16)
+    )
+    max_msgpack_str_bytes: int = field(
+        default=64 * 1024, metadata=spec("longest msgpack str or bin in a header", minimum=256)
+    )
+    max_msgpack_depth: int = field(
+        default=16,
+        metadata=spec("deepest nesting of msgpack arrays and maps in a header", minimum=4, maximum=512),
+    )
+    max_config_entries: int = field(
+        default=256, metadata=spec("most entries of a task's config map", minimum=1)
+    )
+    max_update_norm: float = field(
+        default=0.0, metadata=spec("bound on the L2 norm of result - global model (0: off)", minimum=0)
+    )
+    update_norm_action: str = field(
+        default="reject",
+        metadata=spec("what to do with an update over max_update_norm", choices=("reject", "clip")),
+    )
+    flag_after_rejections: int = field(
+        default=5, metadata=spec("consecutive rejections that flag a datasite", minimum=1)
+    )
 
 
 @dataclass(frozen=True)

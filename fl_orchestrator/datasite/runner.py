@@ -21,11 +21,11 @@ from typing import Any
 import anyio
 import numpy as np
 import structlog
-from watchfiles import Change, awatch
+from watchfiles import Change
 
 from fl_orchestrator.shell.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.shell.hooks import load_callable
-from fl_orchestrator.shell.watcher import set_when_cancelled
+from fl_orchestrator.shell.watcher import resilient_awatch, set_when_cancelled
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
@@ -184,14 +184,12 @@ class DatasiteRunner:
     async def _forward_task_events(
         self, watch_root: Path, accept: Callable[[Change, str], bool], stop: anyio.Event, send: Any
     ) -> None:
-        async for changes in awatch(
+        async for changes in resilient_awatch(
             watch_root,
+            stop_event=stop,
             watch_filter=accept,
             debounce=self.settings.debounce_milliseconds,
             step=1,
-            recursive=True,
-            ignore_permission_denied=True,
-            stop_event=stop,
         ):
             for _, path in sorted(changes):
                 await send.send(Path(path))

@@ -103,7 +103,9 @@ class Daemon:
             keep_checkpoints=config.state.keep_checkpoints,
             retry_seconds=config.state.write_retry_seconds,
         )
-        self.quarantine = Quarantine(self.state_dir / "quarantine")
+        self.quarantine = Quarantine(
+            self.state_dir / "quarantine", flag_after=config.limits.flag_after_rejections
+        )
         evaluate = configure_round = metrics_aggregation = None
         if config.evaluate.global_evaluate:
             evaluate = load_callable(config.evaluate.global_evaluate, what="evaluate.global_evaluate")
@@ -154,7 +156,11 @@ class Daemon:
             frozenset(self.config.syftbox.datasites),
             model_spec(self.work.global_model),
             self.config.limits,
+            global_model=self.work.global_model,
+            global_model_round=machine.round,
         )
+        # Whole-set strategies re-map counted results: they get the same norm bound.
+        self.work.bound_update = reader.bound_update
         self.intake = IntakeLoop(self.layout, reader, self.quarantine, self.clock)
         await self._resume(reader)
         batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](16)
@@ -354,6 +360,7 @@ class Daemon:
                     await self._fail_job(str(exc))
         elif isinstance(action, ev.Accept):
             await self.work.fold(action, reader)
+            self.quarantine.counted(action.datasite)
         elif isinstance(action, ev.Reject):
             if self.intake is not None and not self.replaying:
                 path = action.payload[0]
@@ -361,6 +368,8 @@ class Daemon:
         elif isinstance(action, (ev.RecordFailure, ev.AbandonAttempt)) or (
             isinstance(action, ev.AwaitNodes) and not self.replaying
         ):
+            if isinstance(action, ev.RecordFailure):
+                self.quarantine.counted(action.datasite)  # a well-formed answer ends a refusal streak
             log_action(self.job, action, self.clock)
         elif isinstance(action, ev.Aggregate):
             if self.replaying:
@@ -396,6 +405,9 @@ class Daemon:
             log.exception("round.aggregation_failed", job=self.job, round=summary.round)
             return [ev.AggregationFailed(self.clock(), summary.round, f"{type(exc).__name__}: {exc}")]
         self.final_model_path = path
+        if self.intake is not None:
+            # The next round's results are measured against the model it will be sent.
+            self.intake.reader.set_global_model(self.work.global_model, summary.round + 1)
         summary = self.work.aggregate_metrics(summary)
         evaluate = await self.work.evaluate(summary.round)
         line = await anyio.to_thread.run_sync(
@@ -426,7 +438,8 @@ class Daemon:
     def _write_status(self, state: str) -> None:
         assert self.machine is not None
         extra: dict[str, Any] = {
-            "quarantined": self.quarantine.counts,
+            "quarantined": self.quarantine.snapshot_counts(),
+            "flagged": self.quarantine.flagged_datasites(),
             "last_evaluate": self.work.last_evaluate,
         }
         if self.failure_reason:

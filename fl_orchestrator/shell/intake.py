@@ -1,32 +1,47 @@
 """The decoding edge: one inbound path becomes one event or one rejection.
 
-Runs in a worker thread. Opens without following links and without blocking
-on fifos, bounds the size before reading, decodes, and checks the weights
-against the global model's names, dtypes and shapes. Nothing raised by a
-hostile file gets past ``read_inbound``.
+Runs in a worker thread. Walks from ``datasites/`` to the file one folder at
+a time without following any link, refuses anything but a regular file with
+one link before opening it, bounds the size with fstat before reading,
+decodes, and checks the result against the round's global model: names,
+dtypes, shapes, finiteness and, optionally, the update's L2 norm. Nothing
+raised by a hostile file gets past ``read_inbound``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import math
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import structlog
+
 from fl_orchestrator.config.schema import LimitsSection
-from fl_orchestrator.wire.frames import FrameLimits
-from fl_orchestrator.wire.layout import FileKind, JobLayout
+from fl_orchestrator.wire.frames import FrameLimits, Weights
+from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import (
     HeartbeatMessage,
     ModelSpec,
     ResultMessage,
     check_weights_match,
     decode_message,
+    model_spec,
 )
-from fl_orchestrator.wire.reasons import Reason, Rejection
+from fl_orchestrator.wire.norms import clip_update, update_norm
+from fl_orchestrator.wire.reasons import Reason, Rejection, describe, printable
 
-_HEARTBEAT_MAX_BYTES = 64 * 1024
+log = structlog.get_logger("fl_orchestrator.intake")
+
+HEARTBEAT_MAX_BYTES = 64 * 1024
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in after the lstat must not block the thread.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
 @dataclass(frozen=True)
@@ -40,12 +55,18 @@ class FileIdentity:
 
 @dataclass(frozen=True)
 class Inbound:
-    """A decoded inbound file."""
+    """A decoded inbound file.
+
+    ``update_norm`` is the L2 norm of (result - global model) when the norm
+    bound is on; ``clipped`` says the arrays were scaled down to the bound.
+    """
 
     path: Path
     datasite: str
     identity: FileIdentity
     message: ResultMessage | HeartbeatMessage
+    update_norm: float | None = None
+    clipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,8 +80,26 @@ class Refused:
     identity: FileIdentity | None
 
 
+def frame_limits_for(limits: LimitsSection) -> FrameLimits:
+    """The codec's limits for files from datasites, taken from ``[limits]``."""
+    return FrameLimits(
+        max_header_bytes=limits.max_header_bytes,
+        max_arrays=limits.max_arrays,
+        max_ndim=limits.max_array_dims,
+        max_elements=limits.max_array_elements,
+        max_container_len=limits.max_msgpack_container_len,
+        max_map_entries=limits.max_metrics,
+        max_str_len=limits.max_msgpack_str_bytes,
+        max_depth=limits.max_msgpack_depth,
+    )
+
+
 class InboundReader:
-    """Reads and validates files that datasites write for one job."""
+    """Reads and validates files that datasites write for one job.
+
+    The daemon must call ``set_global_model`` after every aggregation so that
+    the norm bound is measured against the model each round was sent.
+    """
 
     def __init__(
         self,
@@ -68,54 +107,221 @@ class InboundReader:
         datasites: frozenset[str],
         spec: ModelSpec,
         limits: LimitsSection,
+        *,
+        global_model: Mapping[str, np.ndarray] | None = None,
+        global_model_round: int | None = None,
     ) -> None:
         self.layout = layout
         self.datasites = datasites
-        self.spec = spec
         self.limits = limits
-        self.frame_limits = FrameLimits(max_header_bytes=limits.max_header_bytes)
-        self.root_real = layout.datasites_dir.resolve()
+        self.frame_limits = frame_limits_for(limits)
+        if global_model is None and limits.max_update_norm > 0:
+            raise ValueError("[limits] max_update_norm needs the global model: pass global_model=")
+        check_model_fits(spec if global_model is None else model_spec(global_model), limits)
+        # One attribute, swapped whole: a worker thread reading a result while
+        # the round loop installs the next model sees the old triple or the new.
+        self._model: tuple[Weights | None, ModelSpec, int | None] = (None, spec, None)
+        if global_model is not None:
+            self.set_global_model(global_model, global_model_round)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """Names, dtypes and shapes every ok result must have."""
+        return self._model[1]
+
+    def set_global_model(self, model: Mapping[str, np.ndarray], rnd: int | None = None) -> None:
+        """Install the model that results of round ``rnd`` (None: of any round) are measured against.
+
+        With a round, results claiming another round skip the norm bound: the
+        round machine refuses them anyway (``round_closed``, ``unknown_round``),
+        and a straggler measured against the next round's model would be
+        refused for the wrong reason.
+        """
+        spec = model_spec(model)
+        try:
+            check_model_fits(spec, self.limits)
+        except ValueError as exc:  # called between rounds: say it, do not stop the job
+            log.error("limits.model_does_not_fit", error=str(exc))
+        self._model = (dict(model), spec, rnd)
 
     def read_inbound(self, path: Path, kind: FileKind, datasite: str) -> Inbound | Refused:
-        """Decode one file; never raises for anything the file contains."""
+        """Read, decode and check one file; never raises for anything the file contains."""
         identity: FileIdentity | None = None
         try:
             if datasite not in self.datasites:
                 raise Rejection(Reason.UNKNOWN_DATASITE, f"{datasite!r} is not in this job")
-            self._check_parents(path)
-            limit = _HEARTBEAT_MAX_BYTES if kind == FileKind.HEARTBEAT else self.limits.max_file_bytes
-            data, identity = _read_regular_file(path, limit)
+            self._check_name(path, kind, datasite)
+            limit = HEARTBEAT_MAX_BYTES if kind == FileKind.HEARTBEAT else self.limits.max_file_bytes
+            data, identity = read_below(self.layout.datasites_dir, path, limit)
             if kind == FileKind.HEARTBEAT:
                 beat = decode_message(
                     data, expect_kind="heartbeat", expect_job=self.layout.job, limits=self.frame_limits
                 )
                 assert isinstance(beat, HeartbeatMessage)
                 return Inbound(path, datasite, identity, beat)
-            result = decode_message(
-                data,
-                expect_kind="result",
-                expect_job=self.layout.job,
-                limits=self.frame_limits,
-                max_metrics=self.limits.max_metrics,
-                max_num_examples=self.limits.max_num_examples,
-            )
-            assert isinstance(result, ResultMessage)
-            if result.ok:
-                check_weights_match(result.arrays, self.spec)
-            return Inbound(path, datasite, identity, result)
+            result, norm, clipped = self.check_result(data, task_id_of_result(path))
+            return Inbound(path, datasite, identity, result, norm, clipped)
         except Rejection as exc:
             return Refused(path, datasite, exc.reason, exc.detail, identity)
+        except Exception as exc:  # a bug here must cost one file, not the daemon
+            log.exception("intake.internal_error", path=printable(str(path)), datasite=datasite)
+            return Refused(path, datasite, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", identity)
 
-    def _check_parents(self, path: Path) -> None:
-        """Refuse a path whose folders lead outside datasites/ through a link."""
-        parent_real = path.parent.resolve()
-        if not parent_real.is_relative_to(self.root_real):
-            raise Rejection(Reason.SYMLINK, f"{path.parent} resolves outside the SyftBox root")
+    def check_result(
+        self, data: bytes | bytearray | memoryview, name: str
+    ) -> tuple[ResultMessage, float | None, bool]:
+        """Decode a result file's bytes and check them against the round's model.
+
+        ``name`` is the file's stem, which must equal ``reply_to``. Returns the
+        result (with clipped arrays if the norm bound clipped it), the update
+        norm (None when the bound is off) and whether it was clipped; raises
+        Rejection. Needs no file, so it can be fuzzed directly.
+        """
+        model, spec, model_round = self._model
+        result = decode_message(
+            data,
+            expect_kind="result",
+            expect_job=self.layout.job,
+            limits=self.frame_limits,
+            max_metrics=self.limits.max_metrics,
+            max_num_examples=self.limits.max_num_examples,
+        )
+        assert isinstance(result, ResultMessage)
+        if result.envelope.reply_to != name:
+            raise Rejection(
+                Reason.REPLY_TO_MISMATCH,
+                f"the file is named {describe(name)} but answers {describe(result.envelope.reply_to)}",
+            )
+        if not result.ok:
+            return result, None, False
+        check_weights_match(result.arrays, spec)
+        bound = self.limits.max_update_norm
+        if bound <= 0 or (model_round is not None and result.envelope.round != model_round):
+            return result, None, False
+        assert model is not None  # __init__ refuses a norm bound without a model
+        norm = update_norm(result.arrays, model)
+        if norm <= bound:
+            return result, norm, False
+        # A norm that overflowed float64 cannot be scaled meaningfully: refuse it.
+        if self.limits.update_norm_action == "clip" and math.isfinite(norm):
+            clipped = clip_update(result.arrays, model, bound / norm)
+            return dataclasses.replace(result, arrays=clipped), norm, True
+        raise Rejection(Reason.NORM_EXCEEDED, f"update norm {norm:.6g} is over max_update_norm {bound:g}")
+
+    def bound_update(self, arrays: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """Apply the norm bound to a counted result's arrays read again from disk.
+
+        Whole-set strategies re-map accepted result files at aggregation time
+        instead of keeping the decoded arrays. In clip mode this clips them
+        the same way ``check_result`` did (a copy for clipped results only),
+        so every strategy aggregates the same arrays. In reject mode, or with
+        no bound, the arrays are returned as they are: anything over the bound
+        was refused when it arrived.
+        """
+        model = self._model[0]
+        bound = self.limits.max_update_norm
+        if bound <= 0 or self.limits.update_norm_action != "clip" or model is None:
+            return arrays
+        norm = update_norm(arrays, model)
+        if norm <= bound or not math.isfinite(norm):
+            return arrays
+        return clip_update(arrays, model, bound / norm)
+
+    def _check_name(self, path: Path, kind: FileKind, datasite: str) -> None:
+        classified = self.layout.classify(path)
+        if classified is None or classified.datasite != datasite or classified.kind != kind:
+            raise Rejection(Reason.BAD_NAME, f"not a {kind.value} path of this job")
+        if classified.bad_name:
+            raise Rejection(Reason.BAD_NAME, "expected results/<1-64 letters or digits>.result")
 
 
-def _read_regular_file(path: Path, limit: int) -> tuple[bytearray, FileIdentity]:
+def check_model_fits(spec: ModelSpec, limits: LimitsSection) -> None:
+    """Raise ValueError if honest results for this model would break ``[limits]``.
+
+    Every result would be refused otherwise, round after round; better to say
+    so once, at start, naming the key to raise.
+    """
+    problems: list[str] = []
+    if len(spec) > limits.max_arrays:
+        problems.append(f"max_arrays = {limits.max_arrays} but the model has {len(spec)} arrays")
+    payload = 0
+    for name, (dtype, shape) in spec.items():
+        if len(shape) > limits.max_array_dims:
+            problems.append(f"max_array_dims = {limits.max_array_dims} but {name!r} has {len(shape)}")
+        elements = math.prod(max(dim, 1) for dim in shape)
+        if elements > limits.max_array_elements:
+            problems.append(f"max_array_elements = {limits.max_array_elements} but {name!r} has {elements}")
+        payload += math.prod(shape) * dtype.itemsize
+    if payload > limits.max_file_bytes:
+        problems.append(f"max_file_bytes = {limits.max_file_bytes} but the model's arrays take {payload}")
+    if problems:
+        raise ValueError("[limits] refuse every result for this model: " + "; ".join(problems))
+
+
+def read_below(root: Path, path: Path, limit: int) -> tuple[bytearray, FileIdentity]:
+    """Read the regular file ``path`` under ``root`` without following any link below root.
+
+    ``root`` itself is opened normally: it is the operator's configured
+    folder and may be a link. Every folder after it is opened with
+    O_NOFOLLOW relative to the one before, so no link, however it is swapped
+    in, leads the read outside root or into another datasite's folder.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise Rejection(Reason.BAD_NAME, "the path is not under the datasites folder") from None
+    if not parts or any(part in ("", ".", "..") for part in parts):
+        raise Rejection(Reason.BAD_NAME, "the path has an empty, '.' or '..' part")
+    try:
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Rejection(Reason.UNREADABLE, f"cannot open the datasites folder: {exc.strerror}") from None
+    try:
+        for part in parts[:-1]:
+            next_fd = _open_folder(dir_fd, part)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        return _read_entry(dir_fd, parts[-1], limit)
+    finally:
+        os.close(dir_fd)
+
+
+def _open_folder(dir_fd: int, name: str) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise Rejection(Reason.UNREADABLE, "the file vanished before it was read") from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            # Linux says ENOTDIR for O_NOFOLLOW|O_DIRECTORY on a link; look.
+            try:
+                mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            except OSError:
+                mode = 0
+            if stat.S_ISLNK(mode):
+                detail = f"folder {describe(name)} on the path is a symbolic link"
+                raise Rejection(Reason.SYMLINK, detail) from None
+        raise Rejection(Reason.UNREADABLE, f"cannot open folder {describe(name)}: {exc.strerror}") from None
+
+
+def _check_info(info: os.stat_result, limit: int) -> None:
+    if stat.S_ISLNK(info.st_mode):
+        raise Rejection(Reason.SYMLINK, "the file is a symbolic link")
+    if not stat.S_ISREG(info.st_mode):
+        raise Rejection(Reason.NOT_REGULAR_FILE, f"mode {stat.filemode(info.st_mode)}")
+    if info.st_nlink > 1:
+        raise Rejection(Reason.HARD_LINK, f"the file has {info.st_nlink} links")
+    if info.st_size == 0:
+        raise Rejection(Reason.EMPTY_FILE, "the file is empty")
+    if info.st_size > limit:
+        raise Rejection(Reason.FILE_TOO_LARGE, f"{info.st_size} bytes; the limit is {limit}")
+
+
+def _read_entry(dir_fd: int, name: str, limit: int) -> tuple[bytearray, FileIdentity]:
+    # lstat first, so a FIFO or device is refused without ever being opened.
+    try:
+        _check_info(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), limit)
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise Rejection(Reason.SYMLINK, "the file is a symbolic link") from None
@@ -123,15 +329,9 @@ def _read_regular_file(path: Path, limit: int) -> tuple[bytearray, FileIdentity]
             raise Rejection(Reason.UNREADABLE, "the file vanished before it was read") from None
         raise Rejection(Reason.UNREADABLE, f"cannot open: {exc.strerror}") from None
     try:
+        # fstat is the check that counts: it describes what was opened.
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise Rejection(Reason.NOT_REGULAR_FILE, f"mode {stat.filemode(info.st_mode)}")
-        if info.st_nlink > 1:
-            raise Rejection(Reason.HARD_LINK, f"the file has {info.st_nlink} links")
-        if info.st_size == 0:
-            raise Rejection(Reason.EMPTY_FILE, "the file is empty")
-        if info.st_size > limit:
-            raise Rejection(Reason.FILE_TOO_LARGE, f"{info.st_size} bytes; the limit is {limit}")
+        _check_info(info, limit)
         identity = FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)
         buffer = bytearray(info.st_size)
         view = memoryview(buffer)

@@ -3,6 +3,8 @@
 Each file is looked at once per identity (inode, size, mtime): a rescan that
 finds a file already handled costs one lstat. Decoding runs in a worker
 thread; refusals are quarantined right here and never reach the round loop.
+A refused file that could not be moved keeps its identity in ``seen``, so it
+is refused once, not again at every rescan, until it changes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from fl_orchestrator.core import events as ev
@@ -20,7 +23,9 @@ from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.watcher import PathBatch
 from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import HeartbeatMessage, ResultMessage
-from fl_orchestrator.wire.reasons import Reason
+from fl_orchestrator.wire.reasons import Reason, printable
+
+log = structlog.get_logger("fl_orchestrator.intake")
 
 
 class IntakeLoop:
@@ -51,23 +56,32 @@ class IntakeLoop:
         """Look at one path; return its event, or None if it is nothing new."""
         classified = self.layout.classify(path)
         if classified is None or classified.kind == FileKind.IGNORED:
-            return None
-        if classified.bad_name:
-            await self.refuse(path, classified.datasite, Reason.BAD_NAME, "expected results/<task id>.result")
-            return None
+            return None  # not this job's, or a write still under a temp name
         try:
             info = os.lstat(path)
         except OSError:
             return None  # gone already: a later event or rescan will say if it comes back
-        if self.seen.get(path) == FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns):
+        identity = FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)
+        if self.seen.get(path) == identity:
             return None
         outcome = await anyio.to_thread.run_sync(
             self.reader.read_inbound, path, classified.kind, classified.datasite
         )
         if isinstance(outcome, Refused):
-            await self.refuse(path, outcome.datasite, outcome.reason, outcome.detail)
+            await self.refuse(path, outcome.datasite, outcome.reason, outcome.detail, identity)
             return None
         self.seen[path] = outcome.identity
+        if outcome.clipped:
+            message = outcome.message
+            log.warning(
+                "result.clipped",
+                job=self.layout.job,
+                datasite=outcome.datasite,
+                round=message.envelope.round,
+                path=printable(str(path), 4096),
+                update_norm=outcome.update_norm,
+                max_update_norm=self.reader.limits.max_update_norm,
+            )
         return self.event_for(outcome)
 
     def event_for(self, inbound: Inbound) -> ev.Event:
@@ -82,7 +96,7 @@ class IntakeLoop:
         env = message.envelope
         reply_to = env.reply_to
         if reply_to != task_id_of_result(inbound.path):
-            reply_to = None  # name and content disagree: it can never match a task
+            reply_to = None  # the reader refuses this; kept so no other caller can slip past
         return ev.ResultReceived(
             now=now,
             datasite=inbound.datasite,
@@ -96,9 +110,23 @@ class IntakeLoop:
             payload=(inbound.path, message, inbound.identity),
         )
 
-    async def refuse(self, path: Path, datasite: str, reason: Reason, detail: str) -> None:
-        """Quarantine one file and forget it."""
-        await anyio.to_thread.run_sync(
-            lambda: self.quarantine.refuse(path, datasite, reason, detail, job=self.layout.job)
+    async def refuse(
+        self, path: Path, datasite: str, reason: Reason, detail: str, identity: FileIdentity | None = None
+    ) -> None:
+        """Quarantine one file; if it stays where it is, remember it so it is refused only once.
+
+        ``identity`` is that of the refused file (default: the one recorded
+        when it was decoded, for refusals by the round machine). It is never
+        taken afresh after the move: by then the honest answer may already
+        sit at the same path, and it must still be read.
+        """
+        moved = await anyio.to_thread.run_sync(
+            lambda: self.quarantine.refuse(
+                path, datasite, reason, detail, root=self.layout.datasites_dir, job=self.layout.job
+            )
         )
-        self.seen.pop(path, None)
+        keep = identity or self.seen.get(path)
+        if moved is None and keep is not None:
+            self.seen[path] = keep
+        else:
+            self.seen.pop(path, None)

@@ -1,10 +1,34 @@
-"""Quarantine: refused files are moved out of the way, with their reason beside them."""
+"""Quarantine: refused files are moved out of the way, with their reason beside them.
+
+Every refusal is one ``file.rejected`` log event, one ``.reason.json`` record
+under ``<state_dir>/quarantine/<datasite>/`` and one count per datasite and
+reason. The file itself is moved next to its record when that is safe:
+
+- the move is a rename relative to the file's folder, opened without
+  following links from the datasites root down, so a symlink is moved as
+  the link itself and no link on the path can redirect the move elsewhere;
+- a directory, a file under a symlinked folder, and anything in the folder
+  of a datasite that is not in the job are only recorded: moving a tree or
+  writing into a stranger's folder is not ours to do;
+- across filesystems a regular file of at most 64 MiB is copied (through a
+  descriptor opened without following links) and then unlinked; anything
+  bigger is recorded, so a 2 GiB bomb never fills the state folder.
+
+A datasite whose files are refused ``flag_after`` times in a row, with no
+counted result in between, is flagged (``datasite.flagged``) until the
+daemon calls ``counted`` for it again.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
-import shutil
+import re
+import secrets
+import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,67 +36,253 @@ from pathlib import Path
 import structlog
 
 from fl_orchestrator.shell.atomic import atomic_write_text
-from fl_orchestrator.wire.reasons import Reason
+from fl_orchestrator.wire.reasons import Reason, printable
 
 log = structlog.get_logger("fl_orchestrator.quarantine")
+
+# Refusals of files from folders that are not datasites of the job are counted
+# and recorded under this one name: there is no '@' in it, so no datasite has
+# it, and a flood of made-up folders cannot grow status.json without bound.
+UNKNOWN_DATASITES = "_unknown"
+COPY_MAX_BYTES = 64 * 1024 * 1024
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+class _NotMoved(Exception):
+    """Why a refused file stays where it is (recorded only)."""
+
+
+@dataclass(frozen=True)
+class _Moved:
+    to: Path | None
+    what: str
+    error: str | None
+    link_target: str | None = None
+    size: int | None = None
 
 
 @dataclass
 class Quarantine:
-    """state_dir/quarantine/<datasite>/<stamp>-<reason>-<name> plus a .reason.json."""
+    """state_dir/quarantine/<datasite>/<stamp>-<token>-<reason>-<name> plus a .reason.json."""
 
     directory: Path
+    flag_after: int = 5
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    streaks: dict[str, int] = field(default_factory=dict)
+    flagged: set[str] = field(default_factory=set)
+    # refuse() runs in worker threads (intake and round loop may overlap) while
+    # status.json is written from another: counters change under this lock.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def refuse(
-        self, path: Path, datasite: str, reason: Reason, detail: str, **context: object
+        self,
+        path: Path,
+        datasite: str,
+        reason: Reason,
+        detail: str,
+        *,
+        root: Path | None = None,
+        **context: object,
     ) -> Path | None:
-        """Log, count and move one refused file; return where it went (None if not moved)."""
-        per_site = self.counts.setdefault(datasite, {})
-        per_site[str(reason)] = per_site.get(str(reason), 0) + 1
-        safe_site = datasite.replace("/", "_").replace("..", "_") or "_"
-        target_dir = self.directory / safe_site
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        target = target_dir / f"{stamp}-{reason}-{path.name}"
-        moved: Path | None = None
-        move_error = None
+        """Log, count, record and (if safe) move one refused file; return where it went.
+
+        ``root`` is the datasites folder: links are not followed below it.
+        Without it no link is followed anywhere on the path. Never raises.
+        """
+        unknown = reason == Reason.UNKNOWN_DATASITE
+        bucket = UNKNOWN_DATASITES if unknown else datasite
+        newly_flagged, streak = self._count(bucket, reason, track=not unknown)
+        folder = self.directory / _safe(bucket, 128)
+        stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}-{reason}"
+        stem = f"{stem}-{_safe(path.name, 80)}"
         try:
-            target_dir.mkdir(parents=True, exist_ok=True)
-            if os.path.lexists(path):
-                try:
-                    os.replace(path, target)
-                except OSError:
-                    if os.path.islink(path) or not os.path.isfile(path):
-                        raise
-                    shutil.move(str(path), str(target))
-                moved = target
-        except OSError as exc:
-            move_error = exc.strerror or str(exc)
+            moved = self._move(path, folder, stem, root or Path(path.anchor or "/"), record_only=unknown)
+        except Exception as exc:  # never let bookkeeping of a refusal stop the daemon
+            moved = _Moved(None, "unknown", f"{type(exc).__name__}: {exc}")
         record = {
-            "source": str(path),
-            "datasite": datasite,
+            "source": printable(str(path), 4096),
+            "datasite": printable(datasite, 256),
             "reason": str(reason),
             "detail": detail,
-            "moved_to": str(moved) if moved else None,
-            "move_error": move_error,
+            "what": moved.what,
+            "size": moved.size,
+            "link_target": moved.link_target,
+            "moved_to": str(moved.to) if moved.to else None,
+            "move_error": moved.error,
             "at": time.time(),
         }
+        record_path = folder / f"{stem}.reason.json"
+        record_error = None
         try:
-            atomic_write_text(
-                target_dir / f"{stamp}-{reason}-{path.name}.reason.json",
-                json.dumps(record, sort_keys=True),
-                durable=False,
-            )
-        except OSError as exc:
-            move_error = move_error or f"record not written: {exc.strerror}"
+            atomic_write_text(record_path, json.dumps(record, sort_keys=True), durable=False)
+        except Exception as exc:
+            record_error = f"record not written: {type(exc).__name__}: {exc}"
         log.warning(
             "file.rejected",
-            datasite=datasite,
+            datasite=printable(datasite, 256),
             reason=str(reason),
             detail=detail,
-            path=str(path),
-            quarantined_to=str(moved) if moved else None,
-            move_error=move_error,
+            path=printable(str(path), 4096),
+            what=moved.what,
+            quarantined_to=str(moved.to) if moved.to else None,
+            record=None if record_error else str(record_path),
+            move_error=moved.error,
+            record_error=record_error,
+            consecutive_rejections=streak,
             **context,
         )
-        return moved
+        if newly_flagged:
+            log.warning(
+                "datasite.flagged",
+                datasite=datasite,
+                consecutive_rejections=streak,
+                last_reason=str(reason),
+                hint="its files keep being refused; see quarantine/ and the file.rejected events",
+                **context,
+            )
+        return moved.to
+
+    def counted(self, datasite: str) -> None:
+        """A result of ``datasite`` was counted by the round: its streak of refusals ends."""
+        with self._lock:
+            self.streaks.pop(datasite, None)
+            was_flagged = datasite in self.flagged
+            self.flagged.discard(datasite)
+        if was_flagged:
+            log.info("datasite.unflagged", datasite=datasite)
+
+    def snapshot_counts(self) -> dict[str, dict[str, int]]:
+        """A copy of the per-datasite, per-reason counts, safe to serialise in another thread."""
+        with self._lock:
+            return {site: dict(reasons) for site, reasons in self.counts.items()}
+
+    def flagged_datasites(self) -> list[str]:
+        """The flagged datasites, sorted (for status.json)."""
+        with self._lock:
+            return sorted(self.flagged)
+
+    def _count(self, bucket: str, reason: Reason, *, track: bool) -> tuple[bool, int]:
+        with self._lock:
+            per_site = self.counts.setdefault(bucket, {})
+            per_site[str(reason)] = per_site.get(str(reason), 0) + 1
+            if not track:
+                return False, 0
+            streak = self.streaks.get(bucket, 0) + 1
+            self.streaks[bucket] = streak
+            if streak >= self.flag_after and bucket not in self.flagged:
+                self.flagged.add(bucket)
+                return True, streak
+            return False, streak
+
+    def _move(self, path: Path, folder: Path, stem: str, root: Path, *, record_only: bool) -> _Moved:
+        try:
+            parent_fd = _open_parent(root, path)
+        except _NotMoved as exc:
+            return _Moved(None, "unknown", str(exc))
+        try:
+            name = path.name
+            try:
+                info = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return _Moved(None, "gone", "the file was gone before it could be moved")
+            what = _what(info.st_mode)
+            link_target = None
+            if stat.S_ISLNK(info.st_mode):
+                # readlink only reads the link's text; nothing is followed.
+                link_target = printable(os.fsdecode(os.readlink(name, dir_fd=parent_fd)), 1024)
+            done = _Moved(None, what, None, link_target, info.st_size if what == "file" else None)
+            if record_only:
+                return dataclasses.replace(done, error="not a datasite of this job: its folder is left alone")
+            if stat.S_ISDIR(info.st_mode):
+                return dataclasses.replace(done, error="a directory is recorded, not moved")
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / stem
+            while os.path.lexists(target):
+                target = folder / f"{stem}-{secrets.token_hex(2)}"
+            try:
+                os.rename(name, target, src_dir_fd=parent_fd)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    return dataclasses.replace(done, error=f"not moved: {exc.strerror}")
+                error = _copy_across(parent_fd, name, info, target)
+                return dataclasses.replace(done, to=None if error else target, error=error)
+            return dataclasses.replace(done, to=target)
+        finally:
+            os.close(parent_fd)
+
+
+def _copy_across(parent_fd: int, name: str, info: os.stat_result, target: Path) -> str | None:
+    """Move a regular file to another filesystem: copy it, then unlink it; return why not."""
+    if not stat.S_ISREG(info.st_mode):
+        return "on another filesystem, and not a regular file: recorded, not moved"
+    if info.st_size > COPY_MAX_BYTES:
+        return f"on another filesystem and over {COPY_MAX_BYTES} bytes: recorded, not moved"
+    src = os.open(name, _FILE_FLAGS, dir_fd=parent_fd)
+    try:
+        opened = os.fstat(src)
+        if not stat.S_ISREG(opened.st_mode) or opened.st_size > COPY_MAX_BYTES:
+            return "changed while being moved: recorded, not moved"
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            copied = 0
+            while copied <= COPY_MAX_BYTES:
+                chunk = os.read(src, 1 << 20)
+                if not chunk:
+                    break
+                os.write(dst, chunk)
+                copied += len(chunk)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    os.unlink(name, dir_fd=parent_fd)
+    return None
+
+
+def _open_parent(root: Path, path: Path) -> int:
+    """Open path's folder, walking from root with O_NOFOLLOW; raise _NotMoved if unsafe."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise _NotMoved("outside the datasites folder: recorded, not moved") from None
+    if not parts or any(part in ("", ".", "..") for part in parts):
+        raise _NotMoved("the path has an empty, '.' or '..' part: recorded, not moved")
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _NotMoved(f"cannot open {root}: {exc.strerror}") from None
+    for part in parts[:-1]:
+        try:
+            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                why = "a folder on the path is a symbolic link or not a folder: recorded, not moved"
+                raise _NotMoved(why) from None
+            raise _NotMoved(f"cannot open a folder on the path: {exc.strerror}") from None
+        os.close(fd)
+        fd = next_fd
+    return fd
+
+
+def _what(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "device"),
+        (stat.S_ISBLK, "device"),
+    ):
+        if test(mode):
+            return name
+    return "unknown"
+
+
+def _safe(name: str, limit: int) -> str:
+    """A file-name component made of safe characters (the record keeps the real name)."""
+    safe = _UNSAFE.sub("_", name)[:limit]
+    return "_" if safe in ("", ".", "..") else safe

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class RoundWork:
         self.global_model: dict[str, np.ndarray] = {}
         self.broadcast: Broadcast | None = None
         self.last_evaluate: dict[str, float] = {}
+        # Set by the daemon to InboundReader.bound_update: the norm bound for re-mapped results.
+        self.bound_update: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None
         # Whole-set strategies: accepted results stay on disk until the round closes.
         self.accepted_files: list[tuple[Path, int, FileIdentity]] = []
 
@@ -210,7 +212,8 @@ class RoundWork:
     def _finish(self, rnd: int) -> dict[str, np.ndarray]:
         """The next global model; the current one if the strategy skips the round."""
         if not self.strategy.streaming:
-            updates = [map_result(path, identity) for path, _, identity in self.accepted_files]
+            bound = self.bound_update or (lambda arrays: arrays)
+            updates = [bound(map_result(path, identity)) for path, _, identity in self.accepted_files]
             self.strategy.aggregate_all(updates, [n for _, n, _ in self.accepted_files])
         try:
             return self.strategy.finish()

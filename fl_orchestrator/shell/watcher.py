@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -63,17 +64,37 @@ async def watch_job_files(
         group.start_soon(set_when_cancelled, stop)
         group.start_soon(_rescan_forever, layout, datasites, send, rescan_interval_seconds)
         step = max(1, min(debounce_milliseconds, math.ceil(debounce_milliseconds / 4)))
-        async for changes in awatch(
+        async for changes in resilient_awatch(
             layout.datasites_dir,
+            stop_event=stop,
             watch_filter=_job_filter(layout),
             debounce=debounce_milliseconds,
             step=step,
-            recursive=True,
-            ignore_permission_denied=True,
-            stop_event=stop,
         ):
             await send.send(sorted({Path(path) for _, path in changes}))
         group.cancel_scope.cancel()
+
+
+async def resilient_awatch(
+    root: Path, *, stop_event: anyio.Event, **options: Any
+) -> AsyncIterator[set[tuple[Change, str]]]:
+    """``awatch`` over root, recursive, restarted when the watcher itself fails.
+
+    watchfiles raises a RuntimeError (inside an exception group) when it meets
+    a path it cannot decode as UTF-8, and any datasite can sync such a name
+    into the tree. Restarting loses the events of that moment only; the
+    periodic rescan finds whatever they were about.
+    """
+    while not stop_event.is_set():
+        try:
+            async for changes in awatch(
+                root, stop_event=stop_event, recursive=True, ignore_permission_denied=True, **options
+            ):
+                yield changes
+            return
+        except* RuntimeError as errors:
+            log.warning("watcher.restarted", root=str(root), error=repr(errors.exceptions[0])[:300])
+        await anyio.sleep(0.1)
 
 
 async def set_when_cancelled(stop: anyio.Event) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fl_orchestrator.wire.reasons import Reason, Rejection
+from fl_orchestrator.wire.reasons import Reason, Rejection, describe
 
 Weights = dict[str, np.ndarray]
 
@@ -45,12 +45,27 @@ _MAX_BIN32 = 2**32 - 1
 
 @dataclass(frozen=True)
 class FrameLimits:
-    """Bounds checked before anything large is allocated."""
+    """Bounds checked before anything large is allocated.
+
+    The msgpack limits apply to the header only (the array payloads are parsed
+    by hand). ``max_container_len`` bounds every msgpack array and map; the
+    manifest list may still hold ``max_arrays + 1`` entries and a map
+    ``max_map_entries + 1``, so that one too many is refused by the check that
+    names it (``bad_array_manifest``, ``bad_metrics``) instead of as ``malformed``.
+    ``max_str_len`` bounds each str and bin in the header (None: the header
+    limit). ``max_depth`` bounds nesting: msgpack's C unpacker stops at 1024
+    levels by itself, but anything past a few hundred can still make a
+    recursive repr of a decoded value fail, and no message nests deeper than 4.
+    """
 
     max_header_bytes: int = 1024 * 1024
     max_arrays: int = 4096
     max_ndim: int = 8
     max_elements: int = 2**31
+    max_container_len: int = 4096
+    max_map_entries: int = 0
+    max_str_len: int | None = None
+    max_depth: int = 32
 
 
 def wire_dtype_name(dtype: np.dtype[Any]) -> str:
@@ -98,14 +113,15 @@ def decode_header(buffer: bytes | bytearray | memoryview, limits: FrameLimits) -
     view = memoryview(buffer)
     if view.nbytes == 0:
         raise Rejection(Reason.EMPTY_FILE, "the file is empty")
+    max_str = limits.max_header_bytes if limits.max_str_len is None else limits.max_str_len
     unpacker = msgpack.Unpacker(
         raw=False,
         strict_map_key=True,
         max_buffer_size=limits.max_header_bytes,
-        max_str_len=limits.max_header_bytes,
-        max_bin_len=limits.max_header_bytes,
-        max_array_len=max(limits.max_arrays, 4096),
-        max_map_len=4096,
+        max_str_len=max_str,
+        max_bin_len=max_str,
+        max_array_len=max(limits.max_container_len, limits.max_arrays + 1),
+        max_map_len=max(limits.max_container_len, limits.max_map_entries + 1),
         max_ext_len=0,
     )
     unpacker.feed(view[: limits.max_header_bytes])
@@ -121,7 +137,25 @@ def decode_header(buffer: bytes | bytearray | memoryview, limits: FrameLimits) -
         raise Rejection(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise Rejection(Reason.MALFORMED, f"the first object is a {type(header).__name__}, not a map")
+    _check_depth(header, limits.max_depth)
     return header, unpacker.tell()
+
+
+def _check_depth(root: dict[str, Any], max_depth: int) -> None:
+    """Refuse a header nesting maps and arrays deeper than ``max_depth`` levels.
+
+    Iterative, and it looks only inside containers, so it costs one pass over
+    the header's items (bounded by max_header_bytes) and never recurses.
+    """
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        container, depth = stack.pop()
+        items = container.values() if isinstance(container, dict) else container
+        for item in items:
+            if isinstance(item, (dict, list)):
+                if depth + 1 > max_depth:
+                    raise Rejection(Reason.MALFORMED, f"the header nests deeper than {max_depth} levels")
+                stack.append((item, depth + 1))
 
 
 def decode_arrays(
@@ -164,7 +198,7 @@ def _manifest_entry(
     if not isinstance(name, str) or not name or len(name) > 256:
         raise Rejection(Reason.BAD_ARRAY_MANIFEST, f"arrays[{index}] has a bad name")
     if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
-        raise Rejection(Reason.DTYPE_MISMATCH, f"array {name!r} has dtype {dtype_name!r}")
+        raise Rejection(Reason.DTYPE_MISMATCH, f"array {name!r} has dtype {describe(dtype_name)}")
     if not isinstance(shape, list) or len(shape) > limits.max_ndim:
         raise Rejection(Reason.BAD_ARRAY_MANIFEST, f"array {name!r} has a bad shape")
     dims: list[int] = []

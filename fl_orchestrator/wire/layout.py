@@ -96,14 +96,21 @@ class JobLayout:
     def classify(self, path: Path) -> Classified | None:
         """Read a path under datasites/ as a datasite's result or heartbeat.
 
-        Returns None for anything outside a datasite's folder for this job.
-        Temp names are IGNORED: they are writes still under way.
+        Returns None for anything outside a datasite's folder for this job,
+        including a path with a '.' or '..' part: pathlib keeps those, so
+        ``datasites/../x`` would otherwise pass for a path under datasites/.
+        Temp names are IGNORED: they are writes still under way. A result
+        whose name is not ``<1-64 letters/digits>.result`` directly under
+        ``results/`` has ``bad_name`` (that covers '..', backslashes and
+        anything else a name could smuggle in).
         """
         try:
             rel = path.relative_to(self.datasites_dir)
         except ValueError:
             return None
         parts = rel.parts
+        if any(part in ("", ".", "..") for part in parts):
+            return None
         if len(parts) < 5 or parts[1:4] != ("app_data", APP_NAME, self.job):
             return None
         datasite, rest = parts[0], parts[4:]

@@ -22,9 +22,13 @@ from fl_orchestrator.wire.frames import (
     encode_bytes,
     encode_frames,
 )
-from fl_orchestrator.wire.reasons import Reason, Rejection
+from fl_orchestrator.wire.reasons import Reason, Rejection, describe
 
 PROTOCOL_VERSION = 1
+# Defaults of the bounds a reader applies; the daemon passes its [limits] values.
+MAX_METRICS = 256
+MAX_CONFIG_ENTRIES = 256
+MAX_NUM_EXAMPLES = 10**12
 MetricValue = int | float
 Metrics = dict[str, MetricValue]
 
@@ -162,21 +166,27 @@ def decode_message(
     expect_kind: str,
     expect_job: str,
     limits: FrameLimits,
-    max_metrics: int = 256,
-    max_num_examples: int = 10**12,
+    max_metrics: int = MAX_METRICS,
+    max_num_examples: int = MAX_NUM_EXAMPLES,
+    max_config_entries: int = MAX_CONFIG_ENTRIES,
 ) -> Message:
-    """Decode one file's bytes into a typed message, or raise Rejection."""
+    """Decode one file's bytes into a typed message, or raise Rejection.
+
+    Only Rejection escapes, whatever the bytes: every value quoted in a detail
+    goes through ``describe`` so that no hostile value is repr'd in full.
+    """
     header, offset = decode_header(buffer, limits)
     version = header.get("version")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise Rejection(Reason.UNSUPPORTED_VERSION, f"version {version!r}; this server speaks 1")
+        raise Rejection(Reason.UNSUPPORTED_VERSION, f"version {describe(version)}; this server speaks 1")
     kind = header.get("kind")
     if kind != expect_kind:
-        raise Rejection(Reason.WRONG_KIND, f"kind {kind!r} where {expect_kind!r} was expected")
+        raise Rejection(Reason.WRONG_KIND, f"kind {describe(kind)} where {expect_kind!r} was expected")
     allowed = _KIND_FIELDS[expect_kind]
     extra = sorted(set(header) - allowed, key=repr)  # keys may be str or bytes
     if extra:
-        raise Rejection(Reason.UNEXPECTED_FIELD, f"unexpected fields {extra}")
+        shown = ", ".join(describe(key, 40) for key in extra[:8]) + (", ..." if len(extra) > 8 else "")
+        raise Rejection(Reason.UNEXPECTED_FIELD, f"unexpected fields [{shown}]")
     missing = sorted(allowed - set(header) - ({"arrays"} if expect_kind == "result" else set()))
     if missing:
         raise Rejection(Reason.MISSING_FIELD, f"missing fields {missing}")
@@ -189,7 +199,7 @@ def decode_message(
         return HeartbeatMessage(env, state[:32])
     if expect_kind == "task":
         _no_arrays(buffer, offset)
-        return _task(header, env)
+        return _task(header, env, max_config_entries)
     if expect_kind == "model":
         return ModelMessage(env, decode_arrays(buffer, offset, header.get("arrays"), limits))
     return _result(header, env, buffer, offset, limits, max_metrics, max_num_examples)
@@ -212,7 +222,7 @@ def _envelope(header: Mapping[str, Any]) -> Envelope:
     return Envelope(_typed(header, "job", str), rnd, message_id, reply_to, created, deadline)
 
 
-def _task(header: Mapping[str, Any], env: Envelope) -> TaskMessage:
+def _task(header: Mapping[str, Any], env: Envelope, max_config_entries: int) -> TaskMessage:
     model = header.get("model")
     if not isinstance(model, dict) or set(model) != {"path", "sha256", "nbytes"}:
         raise Rejection(Reason.BAD_FIELD, "model must be {path, sha256, nbytes}")
@@ -226,6 +236,12 @@ def _task(header: Mapping[str, Any], env: Envelope) -> TaskMessage:
     config = header.get("config")
     if not isinstance(config, dict):
         raise Rejection(Reason.BAD_FIELD, "config must be a map")
+    if len(config) > max_config_entries:
+        raise Rejection(
+            Reason.BAD_FIELD, f"config has {len(config)} entries; the limit is {max_config_entries}"
+        )
+    if not all(isinstance(key, str) for key in config):
+        raise Rejection(Reason.BAD_FIELD, "config keys must be strings")
     return TaskMessage(env, _typed(header, "attempt", int), ModelRef(path, sha, nbytes), config)
 
 
@@ -240,7 +256,7 @@ def _result(
 ) -> ResultMessage:
     status = header.get("status")
     if status not in ("ok", "error"):
-        raise Rejection(Reason.BAD_FIELD, f"status {status!r}; expected 'ok' or 'error'")
+        raise Rejection(Reason.BAD_FIELD, f"status {describe(status)}; expected 'ok' or 'error'")
     metrics = _metrics(header.get("metrics"), max_metrics)
     if status == "error":
         error = header.get("error")
@@ -257,7 +273,7 @@ def _result(
         raise Rejection(Reason.BAD_FIELD, "an ok result carries error = nil")
     num_examples = header.get("num_examples")
     if isinstance(num_examples, bool) or not isinstance(num_examples, int):
-        raise Rejection(Reason.BAD_NUM_EXAMPLES, f"num_examples {num_examples!r} is not an int")
+        raise Rejection(Reason.BAD_NUM_EXAMPLES, f"num_examples {describe(num_examples)} is not an int")
     if not 0 < num_examples <= max_num_examples:
         raise Rejection(
             Reason.BAD_NUM_EXAMPLES, f"num_examples {num_examples} is outside 1..{max_num_examples}"

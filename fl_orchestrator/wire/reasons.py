@@ -1,12 +1,18 @@
 """Reason codes for every inbound file the daemon refuses.
 
-The list is part of the operator interface (docs/PROTOCOL.md mirrors it): log
-queries and dashboards key on these strings, so they never change meaning.
+The list is part of the operator interface (docs/PROTOCOL.md and
+docs/REJECTIONS.md mirror it): log queries and dashboards key on these
+strings, so they never change meaning. New codes may be added.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+
+# A detail is one log field. It quotes what a hostile sender wrote, so it is
+# bounded and made printable: no megabyte strings, no terminal escapes or
+# newlines in console logs, no lone surrogates that a UTF-8 stream refuses.
+MAX_DETAIL_CHARS = 300
 
 
 class Reason(StrEnum):
@@ -35,6 +41,7 @@ class Reason(StrEnum):
     NON_FINITE = "non_finite"
     BAD_NUM_EXAMPLES = "bad_num_examples"
     BAD_METRICS = "bad_metrics"
+    NORM_EXCEEDED = "norm_exceeded"
     # Against the round
     UNKNOWN_DATASITE = "unknown_datasite"
     ROUND_CLOSED = "round_closed"
@@ -47,6 +54,35 @@ class Reason(StrEnum):
     NOT_REGULAR_FILE = "not_regular_file"
     HARD_LINK = "hard_link"
     BAD_NAME = "bad_name"
+    # The daemon itself
+    INTERNAL_ERROR = "internal_error"
+
+
+def printable(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with every unprintable character escaped."""
+    cut = text[: limit + 1]
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    if len(shown) > limit or len(text) > limit:
+        shown = shown[: limit - 3] + "..."
+    return shown
+
+
+def describe(value: object, limit: int = 60) -> str:
+    """A short, safe rendering of a decoded value for a rejection detail.
+
+    Containers are summarised rather than repr'd: a hostile header may hold a
+    list of a million items, and repr of anything nested deeply recurses.
+    """
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return f"a map of {len(value)}"
+    if isinstance(value, (str, bytes, bytearray)):
+        shown = repr(value[:limit])
+        return shown + ("..." if len(value) > limit else "")
+    if value is None or isinstance(value, (bool, int, float)):
+        return printable(repr(value), limit)
+    return type(value).__name__
 
 
 class Rejection(Exception):
@@ -54,5 +90,5 @@ class Rejection(Exception):
 
     def __init__(self, reason: Reason, detail: str) -> None:
         self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
+        self.detail = printable(detail)
+        super().__init__(f"{reason}: {self.detail}")
