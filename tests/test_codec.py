@@ -1032,8 +1032,10 @@ def test_aggregator_permissions() -> None:
     legacy = files[LEGACY_FILE]
     for email in ("a@example.org", "b@example.org"):
         assert f"- path: 'models/**'\n  user: '{email}'\n  permissions: [read]\n" in legacy
-    assert "- path: 'tasks/{useremail}/**'\n  user: '*'\n  permissions: [read]\n" in legacy
-    assert legacy.count("- path:") == 3
+    for email in ("a@example.org", "b@example.org"):
+        assert f"- path: 'tasks/{email}/**'\n  user: '{email}'\n  permissions: [read]\n" in legacy
+    assert "useremail" not in legacy and "'*'" not in legacy
+    assert legacy.count("- path:") == 4
     assert "write" not in pub + legacy and "admin" not in pub + legacy
     assert "agg@" not in pub + legacy
 

@@ -148,9 +148,12 @@ async def test_bad_and_late_files_are_quarantined_and_the_job_goes_on(tmp_path: 
     assert daemon.store.rounds() == [0, 1, 2]
     counts = daemon.quarantine.counts
     assert counts["ds0@example.org"] == {"malformed": 1}
-    assert not (results / "0123abcd.result").exists()
+    # Copied to quarantine, left in place: under sync it belongs to the datasite.
+    assert (results / "0123abcd.result").exists()
     quarantined = list((daemon.state_dir / "quarantine" / "ds0@example.org").iterdir())
     assert any(p.name.endswith(".reason.json") for p in quarantined)
+    (copy,) = [p for p in quarantined if p.name.endswith("-0123abcd.result")]
+    assert copy.read_bytes() == (results / "0123abcd.result").read_bytes()
     # A datasite outside the job is never even read: it is not watched.
     assert "mallory@example.org" not in counts
     assert (stranger / "feed.result").exists()

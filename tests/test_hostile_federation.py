@@ -202,7 +202,13 @@ async def test_hostile_corpus_is_refused_and_the_model_is_honest_fedavg(tmp_path
     table = job_table(
         5,
         job={"num_rounds": 2, "min_available_nodes": 3, "min_train_nodes": 3, "round_timeout_seconds": 40.0},
-        daemon={"rescan_interval_seconds": 0.5},
+        # Move mode: this test checks where each kind of file ends up when it is moved.
+        # Copy mode (the default, for real sync) is checked in test_daemon.py.
+        daemon={
+            "rescan_interval_seconds": 0.5,
+            "quarantine_mode": "move",
+            "partial_file_settle_seconds": 0.0,
+        },
         limits={"max_update_norm": MAX_UPDATE_NORM},
     )
     job = write_job(tmp_path, table)

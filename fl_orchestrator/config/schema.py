@@ -188,6 +188,19 @@ class DaemonSection:
         default=600.0,
         metadata=spec("deadline of one aggregation", minimum=0, exclusive_minimum=True),
     )
+    quarantine_mode: str = field(
+        default="copy",
+        metadata=spec(
+            "refused files are copied to quarantine and left in place (safe under sync), or moved",
+            choices=("copy", "move"),
+        ),
+    )
+    partial_file_settle_seconds: float = field(
+        default=2.0,
+        metadata=spec(
+            "an empty or truncated file is refused only after staying unchanged this long", minimum=0
+        ),
+    )
     restart_grants_fresh_timeout: bool = field(
         default=False,
         metadata=spec("a restart mid-round restarts the round's timeout instead of keeping its deadline"),

@@ -104,7 +104,9 @@ class Daemon:
             retry_seconds=config.state.write_retry_seconds,
         )
         self.quarantine = Quarantine(
-            self.state_dir / "quarantine", flag_after=config.limits.flag_after_rejections
+            self.state_dir / "quarantine",
+            flag_after=config.limits.flag_after_rejections,
+            keep_originals=config.daemon.quarantine_mode == "copy",
         )
         evaluate = configure_round = metrics_aggregation = None
         if config.evaluate.global_evaluate:
@@ -161,7 +163,13 @@ class Daemon:
         )
         # Whole-set strategies re-map counted results: they get the same norm bound.
         self.work.bound_update = reader.bound_update
-        self.intake = IntakeLoop(self.layout, reader, self.quarantine, self.clock)
+        self.intake = IntakeLoop(
+            self.layout,
+            reader,
+            self.quarantine,
+            self.clock,
+            settle_seconds=self.config.daemon.partial_file_settle_seconds,
+        )
         await self._resume(reader)
         batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](16)
         # Small buffer: each queued result holds a decoded model, so back-pressure

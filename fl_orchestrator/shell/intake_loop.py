@@ -3,13 +3,21 @@
 Each file is looked at once per identity (inode, size, mtime): a rescan that
 finds a file already handled costs one lstat. Decoding runs in a worker
 thread; refusals are quarantined right here and never reach the round loop.
-A refused file that could not be moved keeps its identity in ``seen``, so it
+A refused file that stays where it is keeps its identity in ``seen``, so it
 is refused once, not again at every rescan, until it changes.
+
+A sync client may write a download in place (truncate, then write), so an
+empty or short file may just be arriving. Such a file is not refused at once:
+it is looked at again on its next event, and refused only once it has stayed
+the same for ``settle_seconds``. A heartbeat is never quarantined: the next
+one replaces it.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +35,9 @@ from fl_orchestrator.wire.reasons import Reason, printable
 
 log = structlog.get_logger("fl_orchestrator.intake")
 
+# Reasons a file being written in place (truncate, then write) can give for a while.
+_MAYBE_PARTIAL = frozenset({Reason.EMPTY_FILE, Reason.TRUNCATED})
+
 
 class IntakeLoop:
     """Turns watched paths into NodeSeen and ResultReceived events."""
@@ -37,16 +48,29 @@ class IntakeLoop:
         reader: InboundReader,
         quarantine: Quarantine,
         clock: Callable[[], float],
+        settle_seconds: float = 2.0,
     ) -> None:
         self.layout = layout
         self.reader = reader
         self.quarantine = quarantine
         self.clock = clock
+        self.settle_seconds = settle_seconds
         self.seen: dict[Path, FileIdentity] = {}
+        # Files that looked partial: the identity they had and when it was first seen.
+        self.unsettled: dict[Path, tuple[FileIdentity, float]] = {}
 
     async def run(self, batches: ObjectReceiveStream[PathBatch], events: ObjectSendStream[ev.Event]) -> None:
-        """Consume path batches until the watcher closes."""
-        async for batch in batches:
+        """Consume path batches until the watcher closes; look again at unsettled files when due."""
+        while True:
+            due = min((since + self.settle_seconds for _, since in self.unsettled.values()), default=math.inf)
+            batch: PathBatch | None = None
+            with anyio.move_on_after(max(0.0, due - time.monotonic())):
+                try:
+                    batch = await batches.receive()
+                except anyio.EndOfStream:
+                    return
+            if batch is None:
+                batch = sorted(self.unsettled)
             for path in batch:
                 event = await self.take(path)
                 if event is not None:
@@ -68,8 +92,12 @@ class IntakeLoop:
             self.reader.read_inbound, path, classified.kind, classified.datasite
         )
         if isinstance(outcome, Refused):
+            if self._still_arriving(path, classified.kind, outcome, identity):
+                return None
+            self.unsettled.pop(path, None)
             await self.refuse(path, outcome.datasite, outcome.reason, outcome.detail, identity)
             return None
+        self.unsettled.pop(path, None)
         self.seen[path] = outcome.identity
         if outcome.clipped:
             message = outcome.message
@@ -83,6 +111,19 @@ class IntakeLoop:
                 max_update_norm=self.reader.limits.max_update_norm,
             )
         return self.event_for(outcome)
+
+    def _still_arriving(self, path: Path, kind: FileKind, outcome: Refused, identity: FileIdentity) -> bool:
+        """True if this refusal may only mean the file is still being written."""
+        if outcome.reason not in _MAYBE_PARTIAL:
+            return False
+        if kind == FileKind.HEARTBEAT:
+            return True  # never quarantined: the next heartbeat replaces it
+        now = time.monotonic()
+        earlier = self.unsettled.get(path)
+        if earlier is None or earlier[0] != identity:
+            self.unsettled[path] = (identity, now)
+            return True
+        return now - earlier[1] < self.settle_seconds
 
     def event_for(self, inbound: Inbound) -> ev.Event:
         """The machine's view of a decoded file."""
@@ -126,7 +167,8 @@ class IntakeLoop:
             )
         )
         keep = identity or self.seen.get(path)
-        if moved is None and keep is not None:
+        stays = moved is None or self.quarantine.keep_originals
+        if stays and keep is not None:
             self.seen[path] = keep
         else:
             self.seen.pop(path, None)

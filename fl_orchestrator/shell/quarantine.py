@@ -69,6 +69,10 @@ class Quarantine:
 
     directory: Path
     flag_after: int = 5
+    # Under real sync a refused file lives in another party's datasite: moving
+    # it makes our client try to delete it upstream (refused), then fetch it
+    # again. With keep_originals the file is copied and left where it is.
+    keep_originals: bool = False
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     streaks: dict[str, int] = field(default_factory=dict)
     flagged: set[str] = field(default_factory=set)
@@ -201,6 +205,9 @@ class Quarantine:
             target = folder / stem
             while os.path.lexists(target):
                 target = folder / f"{stem}-{secrets.token_hex(2)}"
+            if self.keep_originals:
+                error = _copy_file(parent_fd, name, info, target)
+                return dataclasses.replace(done, to=None if error else target, error=error)
             try:
                 os.rename(name, target, src_dir_fd=parent_fd)
             except OSError as exc:
@@ -215,10 +222,20 @@ class Quarantine:
 
 def _copy_across(parent_fd: int, name: str, info: os.stat_result, target: Path) -> str | None:
     """Move a regular file to another filesystem: copy it, then unlink it; return why not."""
+    error = _copy_file(parent_fd, name, info, target, why="on another filesystem")
+    if error is None:
+        os.unlink(name, dir_fd=parent_fd)
+    return error
+
+
+def _copy_file(
+    parent_fd: int, name: str, info: os.stat_result, target: Path, *, why: str = "the original stays"
+) -> str | None:
+    """Copy a regular file of at most COPY_MAX_BYTES to target; return why not."""
     if not stat.S_ISREG(info.st_mode):
-        return "on another filesystem, and not a regular file: recorded, not moved"
+        return f"{why}, and not a regular file: recorded, not copied"
     if info.st_size > COPY_MAX_BYTES:
-        return f"on another filesystem and over {COPY_MAX_BYTES} bytes: recorded, not moved"
+        return f"{why} and over {COPY_MAX_BYTES} bytes: recorded, not copied"
     src = os.open(name, _FILE_FLAGS, dir_fd=parent_fd)
     try:
         opened = os.fstat(src)
@@ -237,7 +254,6 @@ def _copy_across(parent_fd: int, name: str, info: os.stat_result, target: Path) 
             os.close(dst)
     finally:
         os.close(src)
-    os.unlink(name, dir_fd=parent_fd)
     return None
 
 

@@ -33,7 +33,11 @@ def aggregator_permissions(datasites: Sequence[str]) -> dict[str, str]:
         "    access: {read: []}\n"
     )
     legacy_rules = [f"- path: 'models/**'\n  user: {_quote(d)}\n  permissions: [read]\n" for d in datasites]
-    legacy_rules.append("- path: 'tasks/{useremail}/**'\n  user: '*'\n  permissions: [read]\n")
+    # One explicit rule per datasite: the earlier server lists a '{useremail}' rule's
+    # files to everyone and then refuses each download, so clients retry forever.
+    legacy_rules.extend(
+        f"- path: 'tasks/{d}/**'\n  user: {_quote(d)}\n  permissions: [read]\n" for d in datasites
+    )
     return {PUB_FILE: pub, LEGACY_FILE: "".join(legacy_rules)}
 
 
