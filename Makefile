@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test chaos fuzz lint typecheck check clean service-install ci-tools
+.PHONY: install demo test chaos fuzz bench lint typecheck check clean service-install ci-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -38,8 +38,13 @@ chaos: $(STAMP)
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_hostile_fuzz.py
 
+# Speed and memory against the targets in bench/README.md (several GB of disk, a few minutes).
+# Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--only ingest,latency".
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fl_orchestrator tests
+	$(VENV)/bin/ruff check fl_orchestrator tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

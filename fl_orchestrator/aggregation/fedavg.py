@@ -51,12 +51,17 @@ class WeightedSum:
 
     def mean(self) -> Weights:
         """The weighted mean, cast back to each array's dtype."""
+        if self.count == 0 or self.total_weight <= 0:
+            self.mean64()  # raises RoundSkipped with the reason
         out: Weights = {}
-        for name, mean in self.mean64().items():
+        for name, total in self.sums.items():
             dtype = self.dtypes[name]
             if dtype.kind in "iub":
-                mean = np.rint(mean)
-            out[name] = mean.astype(dtype, copy=False).reshape(self.shapes[name])
+                mean = np.rint(total / self.total_weight).astype(dtype)
+            else:
+                # Straight into the model's dtype: no second float64 model-sized temporary.
+                mean = np.divide(total, self.total_weight, out=np.empty(total.shape, dtype), casting="unsafe")
+            out[name] = mean.reshape(self.shapes[name])
         return out
 
 

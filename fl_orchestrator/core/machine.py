@@ -150,7 +150,8 @@ class RoundMachine:
     def _try_dispatch(self, now: float) -> list[Action]:
         available = self.available(now)
         if len(available) < self.rules.min_available_nodes:
-            missing = tuple(d for d in self.rules.datasites if d not in available)
+            present = set(available)  # a tuple lookup here made start-up cubic in the datasites
+            missing = tuple(d for d in self.rules.datasites if d not in present)
             if missing == self.last_missing:
                 return []
             self.last_missing = missing
@@ -241,7 +242,8 @@ class RoundMachine:
             still_waiting = self.phase == Phase.WAITING_FOR_NODES
             if still_waiting and self.wait_until is not None and now >= self.wait_until:
                 available = self.available(now)
-                missing = [d for d in self.rules.datasites if d not in available]
+                present = set(available)
+                missing = [d for d in self.rules.datasites if d not in present]
                 return self._fail(
                     f"only {len(available)} of {self.rules.min_available_nodes} needed datasites"
                     f" were seen within {self.rules.available_timeout_seconds:g} s before round"

@@ -29,7 +29,8 @@ def log_action(job: str, action: ev.Action, clock: Callable[[], float]) -> None:
             round=action.round,
             available=len(action.available),
             needed=action.needed,
-            missing=list(action.missing),
+            missing_count=len(action.missing),
+            missing=list(action.missing[:20]),  # a thousand names per heartbeat would flood the log
             wait_seconds_left=round(action.until - clock(), 3),
         )
     elif isinstance(action, ev.AbandonAttempt):

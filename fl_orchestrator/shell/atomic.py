@@ -28,16 +28,10 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, chunks: Iterable[Any], *, durable: bool = True, mode: int = 0o644) -> int:
-    """Write chunks to path atomically; return the bytes written.
-
-    With durable=False the data and rename are not fsynced: for files that can
-    be rewritten identically after a crash (tasks, heartbeats).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_name_for(path)
+def _write_new(path: Path, chunks: Iterable[Any], *, fsync: bool, mode: int = 0o644) -> int:
+    """Create path (it must not exist), write every chunk, optionally fsync; remove it on failure."""
     written = 0
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb", buffering=0) as handle:
             for chunk in chunks:
@@ -48,8 +42,34 @@ def atomic_write(path: Path, chunks: Iterable[Any], *, durable: bool = True, mod
                         raise OSError("short write")
                     written += count
                     view = view[count:]
-            if durable:
+            if fsync:
                 os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return written
+
+
+def write_durably(path: Path, chunks: Iterable[Any]) -> int:
+    """Write chunks to a new file at path and fsync it (no rename); return the bytes written.
+
+    For writers that choose the final name only once the content is known.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_new(path, chunks, fsync=True)
+
+
+def atomic_write(path: Path, chunks: Iterable[Any], *, durable: bool = True, mode: int = 0o644) -> int:
+    """Write chunks to path atomically; return the bytes written.
+
+    With durable=False the data and rename are not fsynced: for files that can
+    be rewritten identically after a crash (tasks, heartbeats).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_name_for(path)
+    written = _write_new(temp, chunks, fsync=durable, mode=mode)
+    try:
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -9,6 +9,7 @@ resumes the same round with the same results counted once.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -135,7 +136,8 @@ class Daemon:
         self.final_model_path: Path | None = None
         self.failure_reason: str | None = None
         self.replaying = False
-        self.status_written_at = 0.0
+        self.status_wanted: anyio.Event | None = None
+        self.status_urgent: anyio.Event | None = None
         self.pending_aggregate: ev.RoundSummary | None = None
 
     @property
@@ -148,6 +150,9 @@ class Daemon:
     async def run(self) -> int:
         """Run the job to its end; return the process exit code."""
         complete = await anyio.to_thread.run_sync(self._prepare)
+        # Everything allocated so far lives for the whole run: keep the collector
+        # from scanning it again in every full collection (20 ms pauses measured).
+        gc.freeze()
         if complete:
             assert self.state.run is not None
             return EXIT_DONE if self.state.run.status == "done" else EXIT_JOB_FAILED
@@ -162,7 +167,6 @@ class Daemon:
             global_model_round=machine.round,
         )
         # Whole-set strategies re-map counted results: they get the same norm bound.
-        self.work.bound_update = reader.bound_update
         self.intake = IntakeLoop(
             self.layout,
             reader,
@@ -174,7 +178,7 @@ class Daemon:
         batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](16)
         # Small buffer: each queued result holds a decoded model, so back-pressure
         # on intake is what keeps memory flat.
-        events_send, events_recv = anyio.create_memory_object_stream[ev.Event](2)
+        events_send, events_recv = anyio.create_memory_object_stream[ev.Event](0)
         async with anyio.create_task_group() as root:
             if self.handle_signals:
                 root.start_soon(self._watch_signals, root.cancel_scope)
@@ -188,18 +192,24 @@ class Daemon:
                 )
             )
             root.start_soon(self.intake.run, batches_recv, events_send)
+            self.status_wanted = anyio.Event()
+            self.status_urgent = anyio.Event()
+            root.start_soon(self._write_status_when_wanted)
             interval = self.notifier.watchdog_interval_seconds()
             if interval is not None:
                 root.start_soon(self._ping_watchdog, interval)
             self.notifier.ready(self._status_line())
             self.exit_code = await self._round_loop(events_recv)
+            final = self._status_document(_STATE_OF_PHASE.get(machine.phase, "running"))
+            await anyio.to_thread.run_sync(self._write_status_document, final)
             root.cancel_scope.cancel()
         self.notifier.stopping(self._status_line())
         self.state.close()
         if self.exit_code is None:  # cancelled by a signal: state is already durable
             self.exit_code = EXIT_DONE
             with anyio.move_on_after(self.config.daemon.shutdown_timeout_seconds, shield=True):
-                await anyio.to_thread.run_sync(self._write_status, "stopped")
+                stopped = self._status_document("stopped")
+                await anyio.to_thread.run_sync(self._write_status_document, stopped)
             log.info("daemon.stopped", job=self.job, round=machine.round, phase=str(machine.phase))
         return self.exit_code
 
@@ -343,13 +353,29 @@ class Daemon:
         if self.replaying:
             return
         transition = (machine.phase, machine.round) != before
-        # Results and refusals change what `status` shows too; at most one extra write a second.
-        progress = bool(actions) and time.monotonic() - self.status_written_at >= 1.0
-        if transition or progress:
-            await anyio.to_thread.run_sync(self._write_status, _STATE_OF_PHASE.get(machine.phase, "running"))
-            self.status_written_at = time.monotonic()
+        if (transition or actions) and self.status_wanted is not None:
+            self.status_wanted.set()
+            if transition and self.status_urgent is not None:
+                self.status_urgent.set()
         if transition:
             self.notifier.status(self._status_line())
+
+    async def _write_status_when_wanted(self) -> None:
+        """Rewrite status.json on every transition, and after results at most once a second.
+
+        Off the round loop: with a thousand datasites the file takes tens of
+        milliseconds to write, which would delay the next result.
+        """
+        assert self.machine is not None
+        while True:
+            assert self.status_wanted is not None
+            await self.status_wanted.wait()
+            self.status_wanted = anyio.Event()
+            self.status_urgent = anyio.Event()
+            document = self._status_document(_STATE_OF_PHASE.get(self.machine.phase, "running"))
+            await anyio.to_thread.run_sync(self._write_status_document, document)
+            with anyio.move_on_after(1.0):
+                await self.status_urgent.wait()
 
     async def _log_decisions(self, rnd: int, event: ev.Event, actions: list[ev.Action]) -> None:
         """Append what this event decided to the round log, before any of it takes effect."""
@@ -443,17 +469,20 @@ class Daemon:
         )
         return [ev.RoundAggregated(self.clock(), summary.round)]
 
-    def _write_status(self, state: str) -> None:
+    def _status_document(self, state: str) -> dict[str, Any]:
         assert self.machine is not None
         extra: dict[str, Any] = {
             "quarantined": self.quarantine.snapshot_counts(),
             "flagged": self.quarantine.flagged_datasites(),
-            "last_evaluate": self.work.last_evaluate,
+            "last_evaluate": dict(self.work.last_evaluate),
         }
         if self.failure_reason:
             extra["error"] = self.failure_reason
+        return self.reports.status_document(self.machine, now=self.clock(), state=state, extra=extra)
+
+    def _write_status_document(self, document: dict[str, Any]) -> None:
         try:
-            self.reports.write_status(self.machine, now=self.clock(), state=state, extra=extra)
+            self.reports.write_status_document(document)
         except OSError as exc:
             log.error("status.write_failed", path=str(self.reports.status_path), error=exc.strerror)
 

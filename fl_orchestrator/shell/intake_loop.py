@@ -37,6 +37,8 @@ log = structlog.get_logger("fl_orchestrator.intake")
 
 # Reasons a file being written in place (truncate, then write) can give for a while.
 _MAYBE_PARTIAL = frozenset({Reason.EMPTY_FILE, Reason.TRUNCATED})
+# Larger batches (rescans) are pre-filtered off the event loop.
+_INLINE_BATCH = 64
 
 
 class IntakeLoop:
@@ -71,6 +73,9 @@ class IntakeLoop:
                     return
             if batch is None:
                 batch = sorted(self.unsettled)
+            elif len(batch) > _INLINE_BATCH:
+                # A rescan: thousands of lstat calls would stall the loop, so filter in a thread.
+                batch = await anyio.to_thread.run_sync(self._changed, batch)
             for path in batch:
                 event = await self.take(path)
                 if event is not None:
@@ -111,6 +116,18 @@ class IntakeLoop:
                 max_update_norm=self.reader.limits.max_update_norm,
             )
         return self.event_for(outcome)
+
+    def _changed(self, batch: PathBatch) -> PathBatch:
+        """The paths whose identity differs from the one already handled."""
+        changed = []
+        for path in batch:
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if self.seen.get(path) != FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns):
+                changed.append(path)
+        return changed
 
     def _still_arriving(self, path: Path, kind: FileKind, outcome: Refused, identity: FileIdentity) -> bool:
         """True if this refusal may only mean the file is still being written."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fl_orchestrator.shell.atomic import atomic_write, atomic_write_text
+from fl_orchestrator.shell.atomic import atomic_write, atomic_write_text, fsync_dir, write_durably
 from fl_orchestrator.shell.models import model_message
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
@@ -50,12 +53,21 @@ class Publisher:
     def write_model(self, rnd: int, model: Mapping[str, np.ndarray]) -> Broadcast:
         """Write round rnd's model once, named by its content hash; reuse it if present."""
         frames = encode_model_frames(model_message(self.layout.job, rnd, model, f"g{rnd}"))
-        sha = sha256_of_frames(frames)
-        name = self.layout.model_name(rnd, sha)
-        path = self.layout.models_dir / name
         nbytes = sum(memoryview(f).nbytes for f in frames)
-        if not (path.exists() and path.stat().st_size == nbytes):
-            self.bytes_written += atomic_write(path, frames)
+        # The name needs the hash, the write does not: hash in a second thread
+        # while this one writes and fsyncs under a temp name (both drop the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashing = pool.submit(sha256_of_frames, frames)
+            temp = self.layout.models_dir / f".incoming-r{rnd:05d}.{secrets.token_hex(6)}.tmp"
+            written = write_durably(temp, frames)
+            sha = hashing.result()
+        path = self.layout.models_dir / self.layout.model_name(rnd, sha)
+        if path.exists() and path.stat().st_size == nbytes:
+            temp.unlink()
+        else:
+            os.replace(temp, path)
+            fsync_dir(path.parent)
+            self.bytes_written += written
         relative = path.relative_to(self.layout.aggregator_dir).as_posix()
         return Broadcast(rnd, ModelRef(relative, sha, nbytes), nbytes)
 

@@ -51,7 +51,20 @@ class Reports:
     def write_status(
         self, machine: RoundMachine, *, now: float, state: str, extra: dict[str, Any] | None = None
     ) -> None:
+        """Snapshot the machine and write status.json (in the calling thread)."""
+        self.write_status_document(self.status_document(machine, now=now, state=state, extra=extra))
+
+    def write_status_document(self, status: dict[str, Any]) -> None:
+        """Write a snapshot taken by status_document; safe in a worker thread."""
+        atomic_write_text(self.status_path, json.dumps(status, sort_keys=True), durable=False)
+
+    def status_document(
+        self, machine: RoundMachine, *, now: float, state: str, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Snapshot the machine for `fl-orchestrator status`.
+
+        Take it in the thread that drives the machine: the snapshot copies
+        everything, so it can then be written from another thread.
 
         Times (`deadline`, `dispatched_at`, `updated`, each datasite's `last_seen`) are
         the daemon clock's epoch seconds. `deadline` ends the open attempt while
@@ -81,7 +94,7 @@ class Reports:
         }
         if extra:
             status.update(extra)
-        atomic_write_text(self.status_path, json.dumps(status, sort_keys=True), durable=False)
+        return status
 
     def round_lines(self) -> list[dict[str, Any]]:
         """Every intact metrics line, in order (a torn last line from a crash is skipped)."""

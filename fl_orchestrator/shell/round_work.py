@@ -7,7 +7,7 @@ intake and timers keep turning while a model is folded or written.
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,18 +24,14 @@ from fl_orchestrator.core import events as ev
 from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused
 from fl_orchestrator.shell.models import ModelStore
 from fl_orchestrator.shell.publisher import Broadcast, Publisher
+from fl_orchestrator.shell.result_files import FileUpdate, ResultGone, ScaledUpdate, update_norm_of
 from fl_orchestrator.state import failpoints
-from fl_orchestrator.wire.frames import FrameLimits, decode_arrays, decode_header
 from fl_orchestrator.wire.layout import FileKind
 from fl_orchestrator.wire.messages import ResultMessage
 
 log = structlog.get_logger("fl_orchestrator.rounds")
 
 Evaluate = Callable[[dict[str, np.ndarray]], dict[str, float]]
-
-
-class ResultGone(Exception):
-    """A result counted before a restart can no longer be read as it was."""
 
 
 class HookFailed(Exception):
@@ -75,8 +71,6 @@ class RoundWork:
         self.global_model: dict[str, np.ndarray] = {}
         self.broadcast: Broadcast | None = None
         self.last_evaluate: dict[str, float] = {}
-        # Set by the daemon to InboundReader.bound_update: the norm bound for re-mapped results.
-        self.bound_update: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None
         # Whole-set strategies: accepted results stay on disk until the round closes.
         self.accepted_files: list[tuple[Path, int, FileIdentity]] = []
 
@@ -211,17 +205,32 @@ class RoundWork:
 
     def _finish(self, rnd: int) -> dict[str, np.ndarray]:
         """The next global model; the current one if the strategy skips the round."""
-        if not self.strategy.streaming:
-            bound = self.bound_update or (lambda arrays: arrays)
-            updates = [bound(map_result(path, identity)) for path, _, identity in self.accepted_files]
-            self.strategy.aggregate_all(updates, [n for _, n, _ in self.accepted_files])
+        files: list[FileUpdate] = []
         try:
+            if not self.strategy.streaming:
+                updates: list[Mapping[str, np.ndarray]] = []
+                for path, _, identity in self.accepted_files:
+                    files.append(FileUpdate(path, identity))
+                    updates.append(self._bounded(files[-1]))
+                self.strategy.aggregate_all(updates, [n for _, n, _ in self.accepted_files])
             return self.strategy.finish()
         except RoundSkipped as exc:
             log.warning("round.skipped", job=self.job, round=rnd, reason=str(exc), model="unchanged")
             return self.global_model
         finally:
+            for update in files:
+                update.close()
             self.accepted_files = []
+
+    def _bounded(self, update: FileUpdate) -> Mapping[str, np.ndarray]:
+        """In clip mode, clip a re-read result the way the intake clipped it when it arrived."""
+        limits = self.config.limits
+        if limits.max_update_norm <= 0 or limits.update_norm_action != "clip":
+            return update  # anything over the bound was refused on arrival
+        norm = update_norm_of(update, self.global_model)
+        if norm <= limits.max_update_norm or not math.isfinite(norm):
+            return update
+        return ScaledUpdate(update, self.global_model, limits.max_update_norm / norm)
 
     async def evaluate(self, rnd: int) -> dict[str, float]:
         """Central evaluation of the current global model, bounded by its timeout."""
@@ -262,21 +271,3 @@ class RoundWork:
         )
         self.last_evaluate = metrics
         return metrics
-
-
-_MAP_LIMITS = FrameLimits(max_header_bytes=64 * 1024 * 1024, max_elements=2**34)
-
-
-def map_result(path: Path, identity: FileIdentity) -> dict[str, np.ndarray]:
-    """A counted result's arrays as read-only views over the mapped file.
-
-    Whole-set strategies read these chunk by chunk, so memory holds chunks of
-    N results rather than N models. The file was validated when it was
-    counted; its inode and size must still be the same.
-    """
-    info = os.stat(path, follow_symlinks=False)
-    if (info.st_ino, info.st_size) != (identity.inode, identity.size):
-        raise ResultGone(f"{path} changed since it was counted")
-    mapped = memoryview(np.memmap(path, dtype=np.uint8, mode="r").data)
-    header, offset = decode_header(mapped, _MAP_LIMITS)
-    return decode_arrays(mapped, offset, header.get("arrays"), _MAP_LIMITS)

@@ -1,0 +1,136 @@
+"""Counted results read back from their files, a block at a time, for whole-set strategies.
+
+A whole-set strategy (median, trimmed mean, Krum, Bulyan) needs every result
+of the round at once. Holding them decoded would cost N models of memory, and
+even memory-mapping them leaves every page read counted in the daemon's RSS
+until the round ends. Here each block is read with ``os.pread`` into a small
+buffer and dropped after use: memory stays at N blocks plus the model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl_orchestrator.aggregation.chunks import CHUNK_ELEMENTS, LazyUpdate
+from fl_orchestrator.shell.intake import FileIdentity
+from fl_orchestrator.wire.frames import WIRE_DTYPES, FrameLimits, decode_header
+
+_HEADER_LIMITS = FrameLimits(max_header_bytes=64 * 1024 * 1024, max_elements=2**34)
+
+
+class ResultGone(Exception):
+    """A result counted earlier can no longer be read as it was."""
+
+
+class FileUpdate(LazyUpdate):
+    """One counted result file, read on demand; validated when it was counted."""
+
+    def __init__(self, path: Path, identity: FileIdentity) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            info = os.fstat(self._fd)
+            if (info.st_ino, info.st_size) != (identity.inode, identity.size):
+                raise ResultGone(f"{path} changed since it was counted")
+            head = os.pread(self._fd, min(info.st_size, _HEADER_LIMITS.max_header_bytes), 0)
+            header, offset = decode_header(head, _HEADER_LIMITS)
+            self._arrays: dict[str, tuple[int, np.dtype[Any], tuple[int, ...]]] = {}
+            for name, dtype_name, shape in header["arrays"]:
+                start = self._bin_start(offset)
+                dtype = WIRE_DTYPES[dtype_name]
+                self._arrays[name] = (start, dtype, tuple(shape))
+                offset = start + math.prod(shape) * dtype.itemsize
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _bin_start(self, offset: int) -> int:
+        marker = os.pread(self._fd, 5, offset)
+        width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(marker[0]) if marker else None
+        if width is None:
+            raise ResultGone(f"{self.path} changed since it was counted (no bin at {offset})")
+        return offset + 1 + width
+
+    def read_block(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of the flattened array, as float64."""
+        base, dtype, _ = self._arrays[name]
+        count = stop - start
+        data = os.pread(self._fd, count * dtype.itemsize, base + start * dtype.itemsize)
+        if len(data) != count * dtype.itemsize:
+            raise ResultGone(f"{self.path} shrank since it was counted")
+        return np.frombuffer(data, dtype=dtype).astype(np.float64)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The array's shape, without reading it."""
+        return self._arrays[name][2]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        _, dtype, shape = self._arrays[name]
+        out = np.empty(math.prod(shape), dtype=dtype)
+        for start in range(0, out.size, CHUNK_ELEMENTS):
+            stop = min(start + CHUNK_ELEMENTS, out.size)
+            out[start:stop] = self.read_block(name, start, stop)
+        return out.reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def close(self) -> None:
+        """Release the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class ScaledUpdate(LazyUpdate):
+    """x_t + scale * (x - x_t): a result clipped to the update-norm bound, block by block."""
+
+    def __init__(self, base: FileUpdate, model: Mapping[str, np.ndarray], scale: float) -> None:
+        self.base = base
+        self.model = model
+        self.scale = scale
+
+    def read_block(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of the clipped array, as float64."""
+        reference = np.asarray(self.model[name]).reshape(-1)[start:stop].astype(np.float64)
+        return reference + self.scale * (self.base.read_block(name, start, stop) - reference)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The array's shape."""
+        return self.base.shape_of(name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype = np.asarray(self.model[name]).dtype
+        size = math.prod(self.shape_of(name))
+        out = np.empty(size, dtype=dtype)
+        for start in range(0, size, CHUNK_ELEMENTS):
+            stop = min(start + CHUNK_ELEMENTS, size)
+            out[start:stop] = self.read_block(name, start, stop)
+        return out.reshape(self.shape_of(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def update_norm_of(update: FileUpdate, model: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of (result - global model) over every array, read block by block."""
+    total = 0.0
+    for name, reference in model.items():
+        flat = np.asarray(reference).reshape(-1)
+        for start in range(0, flat.size, CHUNK_ELEMENTS):
+            stop = min(start + CHUNK_ELEMENTS, flat.size)
+            delta = update.read_block(name, start, stop) - flat[start:stop].astype(np.float64)
+            total += float(np.dot(delta, delta))
+    return math.sqrt(total)
