@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--aggregator", required=True, type=_email, help="the aggregator's email")
     site.add_argument("--job", required=True, type=_job_name)
     site.add_argument("--train", required=True, help="'package.module:function'")
+    site.add_argument(
+        "--evaluate", default=None, help="'package.module:function' for federated evaluation (optional)"
+    )
     site.add_argument("--heartbeat-interval-seconds", type=_positive_float, default=2.0)
     site.add_argument("--rescan-interval-seconds", type=_positive_float, default=10.0)
     site.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -172,6 +175,7 @@ def _datasite(args: argparse.Namespace) -> int:
         aggregator=args.aggregator,
         job=args.job,
         train=args.train,
+        evaluate=args.evaluate,
         heartbeat_interval_seconds=args.heartbeat_interval_seconds,
         rescan_interval_seconds=args.rescan_interval_seconds,
     )

@@ -69,6 +69,15 @@ class JobSection:
         default=2, metadata=spec("retries of a round that missed min_train_nodes", minimum=0)
     )
     selection_seed: int = field(default=0, metadata=spec("seed of the per-round selection"))
+    fraction_evaluate: float = field(
+        default=0.0,
+        metadata=spec(
+            "share of available datasites that evaluate each new model (0: none)", minimum=0, maximum=1
+        ),
+    )
+    min_evaluate_nodes: int = field(
+        default=1, metadata=spec("fewest datasites present for a federated evaluation to start", minimum=1)
+    )
     train_config: dict[str, ConfigValue] = field(
         default_factory=dict, metadata=spec("values sent to every datasite each round")
     )

@@ -56,6 +56,7 @@ class RunnerSettings:
     job: str
     train: str
     heartbeat_interval_seconds: float = 2.0
+    evaluate: str | None = None
     rescan_interval_seconds: float = 10.0
     debounce_milliseconds: int = 5
     max_model_bytes: int = 4 * 1024**3
@@ -63,6 +64,10 @@ class RunnerSettings:
 
 class TrainOutputError(TypeError):
     """The train function returned something other than (arrays, num_examples, metrics)."""
+
+
+class NoEvaluateFunction(Exception):
+    """An evaluation task reached a runner started without --evaluate."""
 
 
 class ModelNotReady(Exception):
@@ -99,6 +104,18 @@ def normalise_train_output(
                 )
             if got.dtype.kind == "f" and not np.isfinite(got).all():
                 raise TrainOutputError(f"array {name!r} holds NaN or Inf")
+    count, clean = _count_and_metrics(num_examples, metrics)
+    return dict(arrays), count, clean
+
+
+def normalise_evaluate_output(output: Any) -> tuple[int, dict[str, int | float]]:
+    """Check the evaluate function's return value: (num_examples, metrics)."""
+    if not (isinstance(output, tuple) and len(output) == 2):
+        raise TrainOutputError("evaluate must return (num_examples, metrics)")
+    return _count_and_metrics(*output)
+
+
+def _count_and_metrics(num_examples: Any, metrics: Any) -> tuple[int, dict[str, int | float]]:
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
         raise TrainOutputError("num_examples must be a positive int")
     clean: dict[str, int | float] = {}
@@ -109,16 +126,24 @@ def normalise_train_output(
         if isinstance(number, float) and not math.isfinite(number):
             raise TrainOutputError(f"metric {key!r} is not finite")
         clean[str(key)] = number
-    return dict(arrays), int(num_examples), clean
+    return int(num_examples), clean
 
 
 class DatasiteRunner:
     """Serves one job for one datasite."""
 
-    def __init__(self, settings: RunnerSettings, train: TrainFunction | None = None) -> None:
+    def __init__(
+        self,
+        settings: RunnerSettings,
+        train: TrainFunction | None = None,
+        evaluate: TrainFunction | None = None,
+    ) -> None:
         self.settings = settings
         self.layout = JobLayout(settings.root, settings.job, settings.aggregator)
         self.train = train or load_callable(settings.train, what="--train")
+        self.evaluate = evaluate
+        if evaluate is None and settings.evaluate:
+            self.evaluate = load_callable(settings.evaluate, what="--evaluate")
         self.tasks_dir = self.layout.tasks_dir(settings.email)
         self.own_dir = self.layout.app_dir(settings.email)
         self.state = "idle"
@@ -309,6 +334,12 @@ class DatasiteRunner:
         try:
             if isinstance(model, ModelUnusable):
                 raise model
+            if task.action == "evaluate":
+                if self.evaluate is None:
+                    raise NoEvaluateFunction("this datasite runs no evaluate function (see --evaluate)")
+                count, scores = normalise_evaluate_output(self.evaluate(model, dict(task.config)))
+                scored = ResultMessage(reply, True, count, scores, action="evaluate")
+                return encode_result_frames(scored), scored
             reference = {k: v.copy() for k, v in model.items()}
             output = self.train(model, dict(task.config))
             new_arrays, num_examples, metrics = normalise_train_output(output, reference)
@@ -322,5 +353,7 @@ class DatasiteRunner:
                 error_type=type(exc).__name__,
                 error=str(exc)[:500],
             )
-            failed = ResultMessage(reply, False, 0, {}, type(exc).__name__, str(exc)[:2000])
+            failed = ResultMessage(
+                reply, False, 0, {}, type(exc).__name__, str(exc)[:2000], action=task.action
+            )
             return encode_result_frames(failed), failed

@@ -73,6 +73,8 @@ def rules_from_config(config: JobConfig, run_id: str) -> RoundRules:
         max_round_retries=job.max_round_retries,
         presence_ttl_seconds=box.presence_ttl_seconds,
         selection_seed=job.selection_seed,
+        fraction_evaluate=job.fraction_evaluate,
+        min_evaluate_nodes=job.min_evaluate_nodes,
     )
 
 
@@ -410,6 +412,8 @@ class Daemon:
                 self.pending_aggregate = action.summary
                 return []
             return await self._aggregate(action.summary)
+        elif isinstance(action, (ev.EvaluationDone, ev.EvaluationSkipped)):
+            await self._record_evaluation(action)
         elif isinstance(action, ev.JobFinished):
             await self.state.finish("done")
             self.exit_code = EXIT_DONE
@@ -423,6 +427,24 @@ class Daemon:
         elif isinstance(action, ev.JobFailed):
             await self._fail_job(action.reason)
         return []
+
+    async def _record_evaluation(self, action: ev.EvaluationDone | ev.EvaluationSkipped) -> None:
+        if isinstance(action, ev.EvaluationSkipped):
+            log.warning("evaluation.skipped", job=self.job, round=action.round, reason=action.reason)
+            return
+        line = {
+            "round": action.round,
+            "selected": list(action.selected),
+            "succeeded": list(action.succeeded),
+            "failed": action.failed,
+            "timed_out": list(action.timed_out),
+            "num_examples": action.num_examples,
+            "metrics": action.metrics,
+            "seconds": round(action.seconds, 6),
+        }
+        self.work.previous_metrics["federated_evaluate"] = dict(action.metrics)
+        await anyio.to_thread.run_sync(self.reports.append_evaluation, line)
+        log.info("evaluation.completed", job=self.job, phase="evaluate", **line)
 
     async def _fail_job(self, reason: str) -> None:
         self.failure_reason = reason

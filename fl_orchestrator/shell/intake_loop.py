@@ -166,6 +166,7 @@ class IntakeLoop:
             error_type=message.error_type,
             error_message=message.error_message,
             payload=(inbound.path, message, inbound.identity),
+            purpose=message.action,
         )
 
     async def refuse(

@@ -79,19 +79,24 @@ class Publisher:
         attempt: int,
         deadline: float,
         config: Mapping[str, Any],
+        action: str = "train",
+        rnd: int | None = None,
     ) -> int:
         """Write one small task per selected datasite; return the bytes written."""
         total = 0
         now = time.time()
         for datasite, task_id in tasks.items():
             message = TaskMessage(
-                Envelope(self.layout.job, broadcast.round, task_id, None, now, deadline),
+                Envelope(
+                    self.layout.job, broadcast.round if rnd is None else rnd, task_id, None, now, deadline
+                ),
                 attempt,
                 broadcast.ref,
                 dict(config),
+                action,
             )
-            # Tasks are rebuilt identically from the run's state, so a crash
-            # before the page cache is flushed loses nothing: no fsync each.
+            # Tasks are rebuilt from the round log after a crash (same ids, same
+            # model), so losing one from the page cache costs nothing: no fsync each.
             total += atomic_write(
                 self.layout.task_path(datasite, task_id), [encode_task(message)], durable=False
             )

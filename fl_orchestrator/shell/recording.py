@@ -45,7 +45,8 @@ def records_for(
                 records.append((rnd, CloseRecord(action.summary.attempt, event.now)))
                 break
     for action in actions:
-        if isinstance(action, ev.Dispatch):
+        # Federated evaluation is best effort and not replayed after a crash.
+        if isinstance(action, ev.Dispatch) and action.purpose == "train":
             dispatch = DispatchRecord(action.attempt, action.tasks, action.created, action.deadline)
             records.append((action.round, dispatch))
     return records

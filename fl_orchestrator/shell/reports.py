@@ -16,6 +16,7 @@ from fl_orchestrator.shell.atomic import atomic_write_text, fsync_dir
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
+EVALUATIONS_FILE = "evaluations.jsonl"
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -95,6 +96,12 @@ class Reports:
         if extra:
             status.update(extra)
         return status
+
+    def append_evaluation(self, line: dict[str, Any]) -> None:
+        """Append one federated evaluation to evaluations.jsonl (best effort, not fsynced)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / EVALUATIONS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
 
     def round_lines(self) -> list[dict[str, Any]]:
         """Every intact metrics line, in order (a torn last line from a crash is skipped)."""

@@ -77,19 +77,27 @@ class RoundWork:
     async def dispatch(self, action: ev.Dispatch, *, begin: bool = True) -> None:
         """Write the round's model (once) and its tasks; start a fresh aggregate if ``begin``."""
         started = time.perf_counter()
-        if self.broadcast is None or self.broadcast.round != action.round:
+        # An evaluation scores the round's new aggregate: the model round+1 will train.
+        model_round = action.round + 1 if action.purpose == "evaluate" else action.round
+        if self.broadcast is None or self.broadcast.round != model_round:
             self.broadcast = await anyio.to_thread.run_sync(
-                self.publisher.write_model, action.round, self.global_model
+                self.publisher.write_model, model_round, self.global_model
             )
         failpoints.hit("dispatch.after_model")
-        if begin:
+        if begin and action.purpose == "train":
             self.strategy.begin_round(action.round, self.global_model)
             self.accepted_files = []
         config = self.round_config(action.round)
         broadcast = self.broadcast
         task_bytes = await anyio.to_thread.run_sync(
             lambda: self.publisher.write_tasks(
-                broadcast, action.tasks, attempt=action.attempt, deadline=action.deadline, config=config
+                broadcast,
+                action.tasks,
+                attempt=action.attempt,
+                deadline=action.deadline,
+                config=config,
+                action=action.purpose,
+                rnd=action.round,
             )
         )
         failpoints.hit("dispatch.after_tasks")
@@ -98,7 +106,7 @@ class RoundWork:
             job=self.job,
             round=action.round,
             attempt=action.attempt,
-            phase="train",
+            phase=action.purpose,
             selected=sorted(action.tasks),
             model=broadcast.ref.path,
             model_bytes=broadcast.nbytes,

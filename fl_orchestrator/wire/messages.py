@@ -34,8 +34,8 @@ Metrics = dict[str, MetricValue]
 
 _COMMON = {"version", "kind", "job", "round", "message_id", "reply_to", "created", "deadline"}
 _KIND_FIELDS = {
-    "task": _COMMON | {"attempt", "model", "config"},
-    "result": _COMMON | {"status", "num_examples", "metrics", "error", "arrays"},
+    "task": _COMMON | {"attempt", "model", "config", "action"},
+    "result": _COMMON | {"status", "num_examples", "metrics", "error", "arrays", "action"},
     "heartbeat": _COMMON | {"state"},
     "model": _COMMON | {"arrays"},
 }
@@ -70,6 +70,7 @@ class TaskMessage:
     attempt: int
     model: ModelRef
     config: dict[str, Any]
+    action: str = "train"  # or "evaluate": score the model locally, send back metrics only
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ResultMessage:
     error_type: str | None = None
     error_message: str | None = None
     arrays: Weights = field(default_factory=dict)
+    action: str = "train"  # "evaluate": an evaluation's metrics, with no arrays
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ def encode_task(task: TaskMessage) -> bytes:
         model={"path": task.model.path, "sha256": task.model.sha256, "nbytes": task.model.nbytes},
         config=task.config,
     )
+    if task.action != "train":
+        header["action"] = task.action
     return encode_bytes(header)
 
 
@@ -137,7 +141,9 @@ def encode_result_frames(result: ResultMessage) -> list[Any]:
         metrics=result.metrics,
         error=None if result.ok else {"type": result.error_type, "message": result.error_message},
     )
-    return encode_frames(header, result.arrays if result.ok else {})
+    if result.action != "train":
+        header["action"] = result.action
+    return encode_frames(header, result.arrays if result.ok and result.action == "train" else {})
 
 
 def encode_heartbeat(beat: HeartbeatMessage) -> bytes:
@@ -187,7 +193,9 @@ def decode_message(
     if extra:
         shown = ", ".join(describe(key, 40) for key in extra[:8]) + (", ..." if len(extra) > 8 else "")
         raise Rejection(Reason.UNEXPECTED_FIELD, f"unexpected fields [{shown}]")
-    missing = sorted(allowed - set(header) - ({"arrays"} if expect_kind == "result" else set()))
+    # "action" is optional: absent means "train", as before federated evaluation existed.
+    optional = {"action"} | ({"arrays"} if expect_kind == "result" else set())
+    missing = sorted(allowed - set(header) - optional)
     if missing:
         raise Rejection(Reason.MISSING_FIELD, f"missing fields {missing}")
     env = _envelope(header)
@@ -242,7 +250,16 @@ def _task(header: Mapping[str, Any], env: Envelope, max_config_entries: int) -> 
         )
     if not all(isinstance(key, str) for key in config):
         raise Rejection(Reason.BAD_FIELD, "config keys must be strings")
-    return TaskMessage(env, _typed(header, "attempt", int), ModelRef(path, sha, nbytes), config)
+    return TaskMessage(
+        env, _typed(header, "attempt", int), ModelRef(path, sha, nbytes), config, _action(header)
+    )
+
+
+def _action(header: Mapping[str, Any]) -> str:
+    action = header.get("action", "train")
+    if action not in ("train", "evaluate"):
+        raise Rejection(Reason.BAD_FIELD, f"action {describe(action)}; expected 'train' or 'evaluate'")
+    return str(action)
 
 
 def _result(
@@ -254,6 +271,7 @@ def _result(
     max_metrics: int,
     max_num_examples: int,
 ) -> ResultMessage:
+    action = _action(header)
     status = header.get("status")
     if status not in ("ok", "error"):
         raise Rejection(Reason.BAD_FIELD, f"status {describe(status)}; expected 'ok' or 'error'")
@@ -268,7 +286,7 @@ def _result(
         if header.get("arrays", []) != []:
             raise Rejection(Reason.BAD_FIELD, "an error result carries no arrays")
         _no_arrays(buffer, offset)
-        return ResultMessage(env, False, 0, metrics, etype[:200], emsg[:2000])
+        return ResultMessage(env, False, 0, metrics, etype[:200], emsg[:2000], action=action)
     if header.get("error") is not None:
         raise Rejection(Reason.BAD_FIELD, "an ok result carries error = nil")
     num_examples = header.get("num_examples")
@@ -278,6 +296,11 @@ def _result(
         raise Rejection(
             Reason.BAD_NUM_EXAMPLES, f"num_examples {num_examples} is outside 1..{max_num_examples}"
         )
+    if action == "evaluate":
+        if header.get("arrays", []) != []:
+            raise Rejection(Reason.BAD_FIELD, "an evaluation result carries no arrays")
+        _no_arrays(buffer, offset)
+        return ResultMessage(env, True, num_examples, metrics, action=action)
     arrays = decode_arrays(buffer, offset, header.get("arrays"), limits)
     return ResultMessage(env, True, num_examples, metrics, arrays=arrays)
 
