@@ -472,12 +472,8 @@ def test_fedavg_over_sync_nothing_is_refused_by_the_sync(fedavg_run: Run) -> Non
     assert all(p.path in quarantined for p in undone), (undone, quarantined)
     deletes = [line for line in run.delete_attempts if not any(q in line for q in quarantined)]
     assert deletes == [], "a party tried to delete at the server a file the daemon had not quarantined"
-    if run.delete_attempts:
-        # Known gaps 2 and 3 (tests/syftbox/README.md).
-        pytest.xfail(
-            f"the daemon's quarantine moves made the sync try to delete them: {run.delete_attempts};"
-            f" undone: {run.undone_deletions()}"
-        )
+    # Refused files are copied, never moved out of another party's folder: no deletes.
+    assert run.delete_attempts == [], run.delete_attempts
 
 
 def test_fedavg_over_sync_the_daemon_quarantines_nothing(fedavg_run: Run) -> None:
@@ -485,9 +481,8 @@ def test_fedavg_over_sync_the_daemon_quarantines_nothing(fedavg_run: Run) -> Non
     protocol = [r for r in run.quarantine if r.get("reason") not in IN_PLACE_WRITE_REASONS]
     assert protocol == [], "the daemon refused files that were complete"
     assert len(run.rejections()) == len(run.quarantine)
-    if run.quarantine:
-        # Known gap 3 (tests/syftbox/README.md): the client writes downloads in place.
-        pytest.xfail(f"read while the SyftBox client was writing it in place: {run.quarantine}")
+    # Files caught while the client wrote them in place are waited for, not refused.
+    assert run.quarantine == []
 
 
 def test_fedavg_round_times_over_sync_next_to_one_shared_folder(
@@ -516,12 +511,6 @@ def test_each_datasite_receives_only_its_own_tasks(fedavg_run: Run) -> None:
         assert any(f.startswith(results) for f in fedavg_run.files[AGGREGATOR])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known gap 1: the legacy rule `tasks/{useremail}/**` for user '*' makes syftbox 0.4.0 list every "
-    "datasite's tasks to every datasite; each client then fails on the others' tasks every second",
-)
 def test_no_datasite_client_tries_to_fetch_another_datasites_tasks(fedavg_run: Run) -> None:
     run = fedavg_run
     failed = [line for line in run.sync_errors if "Failed to sync file" in line]
@@ -570,13 +559,6 @@ def test_an_offline_datasite_times_out_and_the_round_aggregates_the_rest(straggl
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known gap 2: quarantine moves the late result out of the aggregator's copy of ds2's folder; the "
-    "aggregator's client then tries to delete it at the server (403), downloads it again, and the daemon "
-    "refuses it again, every sync cycle",
-)
 def test_a_late_result_is_refused_once_and_left_in_place(straggler_run: Run) -> None:
     run = straggler_run
     late = _late(run)
