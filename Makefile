@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test chaos fuzz bench lint typecheck check clean service-install ci-tools
+.PHONY: install demo test test-syftbox chaos fuzz bench lint typecheck check clean service-install ci-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -29,6 +29,10 @@ ci-tools:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd) >/dev/null \
 		|| echo "could not install systemd-analyze: the unit-file checks will skip"; \
 	fi
+
+# Only the end-to-end run over a real SyftBox server and clients (syftbox==0.4.0 in its own venv).
+test-syftbox: $(STAMP)
+	FL_SYFTBOX_REQUIRED=1 $(PY) -m pytest -q -s tests/test_syftbox_sync.py
 
 # The long crash-safety run: 100 random kill -9s instead of the suite's 20.
 chaos: $(STAMP)
