@@ -72,11 +72,7 @@ class FileUpdate(LazyUpdate):
 
     def __getitem__(self, name: str) -> np.ndarray:
         _, dtype, shape = self._arrays[name]
-        out = np.empty(math.prod(shape), dtype=dtype)
-        for start in range(0, out.size, CHUNK_ELEMENTS):
-            stop = min(start + CHUNK_ELEMENTS, out.size)
-            out[start:stop] = self.read_block(name, start, stop)
-        return out.reshape(shape)
+        return _whole(self, name, dtype, shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._arrays)
@@ -109,19 +105,22 @@ class ScaledUpdate(LazyUpdate):
         return self.base.shape_of(name)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        dtype = np.asarray(self.model[name]).dtype
-        size = math.prod(self.shape_of(name))
-        out = np.empty(size, dtype=dtype)
-        for start in range(0, size, CHUNK_ELEMENTS):
-            stop = min(start + CHUNK_ELEMENTS, size)
-            out[start:stop] = self.read_block(name, start, stop)
-        return out.reshape(self.shape_of(name))
+        return _whole(self, name, np.asarray(self.model[name]).dtype, self.shape_of(name))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base)
 
     def __len__(self) -> int:
         return len(self.base)
+
+
+def _whole(update: LazyUpdate, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """A whole array assembled block by block (strategies that need one, e.g. Krum's winners)."""
+    out = np.empty(math.prod(shape), dtype=dtype)
+    for start in range(0, out.size, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, out.size)
+        out[start:stop] = update.read_block(name, start, stop)
+    return out.reshape(shape)
 
 
 def update_norm_of(update: FileUpdate, model: Mapping[str, np.ndarray]) -> float:

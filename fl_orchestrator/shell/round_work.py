@@ -157,37 +157,34 @@ class RoundWork:
         return dataclasses.replace(summary, train_metrics=merged)
 
     async def fold(self, action: ev.Accept, reader: InboundReader | None = None) -> None:
-        """Fold one accepted result; re-read it from disk if it was counted before a restart."""
+        """Fold one accepted result; re-read it from disk if it was counted before a restart.
+
+        Whole-set strategies only note the file: they read it at the round's end.
+        """
         path, message, identity = action.payload
         started = time.perf_counter()
-        if not self.strategy.streaming:
+        fold_seconds = None
+        if self.strategy.streaming:
+            if message is None:
+                assert reader is not None
+                message = await anyio.to_thread.run_sync(
+                    self._reread, reader, path, action.datasite, identity
+                )
+            with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
+                await anyio.to_thread.run_sync(self.strategy.fold, message.arrays, action.num_examples)
+            failpoints.hit("fold.after")
+            fold_seconds = round(time.perf_counter() - started, 6)
+        else:
             self.accepted_files.append((path, action.num_examples, identity))
-            log.info(
-                "result.accepted",
-                job=self.job,
-                round=action.round,
-                datasite=action.datasite,
-                num_examples=action.num_examples,
-                metrics=message.metrics if message is not None else None,
-                path=str(path),
-            )
-            return
-        if message is None:
-            assert reader is not None
-            message = await anyio.to_thread.run_sync(self._reread, reader, path, action.datasite, identity)
-        arrays = message.arrays
-        with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
-            await anyio.to_thread.run_sync(self.strategy.fold, arrays, action.num_examples)
-        failpoints.hit("fold.after")
         log.info(
             "result.accepted",
             job=self.job,
             round=action.round,
             datasite=action.datasite,
             num_examples=action.num_examples,
-            metrics=message.metrics,
+            metrics=message.metrics if message is not None else None,
             path=str(path),
-            fold_seconds=round(time.perf_counter() - started, 6),
+            fold_seconds=fold_seconds,
         )
 
     @staticmethod
