@@ -6,7 +6,9 @@ once so they sit in the page cache, then each is read, decoded and validated by
 
 - sequential: one thread does read_inbound then fold, file after file.
 - pipelined: the daemon's shape; one thread reads and validates while another
-  folds, with at most two decoded results waiting (the daemon's event buffer).
+  folds, handing each decoded result over through a channel with no buffer
+  (as the daemon's event channel, buffer 0): the reader waits until the folder
+  takes it, so at most one result is folded and one waits to be handed over.
 - baseline: ``np.add.reduce`` over the same decoded arrays held in memory
   (numpy's read bandwidth on this machine); ``np.maximum.reduce`` is reported
   beside it for reference.
@@ -18,7 +20,6 @@ modules at call time), so it times exactly the code the daemon runs.
 from __future__ import annotations
 
 import cProfile
-import inspect
 import io
 import os
 import pstats
@@ -150,23 +151,35 @@ class Ingest:
             strategy.fold(message.arrays, message.num_examples)
 
     def pipelined(self) -> None:
-        """Read and validate in one thread, fold in this one; two decoded results may wait."""
+        """Read and validate in one thread, fold in this one, through a channel with no buffer.
+
+        Like an anyio memory stream of buffer 0: each put returns only once the
+        folding thread has taken the item (``join`` waits for its ``task_done``).
+        """
         strategy = FedAvg()
         strategy.begin_round(1, self.model)
-        waiting: queue.Queue[ResultMessage | BaseException | None] = queue.Queue(maxsize=2)
+        waiting: queue.Queue[ResultMessage | BaseException | None] = queue.Queue(maxsize=1)
+
+        def hand_over(item: ResultMessage | BaseException | None) -> None:
+            waiting.put(item)
+            waiting.join()
 
         def produce() -> None:
             try:
                 for item in self.files:
-                    waiting.put(self.read(item))
+                    hand_over(self.read(item))
             except BaseException as exc:  # handed to the folding thread, which re-raises it
-                waiting.put(exc)
-            waiting.put(None)
+                hand_over(exc)
+            hand_over(None)
 
         producer = threading.Thread(target=produce, name="intake")
         producer.start()
         try:
-            while (message := waiting.get()) is not None:
+            while True:
+                message = waiting.get()
+                waiting.task_done()
+                if message is None:
+                    break
                 if isinstance(message, BaseException):
                     raise message
                 strategy.fold(message.arrays, message.num_examples)
@@ -261,13 +274,9 @@ def _read_into(path: Path, allocate: Callable[[int], Any]) -> Any:
 
 
 def candidate_reads(files: list[ResultFile], repeats: int) -> dict[str, float]:
-    """Best seconds to read every file: into a new bytearray (today), a new np.empty, one reused buffer."""
+    """Best seconds to read every file: into a new np.empty each (as the intake does) or one reused buffer."""
     largest = max(f.path.stat().st_size for f in files)
     reused = np.empty(largest, dtype=np.uint8)
-
-    def with_bytearray() -> None:
-        for f in files:
-            _read_into(f.path, bytearray)
 
     def with_np_empty() -> None:
         for f in files:
@@ -277,10 +286,9 @@ def candidate_reads(files: list[ResultFile], repeats: int) -> dict[str, float]:
         for f in files:
             _read_into(f.path, lambda n: reused[:n])
 
-    best = {"bytearray": float("inf"), "np_empty": float("inf"), "reused_buffer": float("inf")}
+    best = {"np_empty": float("inf"), "reused_buffer": float("inf")}
     for _ in range(repeats):
         for name, fn in (
-            ("bytearray", with_bytearray),
             ("np_empty", with_np_empty),
             ("reused_buffer", with_reused),
         ):
@@ -327,23 +335,6 @@ def candidate_folds(held: list[np.ndarray], repeats: int) -> dict[str, float]:
     return best
 
 
-@contextmanager
-def np_empty_read_buffers() -> Iterator[bool]:
-    """Make the intake module read into np.empty buffers instead of bytearray ones, for a while.
-
-    Shadows the builtin ``bytearray`` in that module only; yields False (and
-    changes nothing) if the module no longer allocates with bytearray.
-    """
-    applicable = "bytearray(" in inspect.getsource(intake_module)
-    if applicable:
-        intake_module.bytearray = lambda size: np.empty(size, dtype=np.uint8)  # type: ignore[attr-defined]
-    try:
-        yield applicable
-    finally:
-        if applicable:
-            del intake_module.bytearray  # type: ignore[attr-defined]
-
-
 # ---- the benchmark ----------------------------------------------------------------------
 
 
@@ -367,10 +358,7 @@ def run(sizes: Sizes, folder: Path, shared: dict[str, Any]) -> Outcome:
     sequential, base = interleaved(ingest.sequential, baseline, sizes.repeats)
     pipelined, base_again = interleaved(ingest.pipelined, baseline, sizes.repeats)
     _, maxes = interleaved(lambda: None, reference_max, sizes.repeats)
-    with np_empty_read_buffers() as applicable:
-        fix_sequential, base_fix = interleaved(ingest.sequential, baseline, sizes.repeats)
-        fix_pipelined, base_fix_again = interleaved(ingest.pipelined, baseline, sizes.repeats)
-    base_seconds = min(base + base_again + base_fix + base_fix_again)
+    base_seconds = min(base + base_again)
     stage_runs = [ingest.staged() for _ in range(sizes.repeats)]
     stages = {k: min(run[k] for run in stage_runs) for k in stage_runs[0]}
     profile = profile_pass(ingest)
@@ -404,11 +392,6 @@ def run(sizes: Sizes, folder: Path, shared: dict[str, Any]) -> Outcome:
         "breakdown_gbps": {k: rate(v) for k, v in stages.items() if v > 0},
         "profile_top_tottime": profile,
         "candidates": {
-            "np_empty_read_buffers_applicable": applicable,
-            "np_empty_read_buffers_sequential_gbps": rate(fix_sequential),
-            "np_empty_read_buffers_pipelined_gbps": rate(fix_pipelined),
-            "np_empty_read_buffers_sequential_ratio": rate(fix_sequential) / base_rate,
-            "np_empty_read_buffers_pipelined_ratio": rate(fix_pipelined) / base_rate,
             "read_all_files_seconds": reads,
             "fold_all_files_seconds": folds,
         },
@@ -438,25 +421,11 @@ def run(sizes: Sizes, folder: Path, shared: dict[str, Any]) -> Outcome:
                     f"{rate(max(stages[stage], 1e-9)) / base_rate:.2f}",
                 )
             )
-    if applicable:
-        for label, series in (("sequential", fix_sequential), ("pipelined", fix_pipelined)):
-            measured = min(series)
-            rows.append(
-                Row(
-                    "1 ingest",
-                    f"  candidate np.empty read buffers, {label}",
-                    fmt_rate(rate(measured)),
-                    fmt_rate(base_rate),
-                    f"{rate(measured) / base_rate:.2f}",
-                    target,
-                    verdict(rate(measured) / base_rate >= TARGET_RATIO),
-                )
-            )
     rows.append(
         Row(
             "1 ingest",
-            "  candidate read into bytearray / np.empty / reused",
-            " / ".join(fmt_rate(rate(reads[k])) for k in ("bytearray", "np_empty", "reused_buffer")),
+            "  read only: np.empty per file (intake) / candidate one reused buffer",
+            " / ".join(fmt_rate(rate(reads[k])) for k in ("np_empty", "reused_buffer")),
             fmt_rate(base_rate),
         )
     )

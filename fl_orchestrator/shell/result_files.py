@@ -20,6 +20,7 @@ import numpy as np
 from fl_orchestrator.aggregation.chunks import CHUNK_ELEMENTS, LazyUpdate
 from fl_orchestrator.shell.intake import FileIdentity
 from fl_orchestrator.wire.frames import WIRE_DTYPES, FrameLimits, decode_header
+from fl_orchestrator.wire.reasons import Rejection
 
 _HEADER_LIMITS = FrameLimits(max_header_bytes=64 * 1024 * 1024, max_elements=2**34)
 
@@ -38,8 +39,7 @@ class FileUpdate(LazyUpdate):
             info = os.fstat(self._fd)
             if (info.st_ino, info.st_size) != (identity.inode, identity.size):
                 raise ResultGone(f"{path} changed since it was counted")
-            head = os.pread(self._fd, min(info.st_size, _HEADER_LIMITS.max_header_bytes), 0)
-            header, offset = decode_header(head, _HEADER_LIMITS)
+            header, offset = self._read_header(info.st_size)
             self._arrays: dict[str, tuple[int, np.dtype[Any], tuple[int, ...]]] = {}
             for name, dtype_name, shape in header["arrays"]:
                 start = self._bin_start(offset)
@@ -49,6 +49,18 @@ class FileUpdate(LazyUpdate):
         except BaseException:
             os.close(self._fd)
             raise
+
+    def _read_header(self, size: int) -> tuple[dict[str, Any], int]:
+        # Headers are small: read 64 KiB first, more only if the header is longer.
+        want = 64 * 1024
+        while True:
+            head = os.pread(self._fd, min(size, want), 0)
+            try:
+                return decode_header(head, _HEADER_LIMITS)
+            except Rejection:
+                if want >= min(size, _HEADER_LIMITS.max_header_bytes):
+                    raise ResultGone(f"{self.path} changed since it was counted (bad header)") from None
+                want *= 16
 
     def _bin_start(self, offset: int) -> int:
         marker = os.pread(self._fd, 5, offset)
@@ -76,6 +88,10 @@ class FileUpdate(LazyUpdate):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._arrays)
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default would read the whole array just to answer this.
+        return name in self._arrays
 
     def __len__(self) -> int:
         return len(self._arrays)
@@ -109,6 +125,9 @@ class ScaledUpdate(LazyUpdate):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.base
 
     def __len__(self) -> int:
         return len(self.base)
