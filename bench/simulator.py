@@ -85,6 +85,8 @@ def write_job(workdir: Path, spec: JobSpec) -> Path:
             "aggregator_email": AGGREGATOR,
             "datasites": site_emails(spec.sites),
             "presence_ttl_seconds": 86400.0,
+            # One file per model: the simulator reads it whole, and parts are a sync concern.
+            "part_bytes": 0,
         },
         "model": {
             "source": "random",

@@ -9,9 +9,8 @@ module-scoped fixture that collects everything and tears the processes down; the
 then check one property each. Run with ``-s`` for the round times over sync next to
 those of the same job over one shared folder.
 
-Tests marked xfail(strict=True) are gaps of the protocol over this sync, found here; each
-reason says what fails and tests/syftbox/README.md says what to change. Once fixed, the
-test passes, strict turns that into a failure, and the marker must go.
+The gaps this harness found (tests/syftbox/README.md) are fixed; the tests that showed
+them now assert the fixes.
 """
 
 from __future__ import annotations
@@ -573,19 +572,10 @@ def test_a_late_result_is_refused_once_and_left_in_place(straggler_run: Run) -> 
 # --------------------------------------------------------------------------- sizes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known gap 4: syftbox 0.4.0 refuses files over 10 MB and the protocol does not split models",
-)
 def test_a_model_over_10_mb_reaches_the_datasites(big_model_run: Run) -> None:
+    # The model (10.8 MB) travels as parts under the client's 10 MB cap; the result too.
     run = big_model_run
-    refused = [
-        line for line in run.sync_errors if "larger than 10MB" in line and "/models/global-r00001-" in line
-    ]
-    waiting = [e for e in run.runner_events(SITES[0]) if e.get("event") == "task.waiting_for_model"]
-    if run.exit_code != 0 and not (refused and waiting):
-        pytest.fail(f"the job failed, but not on the 10 MB cap:\n{run.daemon_log()}")
-    assert run.exit_code == 0, (
-        f"the task arrived, its model never did; the aggregator's client said: {refused[0]}"
-    )
+    refused = [line for line in run.sync_errors if "larger than 10MB" in line]
+    assert refused == [], refused[:2]
+    assert run.exit_code == 0, run.daemon_log()
+    _assert_models(run.config_path, [[0]])

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluate", default=None, help="'package.module:function' for federated evaluation (optional)"
     )
     site.add_argument("--heartbeat-interval-seconds", type=_positive_float, default=2.0)
+    site.add_argument(
+        "--part-bytes",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="results larger than this are written as parts (0: never); SyftBox 0.4.0 refuses > 10 MB",
+    )
     site.add_argument("--rescan-interval-seconds", type=_positive_float, default=10.0)
     site.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     site.add_argument("--log-format", choices=("auto", "json", "console"))
@@ -176,6 +182,7 @@ def _datasite(args: argparse.Namespace) -> int:
         job=args.job,
         train=args.train,
         evaluate=args.evaluate,
+        part_bytes=max(0, args.part_bytes),
         heartbeat_interval_seconds=args.heartbeat_interval_seconds,
         rescan_interval_seconds=args.rescan_interval_seconds,
     )

@@ -105,6 +105,14 @@ class SyftBoxSection:
     root: Path = field(metadata=spec("SyftBox folder (holds datasites/)"))
     aggregator_email: str = field(metadata=spec("the aggregator's datasite email", email=True))
     datasites: tuple[str, ...] = field(metadata=spec("emails of the targeted datasites", email=True))
+    part_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata=spec(
+            "models larger than this are written as parts of at most this size"
+            " (SyftBox 0.4.0 refuses files over 10 MB); 0 never splits",
+            minimum=0,
+        ),
+    )
     presence_ttl_seconds: float = field(
         default=60.0,
         metadata=spec(

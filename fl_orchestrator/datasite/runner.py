@@ -32,12 +32,17 @@ from fl_orchestrator.wire.messages import (
     Envelope,
     HeartbeatMessage,
     ModelMessage,
+    ModelRef,
+    PartsMessage,
     ResultMessage,
     TaskMessage,
     decode_message,
     encode_heartbeat,
+    encode_parts,
     encode_result_frames,
+    sha256_of_frames,
 )
+from fl_orchestrator.wire.parts import assemble, part_name, split_frames
 from fl_orchestrator.wire.permissions import datasite_permissions
 from fl_orchestrator.wire.reasons import Reason, Rejection
 
@@ -60,6 +65,8 @@ class RunnerSettings:
     rescan_interval_seconds: float = 10.0
     debounce_milliseconds: int = 5
     max_model_bytes: int = 4 * 1024**3
+    # Results larger than this are written as parts (SyftBox 0.4.0 refuses files over 10 MB).
+    part_bytes: int = 8 * 1024 * 1024
 
 
 class TrainOutputError(TypeError):
@@ -273,7 +280,7 @@ class DatasiteRunner:
             frames, result = await anyio.to_thread.run_sync(self._train_and_encode, task, model)
         finally:
             self.state = "idle"
-        await anyio.to_thread.run_sync(lambda: atomic_write(result_path, frames))
+        await anyio.to_thread.run_sync(lambda: self._write_result(result_path, result, frames))
         log.info(
             "task.answered",
             datasite=self.settings.email,
@@ -303,15 +310,7 @@ class DatasiteRunner:
             return ModelUnusable(
                 f"the model is {ref.nbytes} bytes; this runner's limit is {self.settings.max_model_bytes}"
             )
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ModelNotReady(f"{path.name} has not arrived") from None
-        if size != ref.nbytes:
-            raise ModelNotReady(f"{path.name} has {size} of {ref.nbytes} bytes")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise ModelNotReady(f"{path.name} does not match its sha256 yet")
+        data = _read_model_bytes(path, ref)
         try:
             message = decode_message(
                 data, expect_kind="model", expect_job=self.settings.job, limits=self._limits
@@ -322,6 +321,26 @@ class DatasiteRunner:
         model = {k: np.array(v) for k, v in message.arrays.items()}
         self._model_cache = (ref.sha256, model)
         return {k: v.copy() for k, v in model.items()}
+
+    def _write_result(self, path: Path, result: ResultMessage, frames: list[Any]) -> None:
+        """One file, or parts then the small file standing for them (under a sync's size cap)."""
+        nbytes = sum(memoryview(f).nbytes for f in frames)
+        part_bytes = self.settings.part_bytes
+        if not 0 < part_bytes < nbytes:
+            atomic_write(path, frames)
+            return
+        parts = split_frames(frames, part_bytes)
+        for index, chunks in enumerate(parts):
+            atomic_write(path.with_name(part_name(path.name, index)), chunks)
+        env = result.envelope
+        manifest = PartsMessage(
+            Envelope(env.job, env.round, secrets.token_hex(16), env.reply_to, time.time(), None),
+            len(parts),
+            nbytes,
+            sha256_of_frames(frames),
+        )
+        # Written last, so the aggregator looks for parts only once all were written.
+        atomic_write(path, [encode_parts(manifest)])
 
     def _train_and_encode(
         self, task: TaskMessage, model: dict[str, np.ndarray] | ModelUnusable
@@ -357,3 +376,28 @@ class DatasiteRunner:
                 reply, False, 0, {}, type(exc).__name__, str(exc)[:2000], action=task.action
             )
             return encode_result_frames(failed), failed
+
+
+def _read_model_bytes(path: Path, ref: ModelRef) -> bytes | memoryview:
+    """The model file, or its parts joined; ModelNotReady until all of it has arrived."""
+    if not ref.parts:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ModelNotReady(f"{path.name} has not arrived") from None
+        if size != ref.nbytes:
+            raise ModelNotReady(f"{path.name} has {size} of {ref.nbytes} bytes")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ModelNotReady(f"{path.name} does not match its sha256 yet")
+        return data
+    chunks = []
+    for index in range(ref.parts):
+        try:
+            chunks.append(path.with_name(part_name(path.name, index)).read_bytes())
+        except FileNotFoundError:
+            raise ModelNotReady(f"part {index} of {ref.parts} of {path.name} has not arrived") from None
+    try:
+        return assemble(chunks, ref.nbytes, ref.sha256)
+    except Rejection as exc:
+        raise ModelNotReady(f"{path.name}: {exc.detail}") from None

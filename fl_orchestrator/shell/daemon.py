@@ -122,7 +122,7 @@ class Daemon:
             )
         self.work = RoundWork(
             config,
-            publisher=Publisher(self.layout, config.syftbox.datasites),
+            publisher=Publisher(self.layout, config.syftbox.datasites, config.syftbox.part_bytes),
             store=self.store,
             strategy=build_strategy(
                 config.strategy.name, dict(config.strategy.params), seed=config.job.selection_seed

@@ -23,17 +23,19 @@ import numpy as np
 import structlog
 
 from fl_orchestrator.config.schema import LimitsSection
-from fl_orchestrator.wire.frames import FrameLimits, Weights
+from fl_orchestrator.wire.frames import FrameLimits, Weights, decode_header
 from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import (
     HeartbeatMessage,
     ModelSpec,
+    PartsMessage,
     ResultMessage,
     check_weights_match,
     decode_message,
     model_spec,
 )
 from fl_orchestrator.wire.norms import clip_update, update_norm
+from fl_orchestrator.wire.parts import assemble, part_name
 from fl_orchestrator.wire.reasons import Reason, Rejection, describe, printable
 
 log = structlog.get_logger("fl_orchestrator.intake")
@@ -159,6 +161,7 @@ class InboundReader:
                 )
                 assert isinstance(beat, HeartbeatMessage)
                 return Inbound(path, datasite, identity, beat)
+            data = self._join_parts(path, data, limit)
             result, norm, clipped = self.check_result(data, task_id_of_result(path))
             return Inbound(path, datasite, identity, result, norm, clipped)
         except Rejection as exc:
@@ -166,6 +169,31 @@ class InboundReader:
         except Exception as exc:  # a bug here must cost one file, not the daemon
             log.exception("intake.internal_error", path=printable(str(path)), datasite=datasite)
             return Refused(path, datasite, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", identity)
+
+    def _join_parts(self, path: Path, data: memoryview, limit: int) -> memoryview:
+        """A result written as parts: read them beside it and join them (wire/parts.py)."""
+        try:
+            header, _ = decode_header(data, self.frame_limits)
+        except Rejection:
+            return data  # not a parts file: the full decode says what is wrong
+        if header.get("kind") != "parts":
+            return data
+        manifest = decode_message(
+            data, expect_kind="parts", expect_job=self.layout.job, limits=self.frame_limits
+        )
+        assert isinstance(manifest, PartsMessage)
+        if manifest.nbytes > limit:
+            raise Rejection(
+                Reason.FILE_TOO_LARGE, f"its parts hold {manifest.nbytes} bytes; the limit is {limit}"
+            )
+        chunks = []
+        for index in range(manifest.parts):
+            part = path.with_name(part_name(path.name, index))
+            if not os.path.lexists(part):
+                raise Rejection(Reason.TRUNCATED, f"part {index} of {manifest.parts} has not arrived")
+            chunk, _ = read_below(self.layout.datasites_dir, part, limit)
+            chunks.append(chunk)
+        return assemble(chunks, manifest.nbytes, manifest.sha256)
 
     def check_result(
         self, data: bytes | bytearray | memoryview, name: str

@@ -31,6 +31,7 @@ from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.watcher import PathBatch
 from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import HeartbeatMessage, ResultMessage
+from fl_orchestrator.wire.parts import whole_name
 from fl_orchestrator.wire.reasons import Reason, printable
 
 log = structlog.get_logger("fl_orchestrator.intake")
@@ -83,6 +84,10 @@ class IntakeLoop:
 
     async def take(self, path: Path) -> ev.Event | None:
         """Look at one path; return its event, or None if it is nothing new."""
+        whole = whole_name(path.name)
+        if whole is not None and whole.endswith(".result"):
+            # A part arrived: the result it belongs to may be complete now.
+            path = path.with_name(whole)
         classified = self.layout.classify(path)
         if classified is None or classified.kind == FileKind.IGNORED:
             return None  # not this job's, or a write still under a temp name

@@ -23,6 +23,7 @@ from fl_orchestrator.wire.messages import (
     encode_task,
     sha256_of_frames,
 )
+from fl_orchestrator.wire.parts import part_name, split_frames
 from fl_orchestrator.wire.permissions import aggregator_permissions
 
 
@@ -38,9 +39,10 @@ class Broadcast:
 class Publisher:
     """Everything the aggregator writes into its own datasite."""
 
-    def __init__(self, layout: JobLayout, datasites: tuple[str, ...]) -> None:
+    def __init__(self, layout: JobLayout, datasites: tuple[str, ...], part_bytes: int = 0) -> None:
         self.layout = layout
         self.datasites = datasites
+        self.part_bytes = part_bytes
         self.bytes_written = 0
 
     def write_permissions(self) -> None:
@@ -54,6 +56,8 @@ class Publisher:
         """Write round rnd's model once, named by its content hash; reuse it if present."""
         frames = encode_model_frames(model_message(self.layout.job, rnd, model, f"g{rnd}"))
         nbytes = sum(memoryview(f).nbytes for f in frames)
+        if 0 < self.part_bytes < nbytes:
+            return self._write_model_parts(rnd, frames, nbytes)
         # The name needs the hash, the write does not: hash in a second thread
         # while this one writes and fsyncs under a temp name (both drop the GIL).
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -70,6 +74,19 @@ class Publisher:
             self.bytes_written += written
         relative = path.relative_to(self.layout.aggregator_dir).as_posix()
         return Broadcast(rnd, ModelRef(relative, sha, nbytes), nbytes)
+
+    def _write_model_parts(self, rnd: int, frames: list[Any], nbytes: int) -> Broadcast:
+        """Too large for the sync's file cap: write parts named by the whole model's hash."""
+        sha = sha256_of_frames(frames)
+        name = self.layout.model_name(rnd, sha)
+        parts = split_frames(frames, self.part_bytes)
+        for index, chunks in enumerate(parts):
+            path = self.layout.models_dir / part_name(name, index)
+            size = sum(c.nbytes for c in chunks)
+            if not (path.exists() and path.stat().st_size == size):
+                self.bytes_written += atomic_write(path, chunks)
+        relative = (self.layout.models_dir / name).relative_to(self.layout.aggregator_dir).as_posix()
+        return Broadcast(rnd, ModelRef(relative, sha, nbytes, len(parts)), nbytes)
 
     def write_tasks(
         self,

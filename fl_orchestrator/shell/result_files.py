@@ -9,6 +9,7 @@ buffer and dropped after use: memory stays at N blocks plus the model.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ import numpy as np
 from fl_orchestrator.aggregation.chunks import CHUNK_ELEMENTS, LazyUpdate
 from fl_orchestrator.shell.intake import FileIdentity
 from fl_orchestrator.wire.frames import WIRE_DTYPES, FrameLimits, decode_header
+from fl_orchestrator.wire.parts import part_name
 from fl_orchestrator.wire.reasons import Rejection
 
 _HEADER_LIMITS = FrameLimits(max_header_bytes=64 * 1024 * 1024, max_elements=2**34)
@@ -29,17 +31,60 @@ class ResultGone(Exception):
     """A result counted earlier can no longer be read as it was."""
 
 
+class _Concatenation:
+    """One or more files read as a single byte sequence (a result written as parts)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.fds: list[int] = []
+        self.starts: list[int] = []
+        self.size = 0
+        try:
+            for path in paths:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                self.fds.append(fd)
+                self.starts.append(self.size)
+                self.size += os.fstat(fd).st_size
+        except BaseException:
+            self.close()
+            raise
+
+    def pread(self, count: int, offset: int) -> bytes:
+        if len(self.fds) == 1:
+            return os.pread(self.fds[0], count, offset)
+        pieces = []
+        index = max(0, bisect.bisect_right(self.starts, offset) - 1)
+        while count > 0 and index < len(self.fds):
+            piece = os.pread(self.fds[index], count, offset - self.starts[index])
+            if not piece:
+                break
+            pieces.append(piece)
+            count -= len(piece)
+            offset += len(piece)
+            index += 1
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
 class FileUpdate(LazyUpdate):
-    """One counted result file, read on demand; validated when it was counted."""
+    """One counted result file (or its parts), read on demand; validated when it was counted."""
 
     def __init__(self, path: Path, identity: FileIdentity) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        info = os.stat(path, follow_symlinks=False)
+        if (info.st_ino, info.st_size) != (identity.inode, identity.size):
+            raise ResultGone(f"{path} changed since it was counted")
+        self._file = _Concatenation([path])
         try:
-            info = os.fstat(self._fd)
-            if (info.st_ino, info.st_size) != (identity.inode, identity.size):
-                raise ResultGone(f"{path} changed since it was counted")
-            header, offset = self._read_header(info.st_size)
+            head = self._file.pread(min(info.st_size, 64 * 1024), 0)
+            parts = _parts_of(head)
+            if parts:
+                self._file.close()
+                self._file = _Concatenation([path.with_name(part_name(path.name, i)) for i in range(parts)])
+            header, offset = self._read_header(self._file.size)
             self._arrays: dict[str, tuple[int, np.dtype[Any], tuple[int, ...]]] = {}
             for name, dtype_name, shape in header["arrays"]:
                 start = self._bin_start(offset)
@@ -47,14 +92,14 @@ class FileUpdate(LazyUpdate):
                 self._arrays[name] = (start, dtype, tuple(shape))
                 offset = start + math.prod(shape) * dtype.itemsize
         except BaseException:
-            os.close(self._fd)
+            self._file.close()
             raise
 
     def _read_header(self, size: int) -> tuple[dict[str, Any], int]:
         # Headers are small: read 64 KiB first, more only if the header is longer.
         want = 64 * 1024
         while True:
-            head = os.pread(self._fd, min(size, want), 0)
+            head = self._file.pread(min(size, want), 0)
             try:
                 return decode_header(head, _HEADER_LIMITS)
             except Rejection:
@@ -63,7 +108,7 @@ class FileUpdate(LazyUpdate):
                 want *= 16
 
     def _bin_start(self, offset: int) -> int:
-        marker = os.pread(self._fd, 5, offset)
+        marker = self._file.pread(5, offset)
         width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(marker[0]) if marker else None
         if width is None:
             raise ResultGone(f"{self.path} changed since it was counted (no bin at {offset})")
@@ -73,7 +118,7 @@ class FileUpdate(LazyUpdate):
         """Elements [start, stop) of the flattened array, as float64."""
         base, dtype, _ = self._arrays[name]
         count = stop - start
-        data = os.pread(self._fd, count * dtype.itemsize, base + start * dtype.itemsize)
+        data = self._file.pread(count * dtype.itemsize, base + start * dtype.itemsize)
         if len(data) != count * dtype.itemsize:
             raise ResultGone(f"{self.path} shrank since it was counted")
         return np.frombuffer(data, dtype=dtype).astype(np.float64)
@@ -98,9 +143,7 @@ class FileUpdate(LazyUpdate):
 
     def close(self) -> None:
         """Release the file."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
 
 class ScaledUpdate(LazyUpdate):
@@ -131,6 +174,16 @@ class ScaledUpdate(LazyUpdate):
 
     def __len__(self) -> int:
         return len(self.base)
+
+
+def _parts_of(head: bytes) -> int:
+    """How many parts a result file stands for (0: it is the result itself)."""
+    try:
+        header, _ = decode_header(head, _HEADER_LIMITS)
+    except Rejection:
+        return 0
+    parts = header.get("parts") if header.get("kind") == "parts" else 0
+    return parts if isinstance(parts, int) and not isinstance(parts, bool) else 0
 
 
 def _whole(update: LazyUpdate, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:

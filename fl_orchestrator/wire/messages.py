@@ -22,6 +22,7 @@ from fl_orchestrator.wire.frames import (
     encode_bytes,
     encode_frames,
 )
+from fl_orchestrator.wire.parts import MAX_PARTS
 from fl_orchestrator.wire.reasons import Reason, Rejection, describe
 
 PROTOCOL_VERSION = 1
@@ -35,6 +36,7 @@ Metrics = dict[str, MetricValue]
 _COMMON = {"version", "kind", "job", "round", "message_id", "reply_to", "created", "deadline"}
 _KIND_FIELDS = {
     "task": _COMMON | {"attempt", "model", "config", "action"},
+    "parts": _COMMON | {"parts", "nbytes", "sha256"},
     "result": _COMMON | {"status", "num_examples", "metrics", "error", "arrays", "action"},
     "heartbeat": _COMMON | {"state"},
     "model": _COMMON | {"arrays"},
@@ -60,6 +62,7 @@ class ModelRef:
     path: str
     sha256: str
     nbytes: int
+    parts: int = 0  # > 0: the file is split into that many parts (wire/parts.py)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,17 @@ class ModelMessage:
     arrays: Weights
 
 
-Message = TaskMessage | ResultMessage | HeartbeatMessage | ModelMessage
+@dataclass(frozen=True)
+class PartsMessage:
+    """Stands for a message written as parts: their count, total size and sha256."""
+
+    envelope: Envelope
+    parts: int
+    nbytes: int
+    sha256: str
+
+
+Message = TaskMessage | ResultMessage | HeartbeatMessage | ModelMessage | PartsMessage
 
 
 def _envelope_fields(kind: str, env: Envelope) -> dict[str, Any]:
@@ -124,7 +137,8 @@ def encode_task(task: TaskMessage) -> bytes:
     header = _envelope_fields("task", task.envelope)
     header.update(
         attempt=task.attempt,
-        model={"path": task.model.path, "sha256": task.model.sha256, "nbytes": task.model.nbytes},
+        model={"path": task.model.path, "sha256": task.model.sha256, "nbytes": task.model.nbytes}
+        | ({"parts": task.model.parts} if task.model.parts else {}),
         config=task.config,
     )
     if task.action != "train":
@@ -210,6 +224,9 @@ def decode_message(
         return _task(header, env, max_config_entries)
     if expect_kind == "model":
         return ModelMessage(env, decode_arrays(buffer, offset, header.get("arrays"), limits))
+    if expect_kind == "parts":
+        _no_arrays(buffer, offset)
+        return _parts(header, env)
     return _result(header, env, buffer, offset, limits, max_metrics, max_num_examples)
 
 
@@ -232,8 +249,11 @@ def _envelope(header: Mapping[str, Any]) -> Envelope:
 
 def _task(header: Mapping[str, Any], env: Envelope, max_config_entries: int) -> TaskMessage:
     model = header.get("model")
-    if not isinstance(model, dict) or set(model) != {"path", "sha256", "nbytes"}:
-        raise Rejection(Reason.BAD_FIELD, "model must be {path, sha256, nbytes}")
+    if not isinstance(model, dict) or set(model) - {"parts"} != {"path", "sha256", "nbytes"}:
+        raise Rejection(Reason.BAD_FIELD, "model must be {path, sha256, nbytes} and maybe parts")
+    parts = model.get("parts", 0)
+    if isinstance(parts, bool) or not isinstance(parts, int) or not 0 <= parts <= MAX_PARTS:
+        raise Rejection(Reason.BAD_FIELD, f"model.parts must be an int in 0..{MAX_PARTS}")
     path, sha, nbytes = model["path"], model["sha256"], model["nbytes"]
     if not isinstance(path, str) or ".." in path.split("/") or path.startswith("/"):
         raise Rejection(Reason.BAD_FIELD, "model.path must be a relative path without '..'")
@@ -250,9 +270,26 @@ def _task(header: Mapping[str, Any], env: Envelope, max_config_entries: int) -> 
         )
     if not all(isinstance(key, str) for key in config):
         raise Rejection(Reason.BAD_FIELD, "config keys must be strings")
-    return TaskMessage(
-        env, _typed(header, "attempt", int), ModelRef(path, sha, nbytes), config, _action(header)
-    )
+    ref = ModelRef(path, sha, nbytes, parts)
+    return TaskMessage(env, _typed(header, "attempt", int), ref, config, _action(header))
+
+
+def _parts(header: Mapping[str, Any], env: Envelope) -> PartsMessage:
+    count, nbytes, sha = header.get("parts"), header.get("nbytes"), header.get("sha256")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_PARTS:
+        raise Rejection(Reason.BAD_FIELD, f"parts must be an int in 1..{MAX_PARTS}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise Rejection(Reason.BAD_FIELD, "nbytes must be a positive int")
+    if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= set("0123456789abcdef"):
+        raise Rejection(Reason.BAD_FIELD, "sha256 must be 64 hex digits")
+    return PartsMessage(env, count, nbytes, sha)
+
+
+def encode_parts(message: PartsMessage) -> bytes:
+    """Encode the small file that stands for a message written in parts."""
+    header = _envelope_fields("parts", message.envelope)
+    header.update(parts=message.parts, nbytes=message.nbytes, sha256=message.sha256)
+    return encode_bytes(header)
 
 
 def _action(header: Mapping[str, Any]) -> str:
