@@ -683,3 +683,18 @@ def test_the_2_gib_corpus_file_is_sparse(tmp_path: Path) -> None:
     info = os.stat(path)
     assert stat.S_ISREG(info.st_mode) and info.st_size > LIMITS.max_file_bytes
     assert info.st_blocks * 512 < 1024 * 1024
+
+
+def test_late_answers_are_quarantined_but_do_not_flag_a_slow_datasite(tmp_path: Path) -> None:
+    quarantine = Quarantine(tmp_path / "quarantine", flag_after=2, keep_originals=True)
+    for index in range(3):
+        late = tmp_path / f"late{index}.result"
+        late.write_bytes(b"x")
+        quarantine.refuse(late, "ds0@example.org", Reason.ROUND_CLOSED, "round 1 is closed", root=tmp_path)
+    assert quarantine.snapshot_counts() == {"ds0@example.org": {"round_closed": 3}}
+    assert quarantine.flagged_datasites() == []
+    bad = tmp_path / "bad.result"
+    bad.write_bytes(b"x")
+    for _ in range(2):
+        quarantine.refuse(bad, "ds0@example.org", Reason.MALFORMED, "not msgpack", root=tmp_path)
+    assert quarantine.flagged_datasites() == ["ds0@example.org"]

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"final accuracy on held-out data: {final_accuracy:.3f} (target {TARGET_ACCURACY:.2f})")
     print(f"final model: {final_model}")
     print(f"logs: {workdir / 'logs'}   state: {config.state.state_dir}")
-    print(f"export it:  fl-orchestrator export --config {job_file} --out model.npz")
+    tool = Path(sys.executable).with_name("fl-orchestrator")
+    print(f"export it:  {tool} export --config {job_file} --out model.npz")
+    print(f"status:     {tool} status --config {job_file}")
     _write_report(config.state.state_dir, workdir / "report.png", config.job.name, config.job.num_rounds)
     return 0 if final_accuracy >= TARGET_ACCURACY else 1
 

@@ -45,6 +45,7 @@ log = structlog.get_logger("fl_orchestrator.quarantine")
 # it, and a flood of made-up folders cannot grow status.json without bound.
 UNKNOWN_DATASITES = "_unknown"
 COPY_MAX_BYTES = 64 * 1024 * 1024
+_TIMING_REASONS = frozenset({Reason.ROUND_CLOSED, Reason.UNKNOWN_ROUND})
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -97,7 +98,9 @@ class Quarantine:
         """
         unknown = reason == Reason.UNKNOWN_DATASITE
         bucket = UNKNOWN_DATASITES if unknown else datasite
-        newly_flagged, streak = self._count(bucket, reason, track=not unknown)
+        # Lateness is not misbehaviour: a slow datasite's late answers do not flag it.
+        track = not unknown and reason not in _TIMING_REASONS
+        newly_flagged, streak = self._count(bucket, reason, track=track)
         folder = self.directory / _safe(bucket, 128)
         stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}-{reason}"
         stem = f"{stem}-{_safe(path.name, 80)}"
