@@ -32,8 +32,9 @@ from support.jobs import job_table, site_emails, write_job
 TESTS_DIR = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
-NUM_ROUNDS = 60
 MIN_RANDOM_KILLS = int(os.environ.get("CHAOS_KILLS", "20"))
+# Enough rounds that the job outlives the kills: each life makes about 2-3 rounds of progress.
+NUM_ROUNDS = max(60, 4 * MIN_RANDOM_KILLS)
 FAILPOINTS = [
     "round_log.before_append",
     "round_log.after_append",
