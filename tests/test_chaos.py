@@ -49,7 +49,7 @@ FAILPOINTS = [
 ]
 
 
-def _job(folder: Path) -> Path:
+def _job(folder: Path) -> Path:  # the chaos job
     table = job_table(
         3,
         job={"num_rounds": NUM_ROUNDS, "round_timeout_seconds": 60.0, "min_train_nodes": 3},
@@ -176,3 +176,22 @@ def test_kill_9_at_random_instants_and_write_points_changes_nothing(tmp_path: Pa
     assert {name: r["succeeded"] for name, r in status["datasites"].items()} == dict.fromkeys(
         site_emails(3), NUM_ROUNDS
     )
+
+
+@pytest.mark.parametrize(
+    "point", ["aggregate.before_finish", "aggregate.after_model_saved", "checkpoint.before_write"]
+)
+def test_a_restart_after_a_crash_mid_aggregation_finishes_the_job(tmp_path: Path, point: str) -> None:
+    # Regression: the replayed aggregate's RoundAggregated was dropped and the job hung.
+    table = job_table(3, job={"num_rounds": 3, "min_train_nodes": 3, "round_timeout_seconds": 60.0})
+    job = write_job(tmp_path, table)
+    federation = _start_datasites(job)
+    try:
+        crashed = _daemon(job, f"{point}:2")
+        assert crashed.wait(timeout=60) == -signal.SIGKILL
+        assert _run_to_completion(job, limit_seconds=60) == 0
+    finally:
+        federation.stop()
+    config = load_config(job)
+    assert ModelStore(config.state.state_dir, config.job.name).rounds() == [0, 1, 2, 3]
+    assert _status(config.state.state_dir)["status"] == "done"

@@ -161,3 +161,68 @@ def test_a_result_whose_last_part_syncs_late_is_taken_when_it_arrives(tmp_path: 
     parts[-1].write_bytes(held)
     event = anyio.run(loop.take, parts[-1])  # the part's own event leads to its result
     assert isinstance(event, ev.ResultReceived) and event.num_examples == 5
+
+
+def _parted_scene(tmp_path: Path, settle: float) -> tuple[Any, Path, list[Path], list[bytes]]:
+    from fl_orchestrator.config.schema import LimitsSection
+    from fl_orchestrator.shell.intake import InboundReader
+    from fl_orchestrator.shell.intake_loop import IntakeLoop
+    from fl_orchestrator.shell.quarantine import Quarantine
+    from fl_orchestrator.wire.layout import JobLayout
+    from fl_orchestrator.wire.messages import Envelope, ResultMessage, encode_result_frames, model_spec
+
+    model = {"w": np.arange(40, dtype=np.float32)}
+    layout = JobLayout(tmp_path / "root", "job", AGGREGATOR)
+    reader = InboundReader(layout, frozenset({"ds0@example.org"}), model_spec(model), LimitsSection())
+    loop = IntakeLoop(
+        layout, reader, Quarantine(tmp_path / "q", keep_originals=True), time.time, settle_seconds=settle
+    )
+    settings_ = RunnerSettings(
+        root=layout.root,
+        email="ds0@example.org",
+        aggregator=AGGREGATOR,
+        job="job",
+        train="x:y",
+        part_bytes=PART_BYTES,
+    )
+    path = layout.result_path("ds0@example.org", "t1")
+    path.parent.mkdir(parents=True)
+    result = ResultMessage(Envelope("job", 1, "m1", "t1", 0.0, None), True, 5, {}, arrays=model)
+    DatasiteRunner(settings_, train=scripted_train(0))._write_result(
+        path, result, encode_result_frames(result)
+    )
+    parts = sorted(path.parent.glob("t1.result.part-*"))
+    held = [p.read_bytes() for p in parts]
+    for part in parts[1:]:
+        part.unlink()  # only the first part has synced so far
+    return loop, path, parts, held
+
+
+def test_parts_arriving_slowly_restart_the_settle_time_and_a_refused_result_is_read_again(
+    tmp_path: Path,
+) -> None:
+    from fl_orchestrator.core import events as ev
+
+    loop, path, parts, held = _parted_scene(tmp_path, settle=0.2)
+    assert anyio.run(loop.take, path) is None
+    for part, data in zip(parts[1:-1], held[1:-1], strict=True):
+        time.sleep(0.15)
+        part.write_bytes(data)  # each arrival is progress: no refusal yet
+        assert anyio.run(loop.take, part) is None
+    assert loop.quarantine.counts == {}
+    time.sleep(0.3)
+    assert anyio.run(loop.take, path) is None
+    assert loop.quarantine.counts == {"ds0@example.org": {"truncated": 1}}  # settled while incomplete
+    parts[-1].write_bytes(held[-1])  # ...and then the last part still comes
+    event = anyio.run(loop.take, parts[-1])
+    assert isinstance(event, ev.ResultReceived) and event.num_examples == 5
+
+
+def test_a_partial_file_that_disappears_is_forgotten(tmp_path: Path) -> None:
+    loop, path, parts, _ = _parted_scene(tmp_path, settle=5.0)
+    assert anyio.run(loop.take, path) is None and path in loop.unsettled
+    path.unlink()
+    for part in parts[:1]:
+        part.unlink()
+    assert anyio.run(loop.take, path) is None
+    assert loop.unsettled == {}

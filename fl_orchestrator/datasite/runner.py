@@ -391,12 +391,16 @@ def _read_model_bytes(path: Path, ref: ModelRef) -> bytes | memoryview:
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise ModelNotReady(f"{path.name} does not match its sha256 yet")
         return data
-    chunks = []
-    for index in range(ref.parts):
+    paths = [path.with_name(part_name(path.name, index)) for index in range(ref.parts)]
+    total = 0
+    for index, part in enumerate(paths):
         try:
-            chunks.append(path.with_name(part_name(path.name, index)).read_bytes())
+            total += part.stat().st_size  # stat all first: no reads until every part is there
         except FileNotFoundError:
             raise ModelNotReady(f"part {index} of {ref.parts} of {path.name} has not arrived") from None
+    if total != ref.nbytes:
+        raise ModelNotReady(f"the parts of {path.name} hold {total} of {ref.nbytes} bytes")
+    chunks = [part.read_bytes() for part in paths]
     try:
         return assemble(chunks, ref.nbytes, ref.sha256)
     except Rejection as exc:

@@ -250,6 +250,9 @@ class Daemon:
             lines = self.reports.round_lines()
             if lines and lines[-1].get("round") == completed:
                 self.work.previous_metrics = previous_metrics_of(lines[-1])
+                evaluations = self.reports.evaluation_lines()
+                if evaluations and evaluations[-1].get("round") == completed:
+                    self.work.previous_metrics["federated_evaluate"] = dict(evaluations[-1]["metrics"])
         self.machine = machine
         log.info(
             "job.started" if start.checkpoint is None else "job.resumed",
@@ -330,7 +333,9 @@ class Daemon:
         assert machine is not None
         if self.pending_aggregate is not None:
             summary, self.pending_aggregate = self.pending_aggregate, None
-            await self._execute(ev.Aggregate(summary))
+            # Its RoundAggregated moves the machine on: without it the job would hang.
+            for follow_up in await self._execute(ev.Aggregate(summary)):
+                await self._feed(follow_up)
         await self._feed(ev.Started(self.clock()))
         while self.exit_code is None:
             wake = machine.next_wakeup()
@@ -447,6 +452,8 @@ class Daemon:
         log.info("evaluation.completed", job=self.job, phase="evaluate", **line)
 
     async def _fail_job(self, reason: str) -> None:
+        if self.machine is not None:
+            self.machine.phase = Phase.FAILED  # a hook failure ends the job outside the machine
         self.failure_reason = reason
         await self.state.finish("failed", reason)
         self.exit_code = EXIT_JOB_FAILED

@@ -186,12 +186,24 @@ class InboundReader:
             raise Rejection(
                 Reason.FILE_TOO_LARGE, f"its parts hold {manifest.nbytes} bytes; the limit is {limit}"
             )
+        # Stat every part before reading any: waiting costs no reads, and the sizes
+        # must add up before memory is spent on them.
+        paths = [path.with_name(part_name(path.name, index)) for index in range(manifest.parts)]
+        total = 0
+        for index, part in enumerate(paths):
+            try:
+                total += os.lstat(part).st_size
+            except FileNotFoundError:
+                raise Rejection(
+                    Reason.TRUNCATED, f"part {index} of {manifest.parts} has not arrived"
+                ) from None
+        if total != manifest.nbytes:
+            raise Rejection(Reason.TRUNCATED, f"the parts hold {total} of {manifest.nbytes} bytes")
         chunks = []
-        for index in range(manifest.parts):
-            part = path.with_name(part_name(path.name, index))
-            if not os.path.lexists(part):
-                raise Rejection(Reason.TRUNCATED, f"part {index} of {manifest.parts} has not arrived")
-            chunk, _ = read_below(self.layout.datasites_dir, part, limit)
+        remaining = manifest.nbytes
+        for part in paths:
+            chunk, _ = read_below(self.layout.datasites_dir, part, remaining)
+            remaining -= chunk.nbytes
             chunks.append(chunk)
         return assemble(chunks, manifest.nbytes, manifest.sha256)
 

@@ -31,7 +31,7 @@ from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.watcher import PathBatch
 from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import HeartbeatMessage, ResultMessage
-from fl_orchestrator.wire.parts import whole_name
+from fl_orchestrator.wire.parts import PART_SUFFIX, whole_name
 from fl_orchestrator.wire.reasons import Reason, printable
 
 log = structlog.get_logger("fl_orchestrator.intake")
@@ -59,8 +59,10 @@ class IntakeLoop:
         self.clock = clock
         self.settle_seconds = settle_seconds
         self.seen: dict[Path, FileIdentity] = {}
-        # Files that looked partial: the identity they had and when it was first seen.
-        self.unsettled: dict[Path, tuple[FileIdentity, float]] = {}
+        # Files that looked partial: their state (identity and parts) and since when it held.
+        self.unsettled: dict[Path, tuple[object, float]] = {}
+        # For results written as parts: the parts as they were when the result was handled.
+        self.parts_seen: dict[Path, tuple[tuple[str, int, int], ...]] = {}
 
     async def run(self, batches: ObjectReceiveStream[PathBatch], events: ObjectSendStream[ev.Event]) -> None:
         """Consume path batches until the watcher closes; look again at unsettled files when due."""
@@ -94,21 +96,26 @@ class IntakeLoop:
         try:
             info = os.lstat(path)
         except OSError:
+            self.unsettled.pop(path, None)
             return None  # gone already: a later event or rescan will say if it comes back
         identity = FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)
-        if self.seen.get(path) == identity:
+        parts = _parts_signature(path) if classified.kind == FileKind.RESULT else ()
+        if self.seen.get(path) == identity and self.parts_seen.get(path, ()) == parts:
+            self.unsettled.pop(path, None)
             return None
         outcome = await anyio.to_thread.run_sync(
             self.reader.read_inbound, path, classified.kind, classified.datasite
         )
         if isinstance(outcome, Refused):
-            if self._still_arriving(path, classified.kind, outcome, identity):
+            if self._still_arriving(path, classified.kind, outcome, (identity, parts)):
                 return None
             self.unsettled.pop(path, None)
             await self.refuse(path, outcome.datasite, outcome.reason, outcome.detail, identity)
+            self._remember_parts(path, parts)
             return None
         self.unsettled.pop(path, None)
         self.seen[path] = outcome.identity
+        self._remember_parts(path, parts)
         if outcome.clipped:
             message = outcome.message
             log.warning(
@@ -134,16 +141,23 @@ class IntakeLoop:
                 changed.append(path)
         return changed
 
-    def _still_arriving(self, path: Path, kind: FileKind, outcome: Refused, identity: FileIdentity) -> bool:
-        """True if this refusal may only mean the file is still being written."""
+    def _remember_parts(self, path: Path, parts: tuple[tuple[str, int, int], ...]) -> None:
+        if parts:
+            self.parts_seen[path] = parts
+        else:
+            self.parts_seen.pop(path, None)
+
+    def _still_arriving(self, path: Path, kind: FileKind, outcome: Refused, state: object) -> bool:
+        """True if this refusal may only mean the file (or one of its parts) is still being written."""
         if outcome.reason not in _MAYBE_PARTIAL:
             return False
         if kind == FileKind.HEARTBEAT:
             return True  # never quarantined: the next heartbeat replaces it
         now = time.monotonic()
         earlier = self.unsettled.get(path)
-        if earlier is None or earlier[0] != identity:
-            self.unsettled[path] = (identity, now)
+        if earlier is None or earlier[0] != state:
+            # New, or changed since (a part arrived): the settle time starts again.
+            self.unsettled[path] = (state, now)
             return True
         return now - earlier[1] < self.settle_seconds
 
@@ -195,3 +209,21 @@ class IntakeLoop:
             self.seen[path] = keep
         else:
             self.seen.pop(path, None)
+
+
+def _parts_signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and mtime of every part beside a result: changes when a part arrives."""
+    prefix = path.name + PART_SUFFIX
+    found = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return ()
+    for entry in entries:
+        if entry.name.startswith(prefix):
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            found.append((entry.name, info.st_size, info.st_mtime_ns))
+    return tuple(sorted(found))

@@ -105,19 +105,11 @@ class Reports:
 
     def round_lines(self) -> list[dict[str, Any]]:
         """Every intact metrics line, in order (a torn last line from a crash is skipped)."""
-        try:
-            text = self.metrics_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        lines = []
-        for raw in text.splitlines():
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(line, dict) and isinstance(line.get("round"), int):
-                lines.append(line)
-        return lines
+        return _json_lines(self.metrics_path)
+
+    def evaluation_lines(self) -> list[dict[str, Any]]:
+        """Every intact federated-evaluation line, in order."""
+        return _json_lines(self.state_dir / EVALUATIONS_FILE)
 
     def logged_rounds(self) -> set[int]:
         """Rounds that already have a metrics line."""
@@ -162,3 +154,20 @@ class Reports:
             os.fsync(handle.fileno())
         fsync_dir(self.state_dir)
         return line
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The intact lines of a JSON-lines file that carry an int "round"; a torn line is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    lines = []
+    for raw in text.splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("round"), int):
+            lines.append(line)
+    return lines

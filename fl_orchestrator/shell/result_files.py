@@ -10,6 +10,7 @@ buffer and dropped after use: memory stays at N blocks plus the model.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -63,6 +64,17 @@ class _Concatenation:
             index += 1
         return b"".join(pieces)
 
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        offset = 0
+        while offset < self.size:
+            block = self.pread(min(1 << 22, self.size - offset), offset)
+            if not block:
+                break
+            digest.update(block)
+            offset += len(block)
+        return digest.hexdigest()
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
@@ -75,15 +87,22 @@ class FileUpdate(LazyUpdate):
     def __init__(self, path: Path, identity: FileIdentity) -> None:
         self.path = path
         info = os.stat(path, follow_symlinks=False)
-        if (info.st_ino, info.st_size) != (identity.inode, identity.size):
+        if (info.st_ino, info.st_size, info.st_mtime_ns) != (
+            identity.inode,
+            identity.size,
+            identity.mtime_ns,
+        ):
             raise ResultGone(f"{path} changed since it was counted")
         self._file = _Concatenation([path])
         try:
             head = self._file.pread(min(info.st_size, 64 * 1024), 0)
-            parts = _parts_of(head)
+            parts, sha256 = _parts_of(head)
             if parts:
                 self._file.close()
                 self._file = _Concatenation([path.with_name(part_name(path.name, i)) for i in range(parts)])
+                # Parts are separate files: check they are still the ones that were counted.
+                if self._file.sha256() != sha256:
+                    raise ResultGone(f"the parts of {path} changed since it was counted")
             header, offset = self._read_header(self._file.size)
             self._arrays: dict[str, tuple[int, np.dtype[Any], tuple[int, ...]]] = {}
             for name, dtype_name, shape in header["arrays"]:
@@ -176,14 +195,16 @@ class ScaledUpdate(LazyUpdate):
         return len(self.base)
 
 
-def _parts_of(head: bytes) -> int:
-    """How many parts a result file stands for (0: it is the result itself)."""
+def _parts_of(head: bytes) -> tuple[int, str]:
+    """How many parts a result file stands for (0: it is the result itself), and their sha256."""
     try:
         header, _ = decode_header(head, _HEADER_LIMITS)
     except Rejection:
-        return 0
+        return 0, ""
     parts = header.get("parts") if header.get("kind") == "parts" else 0
-    return parts if isinstance(parts, int) and not isinstance(parts, bool) else 0
+    if not isinstance(parts, int) or isinstance(parts, bool):
+        return 0, ""
+    return parts, str(header.get("sha256", ""))
 
 
 def _whole(update: LazyUpdate, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:

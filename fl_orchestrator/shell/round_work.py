@@ -87,7 +87,8 @@ class RoundWork:
         if begin and action.purpose == "train":
             self.strategy.begin_round(action.round, self.global_model)
             self.accepted_files = []
-        config = self.round_config(action.round)
+        # An evaluation sends the static config only: configure_round is about training.
+        config = self.round_config(action.round, hooks=action.purpose == "train")
         broadcast = self.broadcast
         task_bytes = await anyio.to_thread.run_sync(
             lambda: self.publisher.write_tasks(
@@ -115,11 +116,11 @@ class RoundWork:
             dispatch_seconds=round(time.perf_counter() - started, 6),
         )
 
-    def round_config(self, rnd: int) -> dict[str, Any]:
+    def round_config(self, rnd: int, *, hooks: bool = True) -> dict[str, Any]:
         """Static train_config, then the strategy's, then configure_round's, then server-round."""
         config: dict[str, Any] = dict(self.config.job.train_config)
         config.update(self.strategy.round_config(rnd))
-        if self.configure_round_hook is not None:
+        if hooks and self.configure_round_hook is not None:
             try:
                 extra = self.configure_round_hook(rnd, dict(self.previous_metrics))
                 if not isinstance(extra, dict):
