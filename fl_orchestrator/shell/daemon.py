@@ -318,13 +318,19 @@ class Daemon:
         return f"{self.job}: round {shown}/{self.config.job.num_rounds} {self.machine.phase}"
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if scope.cancel_called:
-                    log.warning("daemon.second_signal", signal=signal.Signals(signum).name)
-                    os._exit(128 + signum)
-                log.info("daemon.stopping", signal=signal.Signals(signum).name)
-                scope.cancel()
+        stopping = False
+        try:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("daemon.stopping", signal=signal.Signals(signum).name)
+                    stopping = True
+                    scope.cancel()
+        finally:
+            if stopping:
+                # This task is cancelled with the rest, so its receiver is gone: a plain
+                # handler makes a second signal end the process at once while we drain.
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, _exit_now)
 
     # ---- the round loop ----------------------------------------------------------------
 
@@ -523,3 +529,9 @@ def previous_metrics_of(line: dict[str, Any]) -> dict[str, Any]:
         "train": dict(line.get("train_metrics") or {}),
         "evaluate": dict(line.get("evaluate_metrics") or {}),
     }
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """A second SIGTERM/SIGINT while draining: exit without waiting for anything."""
+    os.write(2, f"second signal {signum} while stopping: exiting now\n".encode())
+    os._exit(128 + signum)

@@ -104,7 +104,7 @@ class IntakeLoop:
             self.unsettled.pop(path, None)
             return None
         outcome = await anyio.to_thread.run_sync(
-            self.reader.read_inbound, path, classified.kind, classified.datasite
+            self.reader.read_inbound, path, classified.kind, classified.datasite, abandon_on_cancel=True
         )
         if isinstance(outcome, Refused):
             if self._still_arriving(path, classified.kind, outcome, (identity, parts)):

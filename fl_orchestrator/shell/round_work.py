@@ -172,7 +172,10 @@ class RoundWork:
                     self._reread, reader, path, action.datasite, identity
                 )
             with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
-                await anyio.to_thread.run_sync(self.strategy.fold, message.arrays, action.num_examples)
+                # Abandoned on shutdown: the fold is in memory only, the round log has the result.
+                await anyio.to_thread.run_sync(
+                    self.strategy.fold, message.arrays, action.num_examples, abandon_on_cancel=True
+                )
             failpoints.hit("fold.after")
             fold_seconds = round(time.perf_counter() - started, 6)
         else:
