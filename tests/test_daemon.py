@@ -29,7 +29,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def runner_for(config_path: Path, index: int, train: Any) -> DatasiteRunner:
+def runner_for(
+    config_path: Path, index: int, train: Any, *, evaluate: Any = None, part_bytes: int = 0
+) -> DatasiteRunner:
     config = load_config(config_path)
     settings = RunnerSettings(
         root=config.syftbox.root,
@@ -39,8 +41,9 @@ def runner_for(config_path: Path, index: int, train: Any) -> DatasiteRunner:
         train="unused:unused",
         heartbeat_interval_seconds=0.2,
         rescan_interval_seconds=0.5,
+        part_bytes=part_bytes,
     )
-    return DatasiteRunner(settings, train=train)
+    return DatasiteRunner(settings, train=train, evaluate=evaluate)
 
 
 def scripted_train(
@@ -61,13 +64,22 @@ def scripted_train(
     return train
 
 
-async def run_federation(config_path: Path, trains: list[Any], *, limit_seconds: float = 30.0) -> Daemon:
+async def run_federation(
+    config_path: Path,
+    trains: list[Any],
+    *,
+    limit_seconds: float = 30.0,
+    evaluates: list[Any] | None = None,
+    part_bytes: int = 0,
+) -> Daemon:
     daemon = Daemon(load_config(config_path), handle_signals=False)
     with anyio.fail_after(limit_seconds):
         async with anyio.create_task_group() as group:
             for index, train in enumerate(trains):
                 if train is not None:
-                    group.start_soon(runner_for(config_path, index, train).run)
+                    evaluate = evaluates[index] if evaluates else None
+                    runner = runner_for(config_path, index, train, evaluate=evaluate, part_bytes=part_bytes)
+                    group.start_soon(runner.run)
             await daemon.run()
             group.cancel_scope.cancel()
     return daemon

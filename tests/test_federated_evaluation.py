@@ -6,17 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import anyio
 import numpy as np
 import pytest
-from test_daemon import scripted_train
+from test_daemon import run_federation, scripted_train
 
-from fl_orchestrator.config import load_config
-from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
 from fl_orchestrator.shell.daemon import EXIT_DONE, Daemon
 
 from support import scripted
-from support.jobs import AGGREGATOR, job_table, site_emails, write_job
+from support.jobs import job_table, site_emails, write_job
 
 pytestmark = pytest.mark.anyio
 
@@ -38,25 +35,8 @@ def evaluate_for(index: int) -> Any:
 
 
 async def run(job: Path, *, evaluators: int) -> Daemon:
-    config = load_config(job)
-    daemon = Daemon(config, handle_signals=False)
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as group:
-            for index, email in enumerate(site_emails(3)):
-                settings = RunnerSettings(
-                    root=config.syftbox.root,
-                    email=email,
-                    aggregator=AGGREGATOR,
-                    job=config.job.name,
-                    train="unused:unused",
-                    heartbeat_interval_seconds=0.2,
-                    rescan_interval_seconds=0.5,
-                )
-                evaluate = evaluate_for(index) if index < evaluators else None
-                group.start_soon(DatasiteRunner(settings, train=scripted_train(index), evaluate=evaluate).run)
-            await daemon.run()
-            group.cancel_scope.cancel()
-    return daemon
+    evaluates = [evaluate_for(i) if i < evaluators else None for i in range(3)]
+    return await run_federation(job, [scripted_train(i) for i in range(3)], evaluates=evaluates)
 
 
 async def test_each_new_model_is_evaluated_by_the_datasites_and_metrics_are_weighted(tmp_path: Path) -> None:

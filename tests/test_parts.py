@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_daemon import scripted_train
+from test_daemon import run_federation, scripted_train
 
 from fl_orchestrator.config import load_config
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
-from fl_orchestrator.shell.daemon import EXIT_DONE, Daemon
+from fl_orchestrator.shell.daemon import EXIT_DONE
 from fl_orchestrator.wire.parts import assemble, part_name, split_frames, whole_name
 from fl_orchestrator.wire.reasons import Reason, Rejection
 
 from support import scripted
-from support.jobs import AGGREGATOR, job_table, site_emails, write_job
+from support.jobs import AGGREGATOR, job_table, write_job
 
 PART_BYTES = 64
 
@@ -79,23 +79,8 @@ async def test_a_job_whose_files_exceed_the_cap_runs_on_parts(tmp_path: Path, st
     )
     job = write_job(tmp_path, table)
     config = load_config(job)
-    daemon = Daemon(config, handle_signals=False)
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as group:
-            for index, email in enumerate(site_emails(3)):
-                settings_ = RunnerSettings(
-                    root=config.syftbox.root,
-                    email=email,
-                    aggregator=AGGREGATOR,
-                    job=config.job.name,
-                    train="unused:unused",
-                    heartbeat_interval_seconds=0.2,
-                    rescan_interval_seconds=0.5,
-                    part_bytes=PART_BYTES,
-                )
-                group.start_soon(DatasiteRunner(settings_, train=scripted_train(index)).run)
-            await daemon.run()
-            group.cancel_scope.cancel()
+    trains = [scripted_train(i) for i in range(3)]
+    daemon = await run_federation(job, trains, part_bytes=PART_BYTES)
     assert daemon.exit_code == EXIT_DONE
     # Nothing over the cap was written into the synced tree.
     synced = [p for p in config.syftbox.root.rglob("*") if p.is_file() and not p.name.endswith(".yaml")]

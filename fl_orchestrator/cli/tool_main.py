@@ -42,6 +42,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 (never split) or a positive size in bytes")
+    return value
+
+
 def _email(text: str) -> str:
     if not _EMAIL.match(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected an email like name@example.org")
@@ -72,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--heartbeat-interval-seconds", type=_positive_float, default=2.0)
     site.add_argument(
         "--part-bytes",
-        type=int,
+        type=_non_negative_int,
         default=8 * 1024 * 1024,
         help="results larger than this are written as parts (0: never); SyftBox 0.4.0 refuses > 10 MB",
     )
@@ -182,7 +192,7 @@ def _datasite(args: argparse.Namespace) -> int:
         job=args.job,
         train=args.train,
         evaluate=args.evaluate,
-        part_bytes=max(0, args.part_bytes),
+        part_bytes=args.part_bytes,
         heartbeat_interval_seconds=args.heartbeat_interval_seconds,
         rescan_interval_seconds=args.rescan_interval_seconds,
     )
