@@ -824,6 +824,7 @@ def test_cli_check_prints_resolved_json(tmp_path: Path, capsys: pytest.CaptureFi
         "daemon",
         "limits",
         "logging",
+        "syft_flwr",
         "source_path",
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import tomllib
@@ -16,6 +17,7 @@ from fl_orchestrator.config.schema import JobConfig, StrategySection
 
 EX_CONFIG = 78
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
+_APP_NAME = re.compile(r"[A-Za-z0-9@._-]{1,200}")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _CONFIG_SCALARS = (bool, int, float, str, bytes)
@@ -281,9 +283,34 @@ def _check_cross_fields(config: JobConfig) -> None:
             raise ConfigError(
                 "model.checkpoint_path", str(model.checkpoint_path), "a file ending .npz or .msgpack"
             )
+    _check_syft_flwr(config)
     for name in model.arrays:
         if not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,128}", name) or ".." in name:
             raise ConfigError(f"model.arrays.{name}", name, "an array name of [A-Za-z0-9_.:/-]")
+
+
+def _check_syft_flwr(config: JobConfig) -> None:
+    app_name = config.syft_flwr.app_name
+    if config.job.protocol != "syft-flwr":
+        return
+    if app_name is None:
+        raise ConfigError(
+            "syft_flwr.app_name", _MISSING, "the app_name from [tool.syft_flwr] (job.protocol = 'syft-flwr')"
+        )
+    if not _APP_NAME.fullmatch(app_name) or app_name in (".", ".."):
+        raise ConfigError("syft_flwr.app_name", app_name, "1-200 of letters, digits, '@', '.', '-', '_'")
+    if importlib.util.find_spec("flwr") is None:
+        raise ConfigError(
+            "job.protocol",
+            "syft-flwr",
+            "the [syft-flwr] extra installed (pip install 'fl-orchestrator[syft-flwr]'): flwr is missing",
+        )
+    if config.syftbox.presence_ttl_seconds <= config.syft_flwr.heartbeat_interval_seconds:
+        raise ConfigError(
+            "syft_flwr.heartbeat_interval_seconds",
+            config.syft_flwr.heartbeat_interval_seconds,
+            f"less than syftbox.presence_ttl_seconds ({config.syftbox.presence_ttl_seconds:g})",
+        )
 
 
 def _min_results(config: JobConfig) -> int:

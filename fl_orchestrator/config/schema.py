@@ -42,6 +42,14 @@ class JobSection:
     """The round loop, with Flower's names where Flower has one."""
 
     name: str = field(metadata=spec("job name: letters, digits, '-', '_' and '.'"))
+    protocol: str = field(
+        default="native",
+        metadata=spec(
+            "wire format: 'native' (fl_orchestrator's own) or 'syft-flwr' (drive syft-flwr"
+            " data owners; needs the [syft-flwr] extra and [syft_flwr] app_name)",
+            choices=("native", "syft-flwr"),
+        ),
+    )
     num_rounds: int = field(default=3, metadata=spec("number of rounds", minimum=1))
     round_timeout_seconds: float = field(
         default=600.0,
@@ -278,6 +286,35 @@ class LoggingSection:
     format: str = field(default="auto", metadata=spec("log format", choices=("auto", "json", "console")))
 
 
+@dataclass(frozen=True)
+class SyftFlwrSection:
+    """How to reach syft-flwr data owners (used only with job.protocol = 'syft-flwr')."""
+
+    app_name: str | None = field(
+        default=None,
+        metadata=spec(
+            "the app_name that syft_flwr.bootstrap wrote under [tool.syft_flwr] in the"
+            " project's pyproject.toml: requests go to app_data/flwr/<app_name>/rpc/messages/",
+        ),
+    )
+    request_expiry_margin_seconds: float = field(
+        default=300.0,
+        metadata=spec(
+            "a request expires this long after its round's deadline (syft-flwr uses a fixed 15 minutes)",
+            minimum=0,
+        ),
+    )
+    heartbeat_interval_seconds: float = field(
+        default=10.0,
+        metadata=spec(
+            "how often a data owner that has published its rpc.schema.json and has not missed"
+            " a deadline is marked present again",
+            minimum=0,
+            exclusive_minimum=True,
+        ),
+    )
+
+
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -294,4 +331,5 @@ class JobConfig:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    syft_flwr: SyftFlwrSection = field(default_factory=SyftFlwrSection)
     source_path: Path | None = field(default=None, metadata=spec("(set by the loader)"))

@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -47,6 +47,9 @@ from fl_orchestrator.state.checkpoints import Checkpoint
 from fl_orchestrator.state.round_log import DispatchRecord, ResultRecord
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import model_spec
+
+if TYPE_CHECKING:
+    from fl_orchestrator.syft_flwr.bridge import Bridge
 
 log = structlog.get_logger("fl_orchestrator.daemon")
 
@@ -96,7 +99,6 @@ class Daemon:
         self.notifier = notifier or SystemdNotifier.from_environment({})
         self.rerun = rerun
         self.job = config.job.name
-        self.layout = JobLayout(config.syftbox.root, self.job, config.syftbox.aggregator_email)
         self.state_dir = config.state.state_dir
         self.store = ModelStore(self.state_dir, self.job)
         self.reports = Reports(self.state_dir, self.job)
@@ -111,6 +113,18 @@ class Daemon:
             flag_after=config.limits.flag_after_rejections,
             keep_originals=config.daemon.quarantine_mode == "copy",
         )
+        # With syft-flwr the native pipeline runs on a private spool; the bridge translates.
+        self.bridge: Bridge | None = None
+        publisher: Publisher
+        if config.job.protocol == "syft-flwr":
+            from fl_orchestrator.syft_flwr.transport import SyftFlwrTransport
+
+            self.layout = JobLayout(self.state_dir / "spool", self.job, config.syftbox.aggregator_email)
+            transport = SyftFlwrTransport(config, self.layout, self.quarantine, clock)
+            publisher, self.bridge = transport.publisher, transport.bridge
+        else:
+            self.layout = JobLayout(config.syftbox.root, self.job, config.syftbox.aggregator_email)
+            publisher = Publisher(self.layout, config.syftbox.datasites, config.syftbox.part_bytes)
         evaluate = configure_round = metrics_aggregation = None
         if config.evaluate.global_evaluate:
             evaluate = load_callable(config.evaluate.global_evaluate, what="evaluate.global_evaluate")
@@ -122,7 +136,7 @@ class Daemon:
             )
         self.work = RoundWork(
             config,
-            publisher=Publisher(self.layout, config.syftbox.datasites, config.syftbox.part_bytes),
+            publisher=publisher,
             store=self.store,
             strategy=build_strategy(
                 config.strategy.name, dict(config.strategy.params), seed=config.job.selection_seed
@@ -194,6 +208,8 @@ class Daemon:
                 )
             )
             root.start_soon(self.intake.run, batches_recv, events_send)
+            if self.bridge is not None:
+                root.start_soon(self.bridge.run)
             self.status_wanted = anyio.Event()
             self.status_urgent = anyio.Event()
             root.start_soon(self._write_status_when_wanted)
@@ -202,6 +218,11 @@ class Daemon:
                 root.start_soon(self._ping_watchdog, interval)
             self.notifier.ready(self._status_line())
             self.exit_code = await self._round_loop(events_recv)
+            if self.bridge is not None and self.exit_code is not None:
+                # The job ended (done or failed): tell syft-flwr's owners to exit, as its server does.
+                reason = self.failure_reason or "job complete"
+                wait = min(5.0, self.config.daemon.shutdown_timeout_seconds)
+                await self.bridge.finish(reason, wait_seconds=wait)
             final = self._status_document(_STATE_OF_PHASE.get(machine.phase, "running"))
             await anyio.to_thread.run_sync(self._write_status_document, final)
             root.cancel_scope.cancel()
@@ -228,6 +249,8 @@ class Daemon:
                 hint="start with --rerun to run it again; this run's outputs are archived, not overwritten",
             )
             return True
+        if self.bridge is not None:
+            self.bridge.publisher.set_run(start.run.run_id)
         self.layout.aggregator_dir.mkdir(parents=True, exist_ok=True)
         self.work.publisher.write_permissions()
         # Beside the state it produced, so the run can be reproduced exactly.

@@ -1,0 +1,148 @@
+"""Flower ``Message`` protobufs, built and read with Flower's own definitions.
+
+This is the only module that imports ``flwr`` (the ``[syft-flwr]`` extra), so
+the format stays in step with Flower. Arrays travel as Flower ``Array``s,
+which Flower writes with ``np.save(allow_pickle=False)`` and reads with
+``np.load(allow_pickle=False)``: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import MessageType
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+
+from fl_orchestrator.syft_flwr.envelope import AGGREGATOR_NODE_ID
+
+# The key names syft-flwr's (and Flower's) message API uses.
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+SERVER_ROUND_KEY = "server-round"
+STOP_GROUP_ID = "final"
+
+MESSAGE_TYPES = {"train": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+
+
+class ReplyError(Exception):
+    """A reply body that is not a usable Flower message."""
+
+
+@dataclass(frozen=True)
+class FlowerReply:
+    """What the aggregator needs from a decoded reply."""
+
+    message_type: str
+    group_id: str
+    src_node_id: int
+    error_code: int | None = None
+    error_reason: str = ""
+    arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    metrics: dict[str, float | int] = field(default_factory=dict)
+    dropped_metrics: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True unless the owner answered with a Flower error."""
+        return self.error_code is None
+
+
+def round_content(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> RecordDict:
+    """A round's content, built once and sent to every selected owner."""
+    record = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+    return RecordDict({ARRAYS_KEY: record, CONFIG_KEY: ConfigRecord(dict(config))})
+
+
+def request_body(
+    content: RecordDict,
+    *,
+    purpose: str,
+    dst_node_id: int,
+    run_id: int,
+    group_id: str,
+    ttl_seconds: float,
+) -> bytes:
+    """A serialized instruction message, with the metadata syft-flwr's own server sets."""
+    message = Message(
+        content=content,
+        dst_node_id=dst_node_id,
+        message_type=MESSAGE_TYPES[purpose],
+        ttl=max(1.0, ttl_seconds),
+        group_id=group_id,
+    )
+    return _serialize(message, run_id)
+
+
+def stop_body(*, dst_node_id: int, run_id: int, reason: str) -> bytes:
+    """The SYSTEM message that makes a syft-flwr owner's main.py exit."""
+    content = RecordDict({CONFIG_KEY: ConfigRecord({"action": "stop", "reason": reason})})
+    message = Message(
+        content=content,
+        dst_node_id=dst_node_id,
+        message_type=MessageType.SYSTEM,
+        ttl=60.0,
+        group_id=STOP_GROUP_ID,
+    )
+    return _serialize(message, run_id)
+
+
+def _serialize(message: Message, run_id: int) -> bytes:
+    # Metadata has no setters for these: syft-flwr's server writes them the same way.
+    message.metadata.__dict__["_run_id"] = run_id
+    message.metadata.__dict__["_src_node_id"] = AGGREGATOR_NODE_ID
+    data: bytes = message_to_proto(message).SerializeToString()
+    return data
+
+
+def parse_reply(body: bytes) -> FlowerReply:
+    """Decode a reply body; raise ReplyError with a reason if it is not a Flower reply."""
+    proto = ProtoMessage()
+    try:
+        proto.ParseFromString(body)
+        message = message_from_proto(proto)
+    except Exception as exc:  # protobuf and Flower raise many types for bad bytes
+        raise ReplyError(f"not a Flower message: {type(exc).__name__}: {exc}") from None
+    metadata = message.metadata
+    if message.has_error():
+        return FlowerReply(
+            metadata.message_type,
+            metadata.group_id,
+            metadata.src_node_id,
+            error_code=int(message.error.code),
+            error_reason=str(message.error.reason),
+        )
+    if not message.has_content():
+        raise ReplyError("a reply with neither content nor error")
+    content = message.content
+    arrays: list[tuple[str, np.ndarray]] = []
+    if ARRAYS_KEY in content.array_records:
+        try:
+            arrays = [(name, array.numpy()) for name, array in content.array_records[ARRAYS_KEY].items()]
+        except Exception as exc:
+            raise ReplyError(f"its arrays do not load: {type(exc).__name__}: {exc}") from None
+    metrics: dict[str, float | int] = {}
+    dropped: list[str] = []
+    if METRICS_KEY in content.metric_records:
+        for key, value in content.metric_records[METRICS_KEY].items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                dropped.append(key)  # lists: the native metrics are scalars
+            elif isinstance(value, float) and not math.isfinite(value):
+                dropped.append(key)
+            else:
+                metrics[key] = value
+    return FlowerReply(
+        metadata.message_type,
+        metadata.group_id,
+        metadata.src_node_id,
+        arrays=arrays,
+        metrics=metrics,
+        dropped_metrics=tuple(dropped),
+    )

@@ -1,0 +1,110 @@
+"""Where syft-flwr (syft-rpc 0.4) puts its files, and what a path under datasites/ means.
+
+datasites/<owner>/app_data/flwr/<app_name>/rpc/
+    rpc.schema.json, syft.pub.yaml            written by the owner when it starts
+    messages/<aggregator>/<uuid>.request      written by the aggregator
+    messages/<aggregator>/<uuid>.response     written by the owner
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+ENDPOINT = "messages"
+SCHEMA_FILE = "rpc.schema.json"
+PERMISSION_FILE = "syft.pub.yaml"
+
+
+class SyftFlwrKind(Enum):
+    """What a path under an owner's syft-flwr app folder is."""
+
+    RESPONSE = "response"
+    PRESENCE = "presence"
+    IGNORED = "ignored"
+
+
+@dataclass(frozen=True)
+class SyftFlwrPath:
+    """A classified path: whose it is, what it is, and (for responses) which request it answers."""
+
+    owner: str
+    kind: SyftFlwrKind
+    request_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class SyftFlwrLayout:
+    """Paths of one syft-flwr app under one SyftBox root, seen from the aggregator."""
+
+    root: Path
+    app_name: str
+    aggregator: str
+
+    @property
+    def datasites_dir(self) -> Path:
+        """The folder that holds every datasite."""
+        return self.root / "datasites"
+
+    def rpc_dir(self, owner: str) -> Path:
+        """An owner's rpc folder for this app."""
+        return self.datasites_dir / owner / "app_data" / "flwr" / self.app_name / "rpc"
+
+    def messages_dir(self, owner: str) -> Path:
+        """Where this aggregator's requests to ``owner`` and their responses lie."""
+        return self.rpc_dir(owner) / ENDPOINT / self.aggregator
+
+    def request_path(self, owner: str, request_id: uuid.UUID) -> Path:
+        """One request file."""
+        return self.messages_dir(owner) / f"{request_id}.request"
+
+    def response_path(self, owner: str, request_id: uuid.UUID) -> Path:
+        """The owner's answer to one request."""
+        return self.messages_dir(owner) / f"{request_id}.response"
+
+    def schema_path(self, owner: str) -> Path:
+        """The file an owner publishes when its handler is up: our presence signal."""
+        return self.rpc_dir(owner) / SCHEMA_FILE
+
+    def url(self, owner: str) -> str:
+        """The syft:// URL of an owner's endpoint, as syft-rpc writes it in envelopes."""
+        return f"syft://{owner}/app_data/flwr/{self.app_name}/rpc/{ENDPOINT}"
+
+    @property
+    def marker(self) -> str:
+        """A substring every path of this app contains (for the watch filter)."""
+        return f"/app_data/flwr/{self.app_name}/rpc/"
+
+    def classify(self, path: Path) -> SyftFlwrPath | None:
+        """Read a path under datasites/; None for anything outside an owner's app folder."""
+        try:
+            rel = path.relative_to(self.datasites_dir)
+        except ValueError:
+            return None
+        parts = rel.parts
+        if any(part in ("", ".", "..") for part in parts):
+            return None
+        if len(parts) < 6 or parts[1:5] != ("app_data", "flwr", self.app_name, "rpc"):
+            return None
+        owner, rest = parts[0], parts[5:]
+        if rest in ((SCHEMA_FILE,), (PERMISSION_FILE,)):
+            return SyftFlwrPath(owner, SyftFlwrKind.PRESENCE)
+        if len(rest) == 3 and rest[:2] == (ENDPOINT, self.aggregator) and rest[2].endswith(".response"):
+            try:
+                request_id = uuid.UUID(rest[2][: -len(".response")])
+            except ValueError:
+                return SyftFlwrPath(owner, SyftFlwrKind.IGNORED)
+            return SyftFlwrPath(owner, SyftFlwrKind.RESPONSE, request_id)
+        return SyftFlwrPath(owner, SyftFlwrKind.IGNORED)
+
+
+def request_id_for_task(task_id: str) -> uuid.UUID:
+    """The request id of a native task: the task id (32 hex digits) read as a UUID."""
+    return uuid.UUID(hex=task_id)
+
+
+def task_id_for_request(request_id: uuid.UUID) -> str:
+    """The native task id a request id stands for."""
+    return request_id.hex

@@ -1,0 +1,141 @@
+"""Tasks become syft-rpc requests in each data owner's app folder.
+
+The native publisher still writes the model and tasks into the private spool
+(the round log and the resume path rely on them); this subclass also writes,
+for every task, a ``<uuid>.request`` holding a Flower message. The uuid is the
+task id, so a request rewritten after a restart has the same name and is not
+written twice. Requests are written under a temp name and renamed: syft-flwr's
+owners react to the rename, never to a half-written file.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import structlog
+
+from fl_orchestrator.shell.atomic import atomic_write
+from fl_orchestrator.shell.publisher import Broadcast, Publisher
+from fl_orchestrator.syft_flwr import flower_codec
+from fl_orchestrator.syft_flwr.envelope import encode_request, node_id_of
+from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, request_id_for_task, task_id_for_request
+from fl_orchestrator.syft_flwr.replies import SyftFlwrState, TaskInfo
+from fl_orchestrator.wire.layout import JobLayout
+from fl_orchestrator.wire.messages import model_spec
+
+log = structlog.get_logger("fl_orchestrator.syft_flwr")
+
+_STOP_NAMESPACE = uuid.UUID("6f1c1a52-64a4-4d3e-9a53-0a4be6f0c7d1")
+
+
+class SyftFlwrPublisher(Publisher):
+    """The native publisher, plus one syft-rpc request per task."""
+
+    def __init__(
+        self,
+        spool: JobLayout,
+        datasites: tuple[str, ...],
+        *,
+        target: SyftFlwrLayout,
+        state: SyftFlwrState,
+        run_id: str,
+        expiry_margin_seconds: float,
+    ) -> None:
+        super().__init__(spool, datasites, part_bytes=0)
+        self.target = target
+        self.state = state
+        self.run_id = run_id
+        self.flower_run_id = zlib.crc32(run_id.encode())
+        self.expiry_margin_seconds = expiry_margin_seconds
+        self._model: tuple[int, Mapping[str, np.ndarray]] | None = None
+
+    def set_run(self, run_id: str) -> None:
+        """Name the run (known once the state is opened): it seeds the Flower run id and stop ids."""
+        self.run_id = run_id
+        self.flower_run_id = zlib.crc32(run_id.encode())
+
+    def write_model(self, rnd: int, model: Mapping[str, np.ndarray]) -> Broadcast:
+        """Write the spool copy and keep the arrays for this round's requests."""
+        broadcast = super().write_model(rnd, model)
+        self._model = (rnd, model)
+        self.state.spec = model_spec(model)
+        return broadcast
+
+    def write_tasks(
+        self,
+        broadcast: Broadcast,
+        tasks: Mapping[str, str],
+        *,
+        attempt: int,
+        deadline: float,
+        config: Mapping[str, Any],
+        action: str = "train",
+        rnd: int | None = None,
+    ) -> int:
+        """Write the spool tasks, then one request per owner; return the bytes written."""
+        total = super().write_tasks(
+            broadcast, tasks, attempt=attempt, deadline=deadline, config=config, action=action, rnd=rnd
+        )
+        assert self._model is not None and self._model[0] == broadcast.round, "write_model comes first"
+        task_round = broadcast.round if rnd is None else rnd
+        now = time.time()
+        expires = max(deadline, now) + self.expiry_margin_seconds
+        content = None
+        for owner, task_id in tasks.items():
+            self.state.add(task_id, TaskInfo(owner, task_round, action, deadline))
+            request_id = request_id_for_task(task_id)
+            path = self.target.request_path(owner, request_id)
+            if path.exists() or self.target.response_path(owner, request_id).exists():
+                continue  # written before a restart (same id): the owner may be answering it
+            if content is None:
+                content = flower_codec.round_content(self._model[1], config)
+            body = flower_codec.request_body(
+                content,
+                purpose=action,
+                dst_node_id=node_id_of(owner),
+                run_id=self.flower_run_id,
+                group_id=str(task_round),
+                ttl_seconds=expires - now,
+            )
+            total += self._write_request(owner, request_id, body, now, expires)
+        self.bytes_written += total
+        return total
+
+    def send_stop(self, owners: tuple[str, ...], reason: str) -> list[str]:
+        """Ask each owner's main.py to exit (syft-flwr's SYSTEM message, group 'final')."""
+        sent = []
+        now = time.time()
+        for owner in owners:
+            if not self.target.rpc_dir(owner).is_dir():
+                continue  # never started this app: nothing to stop, and no folder of ours to create
+            request_id = uuid.uuid5(_STOP_NAMESPACE, f"{self.run_id}|stop|{owner}")
+            self.state.stop_requests[task_id_for_request(request_id)] = owner
+            if self.target.request_path(owner, request_id).exists():
+                continue
+            body = flower_codec.stop_body(
+                dst_node_id=node_id_of(owner), run_id=self.flower_run_id, reason=reason
+            )
+            self._write_request(owner, request_id, body, now, now + self.expiry_margin_seconds)
+            sent.append(owner)
+        return sent
+
+    def _write_request(
+        self, owner: str, request_id: uuid.UUID, body: bytes, now: float, expires: float
+    ) -> int:
+        chunks = encode_request(
+            request_id=request_id,
+            sender=self.target.aggregator,
+            url=self.target.url(owner),
+            body=body,
+            created=now,
+            expires=expires,
+        )
+        path = self.target.request_path(owner, request_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Lost from the page cache in a crash, it is rewritten from the round log on restart.
+        return atomic_write(path, chunks, durable=False)

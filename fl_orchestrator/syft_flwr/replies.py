@@ -1,0 +1,290 @@
+"""A syft-flwr ``.response`` becomes a native result file in the spool.
+
+Runs in a worker thread. Every outcome is a value, never an exception:
+
+- ``NotYet``: empty or cut-short JSON, which syft-rpc's two-step write
+  (create, then fill) leaves for a moment; look again later.
+- ``Translated``: a native result (success or counted failure) was written
+  atomically into the spool, where the ordinary intake reads it.
+- ``Unusable``: the file is complete but cannot be used; the caller
+  quarantines it, and ``failure`` (when the request is known) is also written
+  so the round counts the owner as failed instead of waiting for its timeout.
+- ``StopAcknowledged``: the owner's answer to the stop message.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fl_orchestrator.shell.atomic import atomic_write
+from fl_orchestrator.shell.intake import read_below
+from fl_orchestrator.syft_flwr.envelope import EnvelopeError, decode_response, node_id_of
+from fl_orchestrator.syft_flwr.flower_codec import NUM_EXAMPLES_KEY, FlowerReply, ReplyError, parse_reply
+from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, task_id_for_request
+from fl_orchestrator.wire.layout import JobLayout
+from fl_orchestrator.wire.messages import Envelope, ModelSpec, ResultMessage, encode_result_frames
+from fl_orchestrator.wire.reasons import Reason, Rejection, printable
+
+ENCRYPTION_HINT = (
+    "the data owner answered with an encrypted payload; fl-orchestratord speaks syft-flwr's"
+    " plaintext mode only: restart the owner's main.py with SYFT_FLWR_ENCRYPTION_ENABLED=false"
+)
+# Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION.
+CLIENT_APP_RAISED = 2
+_MAX_ERROR_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A request this daemon sent: enough to label the owner's answer."""
+
+    owner: str
+    round: int
+    action: str
+    deadline: float
+
+
+@dataclass
+class SyftFlwrState:
+    """What the publisher and the bridge share (publisher in a worker thread, bridge in the loop)."""
+
+    spec: ModelSpec = field(default_factory=dict)
+    pending: dict[str, TaskInfo] = field(default_factory=dict)
+    stop_requests: dict[str, str] = field(default_factory=dict)  # task-style id -> owner
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, task_id: str, info: TaskInfo) -> None:
+        """Remember a request until it is answered."""
+        with self.lock:
+            self.pending[task_id] = info
+
+    def answered(self, task_id: str) -> TaskInfo | None:
+        """Forget an answered request; return what it was."""
+        with self.lock:
+            return self.pending.pop(task_id, None)
+
+    def lookup(self, task_id: str) -> TaskInfo | None:
+        """What a request was, if this daemon sent it."""
+        with self.lock:
+            return self.pending.get(task_id)
+
+    def overdue_owners(self, now: float) -> set[str]:
+        """Owners with a request whose deadline passed unanswered: they stopped answering."""
+        with self.lock:
+            return {info.owner for info in self.pending.values() if info.deadline < now}
+
+
+@dataclass(frozen=True)
+class NotYet:
+    """Maybe still being written."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
+class Translated:
+    """A native result now lies in the spool."""
+
+    task_id: str
+    round: int
+    ok: bool
+    spool_path: Path
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """Complete but unusable: quarantine it (and count the failure, if written)."""
+
+    reason: Reason
+    detail: str
+    failure: Translated | None = None
+
+
+@dataclass(frozen=True)
+class StopAcknowledged:
+    """The owner's answer to our stop message."""
+
+
+Outcome = NotYet | Translated | Unusable | StopAcknowledged
+
+
+class ReplyTranslator:
+    """Reads responses under the SyftBox root and writes native results into the spool."""
+
+    def __init__(
+        self,
+        layout: SyftFlwrLayout,
+        spool: JobLayout,
+        state: SyftFlwrState,
+        *,
+        max_file_bytes: int,
+    ) -> None:
+        self.layout = layout
+        self.spool = spool
+        self.state = state
+        self.max_file_bytes = max_file_bytes
+
+    def translate(self, path: Path, owner: str, request_id_hex: str) -> Outcome:
+        """Look at one response file; never raises for anything the file contains."""
+        try:
+            data, _ = read_below(self.layout.datasites_dir, path, self.max_file_bytes)
+        except Rejection as exc:
+            if exc.reason == Reason.EMPTY_FILE:
+                return NotYet(exc.detail)
+            return Unusable(exc.reason, exc.detail)
+        try:
+            response = decode_response(data)
+        except EnvelopeError as exc:
+            if not exc.complete:
+                return NotYet(exc.detail)
+            return Unusable(Reason.MALFORMED, f"not a syft-rpc response: {exc.detail}")
+        task_id = task_id_for_request(response.id)
+        if task_id != request_id_hex:
+            return Unusable(
+                Reason.REPLY_TO_MISMATCH, f"the file is named {request_id_hex} but answers {task_id}"
+            )
+        if response.sender != owner:
+            return Unusable(
+                Reason.BAD_FIELD, f"sender {printable(response.sender, 200)!r} writes in {owner}'s folder"
+            )
+        if self.state.stop_requests.get(task_id) == owner:
+            return StopAcknowledged()
+        task = self.state.lookup(task_id)
+        if response.status_code != 200:
+            detail = f"syft-rpc status {response.status_code}: {_text(response.body)}"
+            return self._fail(owner, task_id, task, None, f"SyftRpcStatus{response.status_code}", detail)
+        if not response.body:
+            return self._fail(owner, task_id, task, None, "EmptyReply", "status 200 with no body")
+        if _looks_encrypted(response.body):
+            return self._fail(owner, task_id, task, None, "EncryptedReply", ENCRYPTION_HINT)
+        try:
+            reply = parse_reply(response.body)
+        except ReplyError as exc:
+            return self._fail(owner, task_id, task, None, "InvalidReply", str(exc))
+        return self._from_reply(owner, task_id, task, reply)
+
+    def _from_reply(self, owner: str, task_id: str, task: TaskInfo | None, reply: FlowerReply) -> Outcome:
+        if reply.src_node_id != node_id_of(owner):
+            return Unusable(
+                Reason.BAD_FIELD, f"src_node_id {reply.src_node_id} is not {owner}'s ({node_id_of(owner)})"
+            )
+        if not reply.ok:
+            kind = (
+                "ClientAppException"
+                if reply.error_code == CLIENT_APP_RAISED
+                else f"FlowerError{reply.error_code}"
+            )
+            return self._fail(owner, task_id, task, reply, kind, _first_lines(reply.error_reason))
+        action = task.action if task is not None else reply.message_type
+        if reply.message_type != action:
+            detail = f"a {reply.message_type!r} reply to a {action!r} request"
+            return self._fail(owner, task_id, task, reply, "InvalidReply", detail)
+        metrics = dict(reply.metrics)
+        count = metrics.pop(NUM_EXAMPLES_KEY, None)
+        if not isinstance(count, int) or count < 0:
+            detail = f"metrics[{NUM_EXAMPLES_KEY!r}] must be an int >= 0, got {count!r}"
+            return self._fail(owner, task_id, task, reply, "InvalidReply", detail)
+        arrays: dict[str, np.ndarray] = {}
+        if action == "train":
+            mapped = _map_arrays(reply.arrays, self.state.spec)
+            if isinstance(mapped, str):
+                return self._fail(owner, task_id, task, reply, "InvalidReply", mapped)
+            arrays = mapped
+        rnd = self._round_of(task, reply)
+        if rnd is None:
+            return Unusable(Reason.UNKNOWN_ROUND, f"group_id {reply.group_id!r} names no round")
+        result = ResultMessage(
+            Envelope(self.spool.job, rnd, secrets.token_hex(16), task_id, time.time(), None),
+            True,
+            count,
+            metrics,
+            arrays=arrays,
+            action=action,
+        )
+        return self._write(owner, task_id, result)
+
+    def _fail(
+        self,
+        owner: str,
+        task_id: str,
+        task: TaskInfo | None,
+        reply: FlowerReply | None,
+        error_type: str,
+        detail: str,
+    ) -> Outcome:
+        """A counted failure when the request is known; otherwise only a refusal."""
+        rnd = self._round_of(task, reply)
+        if rnd is None:
+            return Unusable(
+                Reason.NOT_SELECTED, f"{error_type}: {detail} (and it answers no request of this run)"
+            )
+        action = task.action if task is not None else (reply.message_type if reply else "train")
+        result = ResultMessage(
+            Envelope(self.spool.job, rnd, secrets.token_hex(16), task_id, time.time(), None),
+            False,
+            0,
+            {},
+            error_type=error_type,
+            error_message=printable(detail, _MAX_ERROR_CHARS),
+            action=action if action in ("train", "evaluate") else "train",
+        )
+        written = self._write(owner, task_id, result)
+        if error_type in ("InvalidReply", "EmptyReply"):
+            return Unusable(Reason.MALFORMED, f"{error_type}: {detail}", written)
+        return written
+
+    @staticmethod
+    def _round_of(task: TaskInfo | None, reply: FlowerReply | None) -> int | None:
+        if task is not None:
+            return task.round
+        if reply is not None and reply.group_id.isdigit():
+            return int(reply.group_id)
+        return None
+
+    def _write(self, owner: str, task_id: str, result: ResultMessage) -> Translated:
+        path = self.spool.result_path(owner, task_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, encode_result_frames(result))
+        detail = "" if result.ok else f"{result.error_type}: {result.error_message}"
+        return Translated(task_id, result.envelope.round, result.ok, path, detail)
+
+
+def _map_arrays(arrays: list[tuple[str, np.ndarray]], spec: ModelSpec) -> dict[str, np.ndarray] | str:
+    """The reply's arrays under the model's names: by name, or by position as Flower lists send them."""
+    names = list(spec)
+    if len(arrays) != len(names):
+        return f"{len(arrays)} arrays in the reply; the model has {len(names)}"
+    by_name = dict(arrays)
+    if set(by_name) == set(names):
+        return {name: by_name[name] for name in names}
+    return {name: array for name, (_, array) in zip(names, arrays, strict=True)}
+
+
+def _looks_encrypted(body: bytes) -> bool:
+    """syft-crypto's payload is a JSON object; a Flower protobuf never starts with '{'."""
+    if not body.lstrip().startswith(b"{"):
+        return False
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and ("ciphertext" in document or "receiver" in document)
+
+
+def _text(body: bytes | None) -> str:
+    if not body:
+        return "(no body)"
+    return printable(body[:_MAX_ERROR_CHARS].decode("utf-8", "replace"), _MAX_ERROR_CHARS)
+
+
+def _first_lines(reason: str) -> str:
+    # syft-flwr puts the owner's whole traceback in the reason: keep its head only.
+    return printable(" | ".join(reason.strip().splitlines()[:3]), _MAX_ERROR_CHARS)
