@@ -191,11 +191,11 @@ class Bridge:
         self, path: Path, owner: str, request_hex: str, identity: FileIdentity, outcome: Outcome
     ) -> None:
         if isinstance(outcome, StopAcknowledged):
+            await anyio.to_thread.run_sync(self._remove_pair, path)
+            log.info("syft_flwr.stopped", owner=owner)
             self.stop_pending.discard(owner)
             if not self.stop_pending:
                 self.stops_answered.set()
-            log.info("syft_flwr.stopped", owner=owner)
-            await anyio.to_thread.run_sync(self._remove_pair, path)
             return
         translated = outcome.failure if isinstance(outcome, Unusable) else outcome
         if isinstance(outcome, Unusable):

@@ -252,7 +252,10 @@ class ReplyTranslator:
     def _write(self, owner: str, task_id: str, result: ResultMessage) -> Translated:
         path = self.spool.result_path(owner, task_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, encode_result_frames(result))
+        # Translated before a crash that came before the clean-up: the intake may have
+        # counted that file already, and a rewrite would look like a second answer.
+        if not path.exists():
+            atomic_write(path, encode_result_frames(result))
         detail = "" if result.ok else f"{result.error_type}: {result.error_message}"
         return Translated(task_id, result.envelope.round, result.ok, path, detail)
 
