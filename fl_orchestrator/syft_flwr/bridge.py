@@ -142,6 +142,9 @@ class Bridge:
         if not os.path.lexists(self.target.schema_path(owner)):
             return
         if owner not in self.present:
+            # Before any request: a response in a folder the watch has not reached yet is missed.
+            messages = self.target.messages_dir(owner)
+            await anyio.to_thread.run_sync(lambda: messages.mkdir(parents=True, exist_ok=True))
             self.present.add(owner)
             log.info("syft_flwr.owner_present", owner=owner, schema=str(path))
         await anyio.to_thread.run_sync(self._beat, owner)

@@ -54,6 +54,17 @@ class SyftFlwrPublisher(Publisher):
         self.expiry_margin_seconds = expiry_margin_seconds
         self._model: tuple[int, Mapping[str, np.ndarray]] | None = None
 
+    def write_permissions(self) -> None:
+        """Prepare the spool: every owner's folders exist before the watcher starts.
+
+        A file created in a folder that is itself brand new can be missed by the
+        recursive watch (it is added to the folder a moment later), which would
+        leave a translated result for the slow rescan to find.
+        """
+        super().write_permissions()
+        for owner in self.datasites:
+            self.layout.results_dir(owner).mkdir(parents=True, exist_ok=True)
+
     def set_run(self, run_id: str) -> None:
         """Name the run (known once the state is opened): it seeds the Flower run id and stop ids."""
         self.run_id = run_id
