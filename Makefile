@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-syftbox chaos fuzz bench lint typecheck check clean service-install ci-tools
+.PHONY: install demo test test-syftbox test-syft-flwr compare-syft-flwr chaos fuzz bench lint typecheck check clean service-install ci-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -33,6 +33,17 @@ ci-tools:
 # Only the end-to-end run over a real SyftBox server and clients (syftbox==0.4.0 in its own venv).
 test-syftbox: $(STAMP)
 	FL_SYFTBOX_REQUIRED=1 $(PY) -m pytest -q -s tests/test_syftbox_sync.py
+
+# Only the daemon driving real syft-flwr 0.5.3 data owners (syft-flwr in its own cached venv,
+# tests/syftflwr/README.md); `make test` runs it too and skips it with a message when that venv
+# cannot be built.
+test-syft-flwr: $(STAMP)
+	FL_SYFT_FLWR_REQUIRED=1 $(PY) -m pytest -q -s tests/test_syft_flwr.py tests/test_syft_flwr_resume.py
+
+# syft-flwr's own server next to the daemon over the same DOs: round times and lost replies.
+# Options go through COMPARE_ARGS, e.g. make compare-syft-flwr COMPARE_ARGS="--runs 5 --params 1000000".
+compare-syft-flwr: $(STAMP)
+	$(PY) bench/syft_flwr_compare.py $(COMPARE_ARGS)
 
 # The long crash-safety run: 100 random kill -9s instead of the suite's 20.
 chaos: $(STAMP)

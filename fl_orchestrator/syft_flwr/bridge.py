@@ -9,8 +9,9 @@ rescan is the safety net for missed events.
 Presence: an owner counts as present once its ``rpc.schema.json`` exists, and
 is marked so in the spool every ``heartbeat_interval_seconds`` (a native
 heartbeat file, which the ordinary intake reads). An owner with a request
-whose deadline passed unanswered is not marked again until it answers or
-republishes its schema: it stopped answering, so it is gone.
+whose deadline passed unanswered is not marked again until it answers (a
+restarted owner answers its pending requests first): it stopped answering, so
+it is gone.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class Bridge:
             await anyio.to_thread.run_sync(lambda: messages.mkdir(parents=True, exist_ok=True))
             self.present.add(owner)
             log.info("syft_flwr.owner_present", owner=owner, schema=str(path))
-        await anyio.to_thread.run_sync(self._beat, owner)
+        if owner not in self.state.overdue_owners(self.clock()):
+            await anyio.to_thread.run_sync(self._beat, owner)
 
     def _beat(self, owner: str) -> None:
         beat = HeartbeatMessage(

@@ -1,0 +1,305 @@
+"""syft-flwr 0.5.3's own server next to fl-orchestratord, driving the same real syft-flwr data owners.
+
+Each run lays out a fresh federation (tests/syftflwr/harness.py: one shared SyftBox root, no
+sync, 3 unmodified syft-flwr DOs, the template Flower app bootstrapped with syft_flwr.bootstrap)
+and plays the same job twice, each time with fresh DOs: 3 rounds of sample-weighted FedAvg,
+evaluation off, one DO raising in round 2.
+
+- "syft-flwr server": the bootstrapped main.py run as the aggregator (SyftGrid; it polls for
+  responses every SYFT_FLWR_POLL_INTERVAL seconds, 3 by default). Round times are the gaps
+  between the ServerApp's evaluate_fn calls (before round 1, then after every round).
+- "fl-orchestratord": our daemon with ``protocol = "syft-flwr"``. Round 1 runs from its
+  ``round.dispatched`` to its ``round.completed``, later rounds between ``round.completed`` lines.
+
+For each it prints the per-round wall times, the rounds' total, the process's whole wall time
+(start to exit: imports, waiting for the DOs, the stop message), lost replies (requests without
+a usable response, and DO-side 400 "Error loading request" / 419 answers), whether every DO
+exited by itself after the stop message, and how far the final model is from the hand-computed
+FedAvg. The aggregators alternate (A B A B ...), so a noisy neighbour slows both.
+
+    make compare-syft-flwr                          # 3 runs
+    .venv/bin/python bench/syft_flwr_compare.py --runs 5 --only syft-flwr
+    .venv/bin/python bench/syft_flwr_compare.py --poll-interval 0.5 --json out.json
+
+Writes bench/results/syft_flwr_compare.json (git-ignored) unless --json says otherwise.
+Exit status 1 if a run of either aggregator did not finish, or if our daemon lost a reply; the
+replies syft-flwr's own server loses are what this measures, not a failure of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from fl_orchestrator.shell.models import ModelStore  # noqa: E402
+
+from syftflwr.harness import (  # noqa: E402 - tests/ goes on sys.path first
+    SYFT_FLWR_VERSION,
+    DataOwnerSpec,
+    Federation,
+    SyftFlwrEnv,
+    SyftFlwrUnavailable,
+    default_specs,
+    ensure_env,
+    expected_models,
+    json_lines,
+    make_federation,
+    max_relative_error,
+)
+
+SYFT_FLWR = "syft-flwr server"
+DAEMON = "fl-orchestratord"
+PULLED = re.compile(r"Successfully pulled (\d+) message")
+
+
+@dataclass
+class Outcome:
+    """One aggregator's run."""
+
+    aggregator: str
+    run: int
+    ok: bool
+    exit_code: int | None
+    round_seconds: list[float]
+    process_seconds: float
+    requests: int
+    usable_replies: int
+    lost_replies: int
+    do_error_answers: list[str]
+    dos_exited: int
+    model_error: float | None
+    note: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rounds_total(self) -> float:
+        """The rounds' wall time, summed."""
+        return sum(self.round_seconds)
+
+
+def _timestamp(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def _start_dos(federation: Federation, specs: list[DataOwnerSpec]) -> None:
+    federation.start_data_owners(specs, timeout_seconds=60.0)
+
+
+def run_syft_flwr(
+    env: SyftFlwrEnv, workdir: Path, run: int, args: argparse.Namespace, specs: list[DataOwnerSpec]
+) -> Outcome:
+    """syft-flwr's own server over fresh DOs."""
+    federation = make_federation(
+        env, workdir / f"run{run}-syft-flwr", n_dos=args.dos, extra_params=args.params
+    )
+    try:
+        _start_dos(federation, specs)
+        server = federation.run_syft_flwr_server(
+            timeout_seconds=args.deadline,
+            round_timeout_seconds=args.round_timeout,
+            poll_interval_seconds=args.poll_interval,
+        )
+        exits = federation.wait_data_owners_exit(timeout_seconds=20.0)
+        pulled = sum(int(m.group(1)) for line in _lines(server.log_path) for m in [PULLED.search(line)] if m)
+        requests = args.rounds * args.dos
+        lost_do = [line for lines in federation.lost_reply_lines().values() for line in lines]
+        final = server.final_model()
+        expected = expected_models(federation.model, specs, args.rounds)
+        error = max_relative_error(final, expected[-1]) if final is not None else None
+        ok = server.exit_code == 0 and len(server.round_seconds) == args.rounds
+        return Outcome(
+            aggregator=SYFT_FLWR,
+            run=run,
+            ok=ok,
+            exit_code=server.exit_code,
+            round_seconds=server.round_seconds,
+            process_seconds=server.seconds,
+            requests=requests,
+            usable_replies=pulled,
+            lost_replies=requests - pulled,
+            do_error_answers=lost_do,
+            dos_exited=sum(1 for code in exits.values() if code == 0),
+            model_error=error,
+            note="" if ok else f"exit {server.exit_code}; {server.log_path}",
+            detail={"server_lost_lines": server.lost_reply_lines()},
+        )
+    finally:
+        federation.close()
+
+
+def run_daemon(
+    env: SyftFlwrEnv, workdir: Path, run: int, args: argparse.Namespace, specs: list[DataOwnerSpec]
+) -> Outcome:
+    """Our daemon over fresh DOs."""
+    folder = workdir / f"run{run}-daemon"
+    federation = make_federation(env, folder / "federation", n_dos=args.dos, extra_params=args.params)
+    try:
+        _start_dos(federation, specs)
+        config = federation.write_daemon_job(
+            folder / "job", num_rounds=args.rounds, round_timeout_seconds=args.round_timeout
+        )
+        daemon = federation.run_daemon(config, timeout_seconds=args.deadline)
+        exits = federation.wait_data_owners_exit(timeout_seconds=20.0)
+        dispatched = [e for e in daemon.named("round.dispatched") if e.get("phase", "train") == "train"]
+        completed = sorted(daemon.named("round.completed"), key=lambda e: int(e["round"]))
+        ticks = [_timestamp(dispatched[0])] if dispatched else []
+        ticks += [_timestamp(e) for e in completed]
+        round_seconds = [b - a for a, b in itertools.pairwise(ticks)]
+        metrics = list(json_lines(folder / "job" / "state" / "metrics.jsonl"))
+        counted = sum(len(m["succeeded"]) + len(m["failed"]) for m in metrics)
+        requests = sum(len(m["selected"]) for m in metrics) if metrics else args.rounds * args.dos
+        lost_do = [line for lines in federation.lost_reply_lines().values() for line in lines]
+        error = None
+        store = ModelStore(folder / "job" / "state", "testjob")
+        if store.rounds()[-1:] == [args.rounds]:
+            expected = expected_models(federation.model, specs, args.rounds)
+            error = max_relative_error(store.load(args.rounds), expected[-1])
+        ok = daemon.exit_code == 0 and len(round_seconds) == args.rounds
+        return Outcome(
+            aggregator=DAEMON,
+            run=run,
+            ok=ok,
+            exit_code=daemon.exit_code,
+            round_seconds=round_seconds,
+            process_seconds=daemon.seconds,
+            requests=requests,
+            usable_replies=counted,
+            lost_replies=requests - counted,
+            do_error_answers=lost_do,
+            dos_exited=sum(1 for code in exits.values() if code == 0),
+            model_error=error,
+            note="" if ok else f"exit {daemon.exit_code}: " + _last_error(daemon.log_tail(3000)),
+            detail={"collect_seconds": [m.get("collect_seconds") for m in metrics]},
+        )
+    finally:
+        federation.close()
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _last_error(tail: str) -> str:
+    lines = [line for line in tail.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
+    """The per-run table and the medians."""
+    rounds = args.rounds
+    poll = f"{args.poll_interval:g} s" if args.poll_interval else "3 s (default)"
+    size = 15 + args.params
+    print(
+        f"\nsyft-flwr {SYFT_FLWR_VERSION} DOs ({args.dos}), {rounds} rounds FedAvg,"
+        f" {size} float32 parameters, ds1 raises in round 2;"
+        f" round timeout {args.round_timeout:g} s; syft-flwr server poll interval {poll}"
+    )
+    head = ["run", "aggregator", *[f"round {r}" for r in range(1, rounds + 1)]]
+    head += ["rounds", "process", "lost", "DO 4xx", "DOs exited", "model err"]
+    print("  ".join(f"{h:>10}" if i > 1 else f"{h:<16}" if i == 1 else f"{h:>3}" for i, h in enumerate(head)))
+    for o in outcomes:
+        cells = [f"{o.run:>3}", f"{o.aggregator:<16}"]
+        times = [o.round_seconds[i] if i < len(o.round_seconds) else None for i in range(rounds)]
+        cells += [f"{_fmt(t):>10}" for t in times]
+        cells += [f"{_fmt(o.rounds_total):>10}", f"{_fmt(o.process_seconds, 2):>10}"]
+        cells += [f"{o.lost_replies:>10}", f"{len(o.do_error_answers):>10}"]
+        cells += [f"{o.dos_exited}/{args.dos}".rjust(10)]
+        cells += [f"{o.model_error:.1e}".rjust(10) if o.model_error is not None else f"{'-':>10}"]
+        print("  ".join(cells) + (f"   ! {o.note}" if o.note else ""))
+    for name in (SYFT_FLWR, DAEMON):
+        done = [o for o in outcomes if o.aggregator == name and o.ok]
+        if not done:
+            continue
+        per_round = [statistics.median(o.round_seconds[i] for o in done) for i in range(rounds)]
+        print(
+            f"median {name:<16} rounds "
+            + "  ".join(f"{s:.3f}" for s in per_round)
+            + f"  total {statistics.median(o.rounds_total for o in done):.3f} s,"
+            f" process {statistics.median(o.process_seconds for o in done):.2f} s,"
+            f" lost replies {sum(o.lost_replies for o in done)} in {len(done)} runs"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; return 1 if a run did not finish or the daemon lost a reply."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs of each aggregator (default 3)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dos", type=int, default=3, help="data owners (default 3)")
+    parser.add_argument("--round-timeout", type=float, default=20.0, help="seconds (both aggregators)")
+    parser.add_argument(
+        "--poll-interval", type=float, default=None, help="SYFT_FLWR_POLL_INTERVAL (default: syft-flwr's 3 s)"
+    )
+    parser.add_argument(
+        "--params", type=int, default=0, help="extra float32 parameters in the model (bigger messages)"
+    )
+    parser.add_argument("--only", choices=("syft-flwr", "daemon"), default=None)
+    parser.add_argument("--deadline", type=float, default=180.0, help="seconds before a run is killed")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "syft_flwr_compare.json")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, state)")
+    args = parser.parse_args(argv)
+    if args.dos < 2:
+        parser.error("--dos must be at least 2 (FedAvg's min_train_nodes)")
+
+    try:
+        env = ensure_env()
+    except SyftFlwrUnavailable as exc:
+        print(f"syft-flwr {SYFT_FLWR_VERSION} is not available: {exc}", file=sys.stderr)
+        return 1
+    specs = default_specs(args.dos, failing=1, fail_round=2)
+    workdir = Path(tempfile.mkdtemp(prefix="fl-syft-flwr-compare-"))
+    outcomes: list[Outcome] = []
+    started = time.monotonic()
+    try:
+        for run in range(1, args.runs + 1):
+            if args.only in (None, "syft-flwr"):
+                outcomes.append(run_syft_flwr(env, workdir, run, args, specs))
+                print(f"run {run}: {SYFT_FLWR}: {_fmt(outcomes[-1].rounds_total)} s", flush=True)
+            if args.only in (None, "daemon"):
+                outcomes.append(run_daemon(env, workdir, run, args, specs))
+                print(f"run {run}: {DAEMON}: {_fmt(outcomes[-1].rounds_total)} s", flush=True)
+    finally:
+        if args.keep:
+            print(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_table(outcomes, args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "syft_flwr_version": SYFT_FLWR_VERSION,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.monotonic() - started, 1),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "specs": [asdict(s) for s in specs],
+        "outcomes": [{**asdict(o), "rounds_total": o.rounds_total} for o in outcomes],
+    }
+    args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.json}")
+    bad = [o for o in outcomes if not o.ok]
+    bad += [o for o in outcomes if o.aggregator == DAEMON and (o.lost_replies or o.do_error_answers)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""fltapp: a deterministic Flower app driven by FLT_* environment variables."""

@@ -1,0 +1,121 @@
+"""The daemon's syft-flwr codec (fl_orchestrator.syft_flwr) against the real syft-rpc and DO handler.
+
+What the daemon writes must parse as syft-rpc parses it, and what a real DO answers must
+decode with the daemon's reader. Runs in the syft-flwr environment (see conftest.py), with
+the repository on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+from contract_support import AGGREGATOR, OWNER, RPC_APP
+from flwr.app import Context, RecordDict
+from flwr.common.constant import ErrorCode
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from syft_core.url import SyftBoxURL
+from syft_flwr.fl_orchestrator.flower_client import MessageHandler, RequestProcessor
+from syft_flwr.serde import bytes_to_flower_message
+from syft_flwr.utils import str_to_int
+from syft_rpc.protocol import SyftRequest, SyftResponse, SyftStatus
+
+from fl_orchestrator.syft_flwr import envelope, flower_codec
+
+URL = f"syft://{OWNER}/app_data/{RPC_APP}/rpc/messages"
+MODEL = {
+    "w0": np.arange(12, dtype=np.float32).reshape(4, 3),
+    "w1": np.array([0.5, -1.25, 2.0], dtype=np.float32),
+}
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def _processor(client_app: Any) -> tuple[RequestProcessor, _Events]:
+    context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+    events = _Events()
+    return RequestProcessor(MessageHandler(client_app, context, False), events, OWNER), events
+
+
+def _request(server_round: int) -> bytes:
+    content = flower_codec.round_content(MODEL, {"server-round": server_round, "lr": 0.1})
+    return flower_codec.request_body(
+        content,
+        purpose="train",
+        dst_node_id=envelope.node_id_of(OWNER),
+        run_id=7,
+        group_id=f"r{server_round}",
+        ttl_seconds=30.0,
+    )
+
+
+def test_node_ids_are_syft_flwrs() -> None:
+    assert envelope.node_id_of(OWNER) == str_to_int(OWNER)
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=st.binary(max_size=300))
+def test_a_request_envelope_parses_as_syft_rpc_parses_it(body: bytes) -> None:
+    request_id = uuid.uuid4()
+    now = time.time()
+    chunks = envelope.encode_request(
+        request_id=request_id, sender=AGGREGATOR, url=URL, body=body, created=now, expires=now + 60
+    )
+    request = SyftRequest.model_validate_json(b"".join(chunks))
+    assert (request.id, request.sender, str(request.url)) == (request_id, AGGREGATOR, URL)
+    assert (request.body or b"") == body
+    assert not request.is_expired
+    assert request.expires - request.created == timedelta(seconds=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=st.one_of(st.none(), st.binary(max_size=300)), status=st.sampled_from([200, 400, 419, 500]))
+def test_a_syft_rpc_response_decodes_with_the_daemons_reader(body: bytes | None, status: int) -> None:
+    response = SyftResponse(
+        id=uuid.uuid4(),
+        sender=OWNER,
+        url=SyftBoxURL(URL),
+        body=body,
+        status_code=SyftStatus(status),
+    )
+    decoded = envelope.decode_response(response.model_dump_json().encode())
+    assert (decoded.id, decoded.sender, decoded.status_code) == (response.id, OWNER, status)
+    assert decoded.body == body
+
+
+def test_a_train_request_is_answered_and_the_reply_parses(client_app: Any) -> None:
+    processor, _ = _processor(client_app)
+    body = processor.process(_request(1))
+    assert isinstance(body, bytes)
+    reply = flower_codec.parse_reply(body)
+    assert reply.ok and reply.group_id == "r1" and reply.src_node_id == envelope.node_id_of(OWNER)
+    assert [name for name, _ in reply.arrays] == ["0", "1"]
+    for (_, got), want in zip(reply.arrays, MODEL.values(), strict=True):
+        assert got.dtype == np.float32 and np.array_equal(got, want + np.float32(0.5))
+    assert reply.metrics["num-examples"] == 7
+
+
+def test_a_raising_client_app_parses_as_a_failure(client_app: Any) -> None:
+    processor, _ = _processor(client_app)
+    reply = flower_codec.parse_reply(processor.process(_request(2)))
+    assert not reply.ok
+    assert reply.error_code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "FLT_FAIL_ROUNDS" in reply.error_reason
+
+
+def test_the_daemons_stop_message_stops_a_data_owner(client_app: Any) -> None:
+    processor, events = _processor(client_app)
+    body = flower_codec.stop_body(dst_node_id=envelope.node_id_of(OWNER), run_id=7, reason="job done")
+    assert processor.is_stop_signal(bytes_to_flower_message(body))
+    assert processor.process(body) is None
+    assert events.stopped
