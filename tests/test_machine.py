@@ -380,3 +380,20 @@ def test_evaluation_results_outside_an_evaluation_are_refused() -> None:
         ev.ResultReceived(1.0, site, 1, "whatever", True, 3, purpose="evaluate", payload="p")
     )
     assert reject.reason == Reason.ROUND_CLOSED
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_a_datasite_that_timed_out_is_unavailable_until_seen_again_only_where_presence_is_synthetic(
+    gone: bool,
+) -> None:
+    # syft-flwr owners are "present" while a schema file exists: only an answer proves life.
+    machine, dispatch = started(rules(min_train_nodes=2, timeout_means_gone=gone))
+    silent = SITES[2]
+    for site in SITES[:2]:
+        result(machine, 1.0, site)
+    machine.handle(ev.Tick(10.0))  # the silent one times out; the round aggregates
+    assert silent in dispatch.tasks
+    assert (silent in machine.available(10.5)) is not gone
+    if gone:
+        machine.handle(ev.NodeSeen(11.0, silent))
+        assert silent in machine.available(11.0)

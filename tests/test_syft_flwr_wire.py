@@ -183,6 +183,17 @@ def test_a_complete_but_broken_response_says_what_is_wrong(data: bytes, needle: 
     assert needle in caught.value.detail
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"id": ' + b"9" * 5000 + b"}"],
+    ids=["deeply nested", "huge integer"],
+)
+def test_hostile_json_is_a_complete_refusal_not_a_crash(data: bytes) -> None:
+    with pytest.raises(EnvelopeError) as caught:
+        decode_response(data)
+    assert caught.value.complete
+
+
 def test_a_response_missing_its_id_is_refused() -> None:
     data = json.loads(response_bytes())
     del data["id"]

@@ -281,6 +281,8 @@ class RoundMachine:
         summary = self._summary(now)
         for d in summary.timed_out:
             self.records[d].timed_out += 1
+            if self.rules.timeout_means_gone:
+                self.records[d].last_seen = None
         self.history.append(summary)
         if len(summary.succeeded) >= self.rules.min_train_nodes:
             self.phase = Phase.AGGREGATING

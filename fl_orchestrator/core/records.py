@@ -24,6 +24,9 @@ class RoundRules:
     selection_seed: int
     fraction_evaluate: float = 0.0
     min_evaluate_nodes: int = 1
+    # True where presence is not proof of life (syft-flwr: a published schema file):
+    # a datasite that let a round time out is unavailable until it is seen again.
+    timeout_means_gone: bool = False
 
 
 @dataclass

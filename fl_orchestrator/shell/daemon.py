@@ -78,6 +78,7 @@ def rules_from_config(config: JobConfig, run_id: str) -> RoundRules:
         selection_seed=job.selection_seed,
         fraction_evaluate=job.fraction_evaluate,
         min_evaluate_nodes=job.min_evaluate_nodes,
+        timeout_means_gone=job.protocol == "syft-flwr",
     )
 
 
@@ -171,6 +172,11 @@ class Daemon:
         gc.freeze()
         if complete:
             assert self.state.run is not None
+            if self.bridge is not None:
+                # Killed after the job ended but before the stop went out: send it now.
+                reason = self.state.run.reason or "job complete"
+                owners = self.config.syftbox.datasites
+                await anyio.to_thread.run_sync(self.bridge.publisher.send_stop, owners, reason)
             return EXIT_DONE if self.state.run.status == "done" else EXIT_JOB_FAILED
         machine = self.machine
         assert machine is not None

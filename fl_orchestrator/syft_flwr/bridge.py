@@ -82,6 +82,7 @@ class Bridge:
         self.present: set[str] = set()
         self.seen: dict[Path, FileIdentity] = {}
         self.unsettled: dict[Path, tuple[FileIdentity, float]] = {}
+        self.in_flight: set[Path] = set()
         self.stop_pending: set[str] = set()
         self.stops_answered = anyio.Event()
         self.answered = 0
@@ -125,8 +126,10 @@ class Bridge:
 
     async def finish(self, reason: str, *, wait_seconds: float) -> None:
         """Send the stop message to every owner, then wait (bounded) for their answers."""
+        # Pending before the first request exists: its answer may come while others are written.
+        self.stop_pending = set(self.publisher.stop_targets(self.owners))
+        self.stops_answered = anyio.Event()
         sent = await anyio.to_thread.run_sync(self.publisher.send_stop, self.owners, reason)
-        self.stop_pending = set(sent)
         log.info("syft_flwr.stop_sent", owners=sorted(sent), reason=reason)
         if not self.stop_pending:
             return
@@ -169,15 +172,31 @@ class Bridge:
     # ---- responses --------------------------------------------------------------------
 
     async def _response(self, path: Path, owner: str, request_hex: str) -> None:
-        try:
-            info = os.lstat(path)
-        except OSError:
+        identity = _identity(path)
+        if identity is None:
             self.unsettled.pop(path, None)
             return
-        identity = FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)
-        if self.seen.get(path) == identity:
+        if self.seen.get(path) == identity or path in self.in_flight:
+            # In flight: the watcher, the retry and the rescan can all name the same file;
+            # the first looks at it, and a change meanwhile leaves it unsettled for a retry.
             return
+        self.in_flight.add(path)
+        try:
+            await self._translate_and_settle(path, owner, request_hex, identity)
+        finally:
+            self.in_flight.discard(path)
+
+    async def _translate_and_settle(
+        self, path: Path, owner: str, request_hex: str, identity: FileIdentity
+    ) -> None:
         outcome = await anyio.to_thread.run_sync(self.translator.translate, path, owner, request_hex)
+        while isinstance(outcome, NotYet):
+            # It changed while being read (its event was skipped as in flight): read it again.
+            latest = _identity(path)
+            if latest is None or latest == identity:
+                break
+            identity = latest
+            outcome = await anyio.to_thread.run_sync(self.translator.translate, path, owner, request_hex)
         if isinstance(outcome, NotYet):
             earlier = self.unsettled.get(path)
             if earlier is None or earlier[0] != identity:
@@ -197,7 +216,12 @@ class Bridge:
     ) -> None:
         if isinstance(outcome, StopAcknowledged):
             await anyio.to_thread.run_sync(self._remove_pair, path)
-            log.info("syft_flwr.stopped", owner=owner)
+            if outcome.status_code == 200:
+                log.info("syft_flwr.stopped", owner=owner)
+            else:
+                log.warning(
+                    "syft_flwr.stop_refused", owner=owner, status=outcome.status_code, detail=outcome.detail
+                )
             self.stop_pending.discard(owner)
             if not self.stop_pending:
                 self.stops_answered.set()
@@ -216,6 +240,9 @@ class Bridge:
             )
             if moved is None or self.quarantine.keep_originals:
                 self.seen[path] = identity
+            if outcome.failure is not None:
+                # Counted as failed: an owner that restarts must not answer (and train) again.
+                await anyio.to_thread.run_sync(self._remove_request, path)
         if isinstance(translated, Translated):
             task = self.state.answered(translated.task_id)
             self.answered += 1
@@ -235,13 +262,12 @@ class Bridge:
 
     def _remove_pair(self, response: Path) -> None:
         # The request first: an owner that restarts answers every request without a response.
-        for path in (response.with_suffix(".request"), response):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("syft_flwr.cleanup_failed", path=printable(str(path)), error=str(exc))
+        self._remove_request(response)
+        _unlink(response)
+
+    @staticmethod
+    def _remove_request(response: Path) -> None:
+        _unlink(response.with_suffix(".request"))
 
     async def _retry_unsettled_forever(self) -> None:
         while True:
@@ -272,3 +298,20 @@ class Bridge:
                 continue
             found.extend(Path(e.path) for e in entries if e.name.endswith(".response"))
         return found
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("syft_flwr.cleanup_failed", path=printable(str(path)), error=str(exc))
+
+
+def _identity(path: Path) -> FileIdentity | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)

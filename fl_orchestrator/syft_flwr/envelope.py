@@ -86,12 +86,16 @@ def decode_response(data: bytes | bytearray | memoryview) -> Response:
         document = json.loads(raw)
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"not UTF-8 JSON: {exc}", complete=True) from None
+    except RecursionError:
+        raise EnvelopeError("JSON nested too deeply", complete=True) from None
     except json.JSONDecodeError as exc:
         # Being filled: it does not end its object yet, or fails at its very end. Whatever
         # else looks complete is broken for good (and the settle time bounds a wrong guess).
         text = raw.rstrip()
         cut_short = not text.endswith(b"}") or exc.pos >= len(text)
         raise EnvelopeError(f"not JSON: {exc.msg} at byte {exc.pos}", complete=not cut_short) from None
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise EnvelopeError(f"not JSON: {exc}", complete=True) from None
     if not isinstance(document, dict):
         raise EnvelopeError(f"a JSON {type(document).__name__}, not an object", complete=True)
     return Response(

@@ -30,6 +30,7 @@ from fl_orchestrator.wire.messages import model_spec
 
 log = structlog.get_logger("fl_orchestrator.syft_flwr")
 
+STOP_EXPIRY_SECONDS = 300.0
 _STOP_NAMESPACE = uuid.UUID("6f1c1a52-64a4-4d3e-9a53-0a4be6f0c7d1")
 
 
@@ -98,6 +99,8 @@ class SyftFlwrPublisher(Publisher):
         expires = max(deadline, now) + self.expiry_margin_seconds
         content = None
         for owner, task_id in tasks.items():
+            if self.layout.result_path(owner, task_id).exists():
+                continue  # answered before a restart: asking again would make it train again
             self.state.add(task_id, TaskInfo(owner, task_round, action, deadline))
             request_id = request_id_for_task(task_id)
             path = self.target.request_path(owner, request_id)
@@ -117,13 +120,15 @@ class SyftFlwrPublisher(Publisher):
         self.bytes_written += total
         return total
 
+    def stop_targets(self, owners: tuple[str, ...]) -> list[str]:
+        """The owners that have started this app (the others have nothing to stop)."""
+        return [owner for owner in owners if self.target.rpc_dir(owner).is_dir()]
+
     def send_stop(self, owners: tuple[str, ...], reason: str) -> list[str]:
         """Ask each owner's main.py to exit (syft-flwr's SYSTEM message, group 'final')."""
         sent = []
         now = time.time()
-        for owner in owners:
-            if not self.target.rpc_dir(owner).is_dir():
-                continue  # never started this app: nothing to stop, and no folder of ours to create
+        for owner in self.stop_targets(owners):
             request_id = uuid.uuid5(_STOP_NAMESPACE, f"{self.run_id}|stop|{owner}")
             self.state.stop_requests[task_id_for_request(request_id)] = owner
             if self.target.request_path(owner, request_id).exists():
@@ -131,7 +136,9 @@ class SyftFlwrPublisher(Publisher):
             body = flower_codec.stop_body(
                 dst_node_id=node_id_of(owner), run_id=self.flower_run_id, reason=reason
             )
-            self._write_request(owner, request_id, body, now, now + self.expiry_margin_seconds)
+            # Not the round margin (which may be 0): a stop must outlive a slow sync.
+            expires = now + max(STOP_EXPIRY_SECONDS, self.expiry_margin_seconds)
+            self._write_request(owner, request_id, body, now, expires)
             sent.append(owner)
         return sent
 

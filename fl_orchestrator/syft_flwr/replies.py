@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.intake import read_below
@@ -29,8 +30,16 @@ from fl_orchestrator.syft_flwr.envelope import EnvelopeError, decode_response, n
 from fl_orchestrator.syft_flwr.flower_codec import NUM_EXAMPLES_KEY, FlowerReply, ReplyError, parse_reply
 from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, task_id_for_request
 from fl_orchestrator.wire.layout import JobLayout
-from fl_orchestrator.wire.messages import Envelope, ModelSpec, ResultMessage, encode_result_frames
+from fl_orchestrator.wire.messages import (
+    Envelope,
+    ModelSpec,
+    ResultMessage,
+    check_weights_match,
+    encode_result_frames,
+)
 from fl_orchestrator.wire.reasons import Reason, Rejection, printable
+
+log = structlog.get_logger("fl_orchestrator.syft_flwr")
 
 ENCRYPTION_HINT = (
     "the data owner answered with an encrypted payload; fl-orchestratord speaks syft-flwr's"
@@ -110,7 +119,10 @@ class Unusable:
 
 @dataclass(frozen=True)
 class StopAcknowledged:
-    """The owner's answer to our stop message."""
+    """The owner's answer to our stop message (status 200: it stopped)."""
+
+    status_code: int = 200
+    detail: str = ""
 
 
 Outcome = NotYet | Translated | Unusable | StopAcknowledged
@@ -135,6 +147,13 @@ class ReplyTranslator:
     def translate(self, path: Path, owner: str, request_id_hex: str) -> Outcome:
         """Look at one response file; never raises for anything the file contains."""
         try:
+            return self._translate(path, owner, request_id_hex)
+        except Exception as exc:  # a bug here must cost one file, not the daemon
+            log.exception("syft_flwr.internal_error", path=printable(str(path)), owner=owner)
+            return Unusable(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {printable(str(exc), 500)}")
+
+    def _translate(self, path: Path, owner: str, request_id_hex: str) -> Outcome:
+        try:
             data, _ = read_below(self.layout.datasites_dir, path, self.max_file_bytes)
         except Rejection as exc:
             if exc.reason == Reason.EMPTY_FILE:
@@ -156,8 +175,12 @@ class ReplyTranslator:
                 Reason.BAD_FIELD, f"sender {printable(response.sender, 200)!r} writes in {owner}'s folder"
             )
         if self.state.stop_requests.get(task_id) == owner:
-            return StopAcknowledged()
+            return StopAcknowledged(response.status_code, _text(response.body))
         task = self.state.lookup(task_id)
+        if task is not None and task.owner != owner:
+            return Unusable(
+                Reason.NOT_SELECTED, f"answers a request sent to {task.owner}, from {owner}'s folder"
+            )
         if response.status_code != 200:
             detail = f"syft-rpc status {response.status_code}: {_text(response.body)}"
             return self._fail(owner, task_id, task, None, f"SyftRpcStatus{response.status_code}", detail)
@@ -197,6 +220,13 @@ class ReplyTranslator:
             mapped = _map_arrays(reply.arrays, self.state.spec)
             if isinstance(mapped, str):
                 return self._fail(owner, task_id, task, reply, "InvalidReply", mapped)
+            try:
+                # Here, not only in the intake: a reply refused there would leave the owner
+                # neither counted nor asked again, and the round would wait for its timeout.
+                check_weights_match(mapped, self.state.spec)
+            except Rejection as exc:
+                detail = f"{exc.reason.value}: {exc.detail}"
+                return self._fail(owner, task_id, task, reply, "InvalidReply", detail, exc.reason)
             arrays = mapped
         rnd = self._round_of(task, reply)
         if rnd is None:
@@ -219,6 +249,7 @@ class ReplyTranslator:
         reply: FlowerReply | None,
         error_type: str,
         detail: str,
+        reason: Reason = Reason.MALFORMED,
     ) -> Outcome:
         """A counted failure when the request is known; otherwise only a refusal."""
         rnd = self._round_of(task, reply)
@@ -238,7 +269,7 @@ class ReplyTranslator:
         )
         written = self._write(owner, task_id, result)
         if error_type in ("InvalidReply", "EmptyReply"):
-            return Unusable(Reason.MALFORMED, f"{error_type}: {detail}", written)
+            return Unusable(reason, f"{error_type}: {detail}", written)
         return written
 
     @staticmethod

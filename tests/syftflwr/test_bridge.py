@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import numpy as np
 import pytest
+import structlog.testing
 
 pytest.importorskip("syft_flwr")
 
@@ -185,3 +186,48 @@ async def test_finish_sends_stop_and_waits_for_the_answer(tmp_path: Path) -> Non
         group.cancel_scope.cancel()
     assert bridge.stop_pending == set()
     assert not list(bridge.target.messages_dir(OWNER).iterdir())
+
+
+async def test_the_same_reply_named_by_two_watchers_at_once_is_translated_once(tmp_path: Path) -> None:
+    bridge = make_bridge(tmp_path)
+    request = dispatch(bridge)
+    response = request.with_suffix(".response")
+    response.write_bytes(answer(request))
+    async with anyio.create_task_group() as group:
+        for _ in range(4):  # the watcher, the retry and the rescan may all name it
+            group.start_soon(bridge.look_at, [response])
+    assert bridge.answered == 1
+    assert bridge.spool.result_path(OWNER, TASK).is_file()
+
+
+async def test_a_stop_answered_with_an_error_is_not_reported_as_stopped(tmp_path: Path) -> None:
+    bridge = make_bridge(tmp_path)
+    publish_schema(bridge)
+
+    async def owner_refuses() -> None:
+        messages = bridge.target.messages_dir(OWNER)
+        while not list(messages.glob("*.request")):
+            await anyio.sleep(0.01)
+        (request,) = messages.glob("*.request")
+        parsed = SyftRequest.load(request)
+        refusal = SyftResponse(
+            id=parsed.id,
+            sender=OWNER,
+            url=SyftBoxURL(str(parsed.url)),
+            body=b"Request expired",
+            status_code=419,
+        )
+        request.with_suffix(".response").write_text(refusal.model_dump_json())
+
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as group:
+            group.start_soon(bridge.run)
+            group.start_soon(owner_refuses)
+            with anyio.fail_after(5):
+                await bridge.finish("job complete", wait_seconds=4)
+            group.cancel_scope.cancel()
+    assert bridge.stop_pending == set()  # answered, so not waited for again
+    events = [entry["event"] for entry in logs]
+    assert "syft_flwr.stop_refused" in events and "syft_flwr.stopped" not in events
+    (refused,) = [entry for entry in logs if entry["event"] == "syft_flwr.stop_refused"]
+    assert refused["status"] == 419

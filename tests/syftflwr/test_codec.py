@@ -338,3 +338,82 @@ def test_the_stop_message_stops_a_syft_flwr_owner(tmp_path: Path) -> None:
     assert stopped == [True]
     ack = setup.respond(OWNERS[0], None, task=stop_task)
     assert isinstance(setup.translate(ack, OWNERS[0], stop_task), StopAcknowledged)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda a: a.astype(np.float64), Reason.DTYPE_MISMATCH),
+        (lambda a: a.astype(np.complex64), Reason.DTYPE_MISMATCH),
+        (lambda a: a.reshape(-1), Reason.SHAPE_MISMATCH),
+        (lambda a: np.full_like(a, np.nan), Reason.NON_FINITE),
+    ],
+    ids=["float64", "complex", "flattened", "nan"],
+)
+def test_arrays_the_model_cannot_take_are_a_counted_failure(
+    tmp_path: Path, make: object, reason: Reason
+) -> None:
+    # Refused only by the intake, the owner would be neither counted nor asked again.
+    setup = Setup(tmp_path)
+    setup.dispatch({OWNERS[0]: TASK})
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays = [make(a) for a in msg.content["arrays"].to_numpy_ndarrays()]  # type: ignore[operator]
+        metrics = MetricRecord({"num-examples": 3})
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
+
+    body = client_reply(setup.request(OWNERS[0]), app)
+    outcome = setup.translate(setup.respond(OWNERS[0], body), OWNERS[0])
+    assert isinstance(outcome, Unusable) and outcome.reason == reason, outcome
+    assert outcome.failure is not None and not outcome.failure.ok
+    assert setup.native(outcome.failure).error_type == "InvalidReply"
+
+
+def test_an_answer_to_another_owners_request_is_refused(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    setup.dispatch({OWNERS[0]: TASK})
+    body = client_reply(setup.request(OWNERS[0]), adding(0.5, 7))
+    # Copied into do2's folder under do1's request id, with do2 as sender.
+    request_id = request_id_for_task(TASK)
+    response = SyftResponse(
+        id=request_id, sender=OWNERS[1], url=SyftBoxURL(setup.target.url(OWNERS[1])), body=body
+    )
+    path = setup.target.response_path(OWNERS[1], request_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    response.dump(path)
+    outcome = setup.translate(path, OWNERS[1])
+    assert isinstance(outcome, Unusable) and outcome.reason == Reason.NOT_SELECTED
+    assert setup.state.lookup(TASK) is not None  # do1's request is still open
+
+
+def test_a_translator_bug_costs_one_file_not_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = Setup(tmp_path)
+    setup.dispatch({OWNERS[0]: TASK})
+    body = client_reply(setup.request(OWNERS[0]), adding(0.5, 7))
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(setup.translator, "_from_reply", broken)
+    outcome = setup.translate(setup.respond(OWNERS[0], body), OWNERS[0])
+    assert isinstance(outcome, Unusable) and outcome.reason == Reason.INTERNAL_ERROR
+
+
+def test_a_restart_does_not_ask_an_owner_that_already_answered(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    other = "e" * 32
+    setup.dispatch({OWNERS[0]: TASK, OWNERS[1]: other})
+    body = client_reply(setup.request(OWNERS[0]), adding(0.5, 7))
+    response = setup.respond(OWNERS[0], body)
+    assert isinstance(setup.translate(response, OWNERS[0]), Translated)
+    request = response.with_suffix(".request")
+    request.unlink()
+    response.unlink()  # what the bridge does once the spool result is durable
+    restarted = Setup(tmp_path)  # a new process: nothing in memory
+    restarted.dispatch({OWNERS[0]: TASK, OWNERS[1]: other})  # the open round, re-dispatched
+    assert not request.exists()
+    assert restarted.state.lookup(TASK) is None and restarted.state.lookup(other) is not None
