@@ -37,10 +37,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -56,6 +59,7 @@ from syftflwr.harness import (  # noqa: E402 - tests/ goes on sys.path first
     default_specs,
     ensure_env,
     expected_models,
+    grep,
     json_lines,
     make_federation,
     max_relative_error,
@@ -91,54 +95,94 @@ class Outcome:
         return sum(self.round_seconds)
 
 
+@dataclass
+class Served:
+    """What one aggregator's own run gave, before the DO side is looked at."""
+
+    exit_code: int | None
+    ok: bool
+    round_seconds: list[float]
+    process_seconds: float
+    requests: int
+    usable_replies: int
+    final_model: dict[str, np.ndarray] | None
+    note: str
+    detail: dict[str, Any]
+
+
 def _timestamp(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
-def _start_dos(federation: Federation, specs: list[DataOwnerSpec]) -> None:
-    federation.start_data_owners(specs, timeout_seconds=60.0)
+def play(
+    aggregator: str,
+    serve: Callable[[Federation], Served],
+    *,
+    env: SyftFlwrEnv,
+    federation_dir: Path,
+    run: int,
+    args: argparse.Namespace,
+    specs: list[DataOwnerSpec],
+) -> Outcome:
+    """One run of one aggregator over fresh DOs: start them, serve, then what the DOs did and the model."""
+    federation = make_federation(env, federation_dir, n_dos=args.dos, extra_params=args.params)
+    try:
+        federation.start_data_owners(specs, timeout_seconds=60.0)
+        served = serve(federation)
+        exits = federation.wait_data_owners_exit(timeout_seconds=20.0)
+        lost_do = [line for lines in federation.lost_reply_lines().values() for line in lines]
+        error = None
+        if served.final_model is not None:
+            expected = expected_models(federation.model, specs, args.rounds)
+            error = max_relative_error(served.final_model, expected[-1])
+        return Outcome(
+            aggregator=aggregator,
+            run=run,
+            ok=served.ok,
+            exit_code=served.exit_code,
+            round_seconds=served.round_seconds,
+            process_seconds=served.process_seconds,
+            requests=served.requests,
+            usable_replies=served.usable_replies,
+            lost_replies=served.requests - served.usable_replies,
+            do_error_answers=lost_do,
+            dos_exited=sum(1 for code in exits.values() if code == 0),
+            model_error=error,
+            note=served.note,
+            detail=served.detail,
+        )
+    finally:
+        federation.close()
 
 
 def run_syft_flwr(
     env: SyftFlwrEnv, workdir: Path, run: int, args: argparse.Namespace, specs: list[DataOwnerSpec]
 ) -> Outcome:
     """syft-flwr's own server over fresh DOs."""
-    federation = make_federation(
-        env, workdir / f"run{run}-syft-flwr", n_dos=args.dos, extra_params=args.params
-    )
-    try:
-        _start_dos(federation, specs)
+
+    def serve(federation: Federation) -> Served:
         server = federation.run_syft_flwr_server(
             timeout_seconds=args.deadline,
             round_timeout_seconds=args.round_timeout,
             poll_interval_seconds=args.poll_interval,
         )
-        exits = federation.wait_data_owners_exit(timeout_seconds=20.0)
-        pulled = sum(int(m.group(1)) for line in _lines(server.log_path) for m in [PULLED.search(line)] if m)
-        requests = args.rounds * args.dos
-        lost_do = [line for lines in federation.lost_reply_lines().values() for line in lines]
-        final = server.final_model()
-        expected = expected_models(federation.model, specs, args.rounds)
-        error = max_relative_error(final, expected[-1]) if final is not None else None
+        pulled_lines = grep(server.log_path, ["Successfully pulled"])
+        pulled = sum(int(m.group(1)) for line in pulled_lines for m in [PULLED.search(line)] if m)
         ok = server.exit_code == 0 and len(server.round_seconds) == args.rounds
-        return Outcome(
-            aggregator=SYFT_FLWR,
-            run=run,
-            ok=ok,
+        return Served(
             exit_code=server.exit_code,
+            ok=ok,
             round_seconds=server.round_seconds,
             process_seconds=server.seconds,
-            requests=requests,
+            requests=args.rounds * args.dos,
             usable_replies=pulled,
-            lost_replies=requests - pulled,
-            do_error_answers=lost_do,
-            dos_exited=sum(1 for code in exits.values() if code == 0),
-            model_error=error,
+            final_model=server.final_model(),
             note="" if ok else f"exit {server.exit_code}; {server.log_path}",
             detail={"server_lost_lines": server.lost_reply_lines()},
         )
-    finally:
-        federation.close()
+
+    federation_dir = workdir / f"run{run}-syft-flwr"
+    return play(SYFT_FLWR, serve, env=env, federation_dir=federation_dir, run=run, args=args, specs=specs)
 
 
 def run_daemon(
@@ -146,54 +190,33 @@ def run_daemon(
 ) -> Outcome:
     """Our daemon over fresh DOs."""
     folder = workdir / f"run{run}-daemon"
-    federation = make_federation(env, folder / "federation", n_dos=args.dos, extra_params=args.params)
-    try:
-        _start_dos(federation, specs)
+
+    def serve(federation: Federation) -> Served:
         config = federation.write_daemon_job(
             folder / "job", num_rounds=args.rounds, round_timeout_seconds=args.round_timeout
         )
         daemon = federation.run_daemon(config, timeout_seconds=args.deadline)
-        exits = federation.wait_data_owners_exit(timeout_seconds=20.0)
         dispatched = [e for e in daemon.named("round.dispatched") if e.get("phase", "train") == "train"]
         completed = sorted(daemon.named("round.completed"), key=lambda e: int(e["round"]))
         ticks = [_timestamp(dispatched[0])] if dispatched else []
         ticks += [_timestamp(e) for e in completed]
         round_seconds = [b - a for a, b in itertools.pairwise(ticks)]
         metrics = list(json_lines(folder / "job" / "state" / "metrics.jsonl"))
-        counted = sum(len(m["succeeded"]) + len(m["failed"]) for m in metrics)
-        requests = sum(len(m["selected"]) for m in metrics) if metrics else args.rounds * args.dos
-        lost_do = [line for lines in federation.lost_reply_lines().values() for line in lines]
-        error = None
         store = ModelStore(folder / "job" / "state", "testjob")
-        if store.rounds()[-1:] == [args.rounds]:
-            expected = expected_models(federation.model, specs, args.rounds)
-            error = max_relative_error(store.load(args.rounds), expected[-1])
         ok = daemon.exit_code == 0 and len(round_seconds) == args.rounds
-        return Outcome(
-            aggregator=DAEMON,
-            run=run,
-            ok=ok,
+        return Served(
             exit_code=daemon.exit_code,
+            ok=ok,
             round_seconds=round_seconds,
             process_seconds=daemon.seconds,
-            requests=requests,
-            usable_replies=counted,
-            lost_replies=requests - counted,
-            do_error_answers=lost_do,
-            dos_exited=sum(1 for code in exits.values() if code == 0),
-            model_error=error,
+            requests=sum(len(m["selected"]) for m in metrics) if metrics else args.rounds * args.dos,
+            usable_replies=sum(len(m["succeeded"]) + len(m["failed"]) for m in metrics),
+            final_model=store.load(args.rounds) if store.rounds()[-1:] == [args.rounds] else None,
             note="" if ok else f"exit {daemon.exit_code}: " + _last_error(daemon.log_tail(3000)),
             detail={"collect_seconds": [m.get("collect_seconds") for m in metrics]},
         )
-    finally:
-        federation.close()
 
-
-def _lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
+    return play(DAEMON, serve, env=env, federation_dir=folder / "federation", run=run, args=args, specs=specs)
 
 
 def _last_error(tail: str) -> str:

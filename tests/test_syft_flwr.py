@@ -17,7 +17,6 @@ each. Run with ``-s`` for the round times.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,20 +29,19 @@ import pytest
 from fl_orchestrator.shell.models import ModelStore, load_weights_file
 
 from syftflwr.harness import (
-    REQUIRED_ENV,
     SYFT_FLWR_VERSION,
     DaemonRun,
     DataOwnerSpec,
     Federation,
     SyftFlwrEnv,
-    SyftFlwrUnavailable,
     default_specs,
-    ensure_env,
+    env_or_skip,
     expected_models,
     initial_model,
     json_lines,
     make_federation,
     max_relative_error,
+    quarantine_records,
     run_venv_tests,
 )
 
@@ -90,24 +88,7 @@ class Scenario:
 @pytest.fixture(scope="module")
 def syft_flwr_env() -> SyftFlwrEnv:
     """The cached syft-flwr install; skip (or fail, if required) when it cannot be made."""
-    try:
-        return ensure_env()
-    except SyftFlwrUnavailable as exc:
-        message = f"syft-flwr {SYFT_FLWR_VERSION} could not be installed in its own environment: {exc}"
-        if os.environ.get(REQUIRED_ENV):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-def _quarantine_records(state_dir: Path) -> list[dict[str, Any]]:
-    folder = state_dir / "quarantine"
-    records: list[dict[str, Any]] = []
-    for path in sorted(folder.rglob("*.reason.json")) if folder.exists() else []:
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            records.append({"source": str(path), "reason": "unreadable record"})
-    return records
+    return env_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +128,7 @@ def scenario(
             },
             metrics=list(json_lines(state_dir / "metrics.jsonl")),
             status=json.loads(status_path.read_text()) if status_path.exists() else {},
-            quarantine=_quarantine_records(state_dir),
+            quarantine=quarantine_records(state_dir),
         )
     except BaseException:
         print(federation.log_tails())

@@ -20,17 +20,15 @@ from fl_orchestrator.shell.models import ModelStore
 
 from syftbox.harness import wait_until
 from syftflwr.harness import (
-    REQUIRED_ENV,
-    SYFT_FLWR_VERSION,
     SyftFlwrEnv,
-    SyftFlwrUnavailable,
     default_specs,
-    ensure_env,
+    env_or_skip,
     expected_models,
     initial_model,
     json_lines,
     make_federation,
     max_relative_error,
+    quarantine_records,
 )
 
 pytestmark = [pytest.mark.slow]
@@ -44,13 +42,8 @@ SLOW_SECONDS = 2.0
 
 @pytest.fixture(scope="module")
 def syft_flwr_env() -> SyftFlwrEnv:
-    try:
-        return ensure_env()
-    except SyftFlwrUnavailable as exc:
-        message = f"syft-flwr {SYFT_FLWR_VERSION} could not be installed in its own environment: {exc}"
-        if os.environ.get(REQUIRED_ENV):
-            pytest.fail(message)
-        pytest.skip(message)
+    """The same cached syft-flwr install as tests/test_syft_flwr.py's, skipped or failed the same way."""
+    return env_or_skip()
 
 
 def test_a_daemon_killed_mid_round_resumes_and_loses_no_reply(
@@ -109,7 +102,7 @@ def test_a_daemon_killed_mid_round_resumes_and_loses_no_reply(
             ]
             assert rounds == list(range(1, NUM_ROUNDS + 1)), (spec.email, rounds)
         assert federation.lost_reply_lines() == {s.email: [] for s in specs}
-        assert not (state / "quarantine").exists() or not list((state / "quarantine").rglob("*.reason.json"))
+        assert quarantine_records(state) == []
         exits = federation.wait_data_owners_exit(timeout_seconds=15)
         assert exits == {s.email: 0 for s in specs}
         print(json.dumps({"resumed_round": SLOW_ROUND, "second_run_seconds": round(second.seconds, 2)}))

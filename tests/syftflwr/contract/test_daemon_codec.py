@@ -13,38 +13,21 @@ from datetime import timedelta
 from typing import Any
 
 import numpy as np
-from contract_support import AGGREGATOR, OWNER, RPC_APP
-from flwr.app import Context, RecordDict
+from contract_support import AGGREGATOR, MESSAGES_URL, OWNER, make_processor
 from flwr.common.constant import ErrorCode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from syft_core.url import SyftBoxURL
-from syft_flwr.fl_orchestrator.flower_client import MessageHandler, RequestProcessor
 from syft_flwr.serde import bytes_to_flower_message
 from syft_flwr.utils import str_to_int
 from syft_rpc.protocol import SyftRequest, SyftResponse, SyftStatus
 
 from fl_orchestrator.syft_flwr import envelope, flower_codec
 
-URL = f"syft://{OWNER}/app_data/{RPC_APP}/rpc/messages"
 MODEL = {
     "w0": np.arange(12, dtype=np.float32).reshape(4, 3),
     "w1": np.array([0.5, -1.25, 2.0], dtype=np.float32),
 }
-
-
-class _Events:
-    def __init__(self) -> None:
-        self.stopped = False
-
-    def stop(self) -> None:
-        self.stopped = True
-
-
-def _processor(client_app: Any) -> tuple[RequestProcessor, _Events]:
-    context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
-    events = _Events()
-    return RequestProcessor(MessageHandler(client_app, context, False), events, OWNER), events
 
 
 def _request(server_round: int) -> bytes:
@@ -69,10 +52,10 @@ def test_a_request_envelope_parses_as_syft_rpc_parses_it(body: bytes) -> None:
     request_id = uuid.uuid4()
     now = time.time()
     chunks = envelope.encode_request(
-        request_id=request_id, sender=AGGREGATOR, url=URL, body=body, created=now, expires=now + 60
+        request_id=request_id, sender=AGGREGATOR, url=MESSAGES_URL, body=body, created=now, expires=now + 60
     )
     request = SyftRequest.model_validate_json(b"".join(chunks))
-    assert (request.id, request.sender, str(request.url)) == (request_id, AGGREGATOR, URL)
+    assert (request.id, request.sender, str(request.url)) == (request_id, AGGREGATOR, MESSAGES_URL)
     assert (request.body or b"") == body
     assert not request.is_expired
     assert request.expires - request.created == timedelta(seconds=60)
@@ -84,7 +67,7 @@ def test_a_syft_rpc_response_decodes_with_the_daemons_reader(body: bytes | None,
     response = SyftResponse(
         id=uuid.uuid4(),
         sender=OWNER,
-        url=SyftBoxURL(URL),
+        url=SyftBoxURL(MESSAGES_URL),
         body=body,
         status_code=SyftStatus(status),
     )
@@ -94,7 +77,7 @@ def test_a_syft_rpc_response_decodes_with_the_daemons_reader(body: bytes | None,
 
 
 def test_a_train_request_is_answered_and_the_reply_parses(client_app: Any) -> None:
-    processor, _ = _processor(client_app)
+    processor, _ = make_processor(client_app)
     body = processor.process(_request(1))
     assert isinstance(body, bytes)
     reply = flower_codec.parse_reply(body)
@@ -106,7 +89,7 @@ def test_a_train_request_is_answered_and_the_reply_parses(client_app: Any) -> No
 
 
 def test_a_raising_client_app_parses_as_a_failure(client_app: Any) -> None:
-    processor, _ = _processor(client_app)
+    processor, _ = make_processor(client_app)
     reply = flower_codec.parse_reply(processor.process(_request(2)))
     assert not reply.ok
     assert reply.error_code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -114,7 +97,7 @@ def test_a_raising_client_app_parses_as_a_failure(client_app: Any) -> None:
 
 
 def test_the_daemons_stop_message_stops_a_data_owner(client_app: Any) -> None:
-    processor, events = _processor(client_app)
+    processor, events = make_processor(client_app)
     body = flower_codec.stop_body(dst_node_id=envelope.node_id_of(OWNER), run_id=7, reason="job done")
     assert processor.is_stop_signal(bytes_to_flower_message(body))
     assert processor.process(body) is None

@@ -21,14 +21,33 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
-from contract_support import AGGREGATOR, AGGREGATOR_NODE_ID, OWNER, RPC_APP
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from contract_support import (
+    AGGREGATOR,
+    AGGREGATOR_NODE_ID,
+    MESSAGES_URL,
+    OWNER,
+    RPC_APP,
+    make_processor,
+    request_processor,
+)
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode, MessageType
-from syft_flwr.fl_orchestrator.flower_client import MessageHandler, RequestProcessor
 from syft_flwr.serde import bytes_to_flower_message, flower_message_to_bytes
 from syft_flwr.utils import str_to_int
 from syft_rpc import rpc
 from syft_rpc.protocol import SyftRequest, SyftResponse
+
+
+def _from_syft_grid(
+    content: RecordDict, message_type: str, *, group_id: str, run_id: int = 42, ttl: float = 60.0
+) -> Message:
+    """A message as syft-flwr's SyftGrid sends it (run_id and src_node_id set behind the API)."""
+    message = Message(
+        content=content, dst_node_id=str_to_int(OWNER), message_type=message_type, ttl=ttl, group_id=group_id
+    )
+    message.metadata.__dict__["_run_id"] = run_id
+    message.metadata.__dict__["_src_node_id"] = AGGREGATOR_NODE_ID
+    return message
 
 
 def _instruction(
@@ -39,54 +58,24 @@ def _instruction(
     run_id: int = 42,
     ttl: float = 60.0,
 ) -> Message:
-    """A message as syft-flwr's SyftGrid sends it (run_id and src_node_id set behind the API)."""
+    """A train (or other) instruction for one server round, as SyftGrid sends it."""
     arrays = [np.arange(12, dtype=np.float32).reshape(4, 3), np.array([1.0, 2.0, 3.0], dtype=np.float32)]
     content = RecordDict(
         {"arrays": ArrayRecord(arrays), "config": ConfigRecord({"server-round": server_round})}
     )
-    message = Message(
-        content=content, dst_node_id=str_to_int(OWNER), message_type=message_type, ttl=ttl, group_id=group_id
-    )
-    message.metadata.__dict__["_run_id"] = run_id
-    message.metadata.__dict__["_src_node_id"] = AGGREGATOR_NODE_ID
-    return message
+    return _from_syft_grid(content, message_type, group_id=group_id, run_id=run_id, ttl=ttl)
 
 
 def _stop_message() -> Message:
     content = RecordDict({"config": ConfigRecord({"action": "stop", "reason": "done"})})
-    message = Message(
-        content=content,
-        dst_node_id=str_to_int(OWNER),
-        message_type=MessageType.SYSTEM,
-        ttl=60.0,
-        group_id="final",
-    )
-    message.metadata.__dict__["_run_id"] = 42
-    message.metadata.__dict__["_src_node_id"] = AGGREGATOR_NODE_ID
-    return message
-
-
-class _Events:
-    """Stands in for the DO's events adapter: records stop()."""
-
-    def __init__(self) -> None:
-        self.stopped = False
-
-    def stop(self) -> None:
-        self.stopped = True
-
-
-def _processor(client_app: Any) -> tuple[RequestProcessor, _Events]:
-    context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
-    events = _Events()
-    return RequestProcessor(MessageHandler(client_app, context, False), events, OWNER), events
+    return _from_syft_grid(content, MessageType.SYSTEM, group_id="final")
 
 
 # --------------------------------------------------------------------------- the handler
 
 
 def test_train_reply_carries_positional_arrays_and_the_request_metadata(client_app: Any) -> None:
-    processor, _ = _processor(client_app)
+    processor, _ = make_processor(client_app)
     request = _instruction(1, group_id="r1")
     before = time.time()
     body = processor.process(flower_message_to_bytes(request))
@@ -113,7 +102,7 @@ def test_train_reply_carries_positional_arrays_and_the_request_metadata(client_a
 
 def test_a_request_with_an_expired_flower_ttl_is_still_answered(client_app: Any) -> None:
     # The DO does not look at Flower's ttl; the reply's ttl just comes out negative.
-    processor, _ = _processor(client_app)
+    processor, _ = make_processor(client_app)
     request = _instruction(1, ttl=1.0)
     request.metadata.__dict__["_created_at"] = time.time() - 3600.0
     reply = bytes_to_flower_message(processor.process(flower_message_to_bytes(request)))
@@ -122,7 +111,7 @@ def test_a_request_with_an_expired_flower_ttl_is_still_answered(client_app: Any)
 
 
 def test_a_raising_client_app_is_answered_with_a_flower_error(client_app: Any) -> None:
-    processor, _ = _processor(client_app)
+    processor, _ = make_processor(client_app)
     body = processor.process(flower_message_to_bytes(_instruction(2, group_id="r2")))
     assert isinstance(body, bytes)
     reply = bytes_to_flower_message(body)
@@ -133,13 +122,13 @@ def test_a_raising_client_app_is_answered_with_a_flower_error(client_app: Any) -
 
 
 def test_the_stop_message_stops_the_owner_and_gets_no_body(client_app: Any) -> None:
-    processor, events = _processor(client_app)
+    processor, events = make_processor(client_app)
     assert processor.process(flower_message_to_bytes(_stop_message())) is None
     assert events.stopped
 
 
 def test_garbage_and_unknown_message_types_get_no_usable_reply(client_app: Any) -> None:
-    processor, events = _processor(client_app)
+    processor, events = make_processor(client_app)
     # Not a Flower message: no reply body at all (the watcher then writes an empty 200).
     assert processor.process(b"\xff\xff\xff\xff") is None
     # A message type the ClientApp has no function for: a Flower error reply.
@@ -173,7 +162,7 @@ def test_a_syft_rpc_request_file_is_json_with_url_safe_base64_body(tmp_path: Pat
     document = json.loads(path.read_text(encoding="utf-8"))
     assert set(document) == {"id", "sender", "url", "body", "headers", "created", "expires", "method"}
     assert document["id"] == str(future.id) and document["sender"] == AGGREGATOR
-    assert document["url"] == f"syft://{OWNER}/app_data/{RPC_APP}/rpc/messages"
+    assert document["url"] == MESSAGES_URL
     assert document["method"] == "GET" and document["headers"] == {}
     # pydantic writes bytes as URL-safe base64 with padding.
     assert "+" not in document["body"] and "/" not in document["body"] and document["body"].endswith("=")
@@ -186,11 +175,11 @@ def test_a_syft_rpc_request_file_is_json_with_url_safe_base64_body(tmp_path: Pat
 
 
 def test_a_minimal_request_needs_only_sender_and_url() -> None:
-    url = f"syft://{OWNER}/app_data/{RPC_APP}/rpc/messages"
-    request = SyftRequest.model_validate_json(json.dumps({"sender": AGGREGATOR, "url": url}))
+    request = SyftRequest.model_validate_json(json.dumps({"sender": AGGREGATOR, "url": MESSAGES_URL}))
     assert request.body is None and not request.is_expired
     # Standard base64 and missing padding are accepted too.
-    request = SyftRequest.model_validate_json(json.dumps({"sender": AGGREGATOR, "url": url, "body": "+/8"}))
+    document = {"sender": AGGREGATOR, "url": MESSAGES_URL, "body": "+/8"}
+    request = SyftRequest.model_validate_json(json.dumps(document))
     assert request.body == b"\xfb\xff"
 
 
@@ -205,8 +194,7 @@ class _Watcher:
 
         self.adapter = SyftEvents(app_name=RPC_APP, client=client, cleanup_expiry="1d", cleanup_interval="1d")
         self.events = self.adapter.native_events
-        context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
-        processor = RequestProcessor(MessageHandler(client_app, context, False), self.adapter, OWNER)
+        processor = request_processor(client_app, self.adapter)
         self.adapter.on_request(
             "/messages", handler=lambda body: processor.process(body), auto_decrypt=False, encrypt_reply=False
         )
@@ -249,7 +237,7 @@ def _request_json(body: bytes, *, request_id: uuid.UUID, expires_in: float = 900
     return SyftRequest(
         id=request_id,
         sender=AGGREGATOR,
-        url=f"syft://{OWNER}/app_data/{RPC_APP}/rpc/messages",  # type: ignore[arg-type]
+        url=MESSAGES_URL,  # type: ignore[arg-type]
         body=body,
         created=now,
         expires=now + timedelta(seconds=expires_in),
