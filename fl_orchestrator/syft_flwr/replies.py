@@ -210,6 +210,13 @@ class ReplyTranslator:
         if reply.message_type != action:
             detail = f"a {reply.message_type!r} reply to a {action!r} request"
             return self._fail(owner, task_id, task, reply, "InvalidReply", detail)
+        if reply.dropped_metrics:
+            log.warning(
+                "syft_flwr.metrics_dropped",
+                owner=owner,
+                metrics=list(reply.dropped_metrics),
+                why="only finite scalar metrics are kept",
+            )
         metrics = dict(reply.metrics)
         count = metrics.pop(NUM_EXAMPLES_KEY, None)
         if not isinstance(count, int) or count < 0:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog.testing
 
 pytest.importorskip("syft_flwr")
 
@@ -174,8 +175,10 @@ def test_a_trained_reply_becomes_a_native_result(tmp_path: Path) -> None:
     setup = Setup(tmp_path)
     setup.dispatch({OWNERS[0]: TASK})
     body = client_reply(setup.request(OWNERS[0]), adding(0.5, 7))
-    outcome = setup.translate(setup.respond(OWNERS[0], body), OWNERS[0])
+    with structlog.testing.capture_logs() as logs:
+        outcome = setup.translate(setup.respond(OWNERS[0], body), OWNERS[0])
     assert isinstance(outcome, Translated) and outcome.ok and outcome.round == 1
+    assert [(e["event"], e["metrics"]) for e in logs] == [("syft_flwr.metrics_dropped", ["hist"])]
     result = setup.native(outcome)
     assert result.ok and result.num_examples == 7 and result.envelope.reply_to == TASK
     assert result.metrics == {"loss": 0.25}  # the list metric is dropped: native metrics are scalars
