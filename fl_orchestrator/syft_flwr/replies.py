@@ -158,6 +158,11 @@ class ReplyTranslator:
         except Rejection as exc:
             if exc.reason == Reason.EMPTY_FILE:
                 return NotYet(exc.detail)
+            task = self.state.lookup(request_id_hex)
+            if exc.reason == Reason.FILE_TOO_LARGE and task is not None and task.owner == owner:
+                # The owner answered; waiting for its timeout would not change the answer.
+                hint = f"{exc.detail} (a reply is about 4/3 of the model: raise limits.max_file_bytes)"
+                return self._fail(owner, request_id_hex, task, None, "ReplyTooLarge", hint, exc.reason)
             return Unusable(exc.reason, exc.detail)
         try:
             response = decode_response(data)
@@ -275,7 +280,7 @@ class ReplyTranslator:
             action=action if action in ("train", "evaluate") else "train",
         )
         written = self._write(owner, task_id, result)
-        if error_type in ("InvalidReply", "EmptyReply"):
+        if error_type in ("InvalidReply", "EmptyReply", "ReplyTooLarge"):
             return Unusable(reason, f"{error_type}: {detail}", written)
         return written
 

@@ -420,3 +420,15 @@ def test_a_restart_does_not_ask_an_owner_that_already_answered(tmp_path: Path) -
     restarted.dispatch({OWNERS[0]: TASK, OWNERS[1]: other})  # the open round, re-dispatched
     assert not request.exists()
     assert restarted.state.lookup(TASK) is None and restarted.state.lookup(other) is not None
+
+
+def test_a_reply_over_the_size_limit_is_a_counted_failure(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    setup.translator.max_file_bytes = 200
+    setup.dispatch({OWNERS[0]: TASK})
+    body = client_reply(setup.request(OWNERS[0]), adding(0.5, 7))
+    outcome = setup.translate(setup.respond(OWNERS[0], body), OWNERS[0])
+    assert isinstance(outcome, Unusable) and outcome.reason == Reason.FILE_TOO_LARGE
+    assert outcome.failure is not None
+    result = setup.native(outcome.failure)
+    assert result.error_type == "ReplyTooLarge" and "max_file_bytes" in (result.error_message or "")
