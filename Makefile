@@ -69,11 +69,13 @@ check: lint typecheck test
 # Install the daemon for systemd: /opt/fl-orchestrator/venv, the unit template and /etc/fl-orchestrator.
 # Then: put a job at /etc/fl-orchestrator/NAME.toml and `systemctl enable --now fl-orchestratord@NAME`.
 SERVICE_PREFIX ?= /opt/fl-orchestrator
+# Extras for the service's venv, e.g. SERVICE_EXTRAS='[syft-flwr]' for job.protocol = "syft-flwr".
+SERVICE_EXTRAS ?=
 service-install:
 	id -u fl-orchestrator >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /usr/sbin/nologin fl-orchestrator
 	$(PYTHON) -m venv $(SERVICE_PREFIX)/venv
 	$(SERVICE_PREFIX)/venv/bin/pip install --quiet --upgrade pip
-	$(SERVICE_PREFIX)/venv/bin/pip install --quiet .
+	$(SERVICE_PREFIX)/venv/bin/pip install --quiet ".$(SERVICE_EXTRAS)"
 	install -d -m 0750 -g fl-orchestrator /etc/fl-orchestrator
 	install -m 0644 systemd/fl-orchestratord@.service /etc/systemd/system/fl-orchestratord@.service
 	-systemctl daemon-reload
