@@ -27,6 +27,7 @@ from fl_orchestrator.syft_flwr.envelope import (
 from fl_orchestrator.syft_flwr.layout import (
     SyftFlwrKind,
     SyftFlwrLayout,
+    first_link_below,
     request_id_for_task,
     task_id_for_request,
 )
@@ -265,3 +266,15 @@ def test_without_flower_installed_the_error_names_the_extra(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as caught:
         load(tmp_path, job={"protocol": "syft-flwr"}, syft_flwr={"app_name": "a@b.org_app_1"})
     assert "fl-orchestrator[syft-flwr]" in caught.value.line()
+
+
+def test_a_symlinked_folder_on_the_way_to_a_request_is_found(tmp_path: Path) -> None:
+    layout = SyftFlwrLayout(tmp_path, "app_1", AGG)
+    request = layout.request_path(OWNER, uuid.uuid4())
+    assert first_link_below(layout.datasites_dir, request) is None  # nothing exists yet
+    layout.rpc_dir(OWNER).mkdir(parents=True)
+    assert first_link_below(layout.datasites_dir, request) is None
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (layout.rpc_dir(OWNER) / "messages").symlink_to(elsewhere)
+    assert first_link_below(layout.datasites_dir, request) == layout.rpc_dir(OWNER) / "messages"

@@ -30,7 +30,7 @@ from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.intake import FileIdentity
 from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.watcher import resilient_awatch, set_when_cancelled
-from fl_orchestrator.syft_flwr.layout import SyftFlwrKind, SyftFlwrLayout
+from fl_orchestrator.syft_flwr.layout import SyftFlwrKind, SyftFlwrLayout, first_link_below
 from fl_orchestrator.syft_flwr.publisher import SyftFlwrPublisher
 from fl_orchestrator.syft_flwr.replies import (
     NotYet,
@@ -148,7 +148,8 @@ class Bridge:
         if owner not in self.present:
             # Before any request: a response in a folder the watch has not reached yet is missed.
             messages = self.target.messages_dir(owner)
-            await anyio.to_thread.run_sync(lambda: messages.mkdir(parents=True, exist_ok=True))
+            if first_link_below(self.target.datasites_dir, messages / "x") is None:
+                await anyio.to_thread.run_sync(lambda: messages.mkdir(parents=True, exist_ok=True))
             self.present.add(owner)
             log.info("syft_flwr.owner_present", owner=owner, schema=str(path))
         if owner not in self.state.overdue_owners(self.clock()):
@@ -263,11 +264,17 @@ class Bridge:
     def _remove_pair(self, response: Path) -> None:
         # The request first: an owner that restarts answers every request without a response.
         self._remove_request(response)
-        _unlink(response)
+        self._unlink(response)
 
-    @staticmethod
-    def _remove_request(response: Path) -> None:
-        _unlink(response.with_suffix(".request"))
+    def _remove_request(self, response: Path) -> None:
+        self._unlink(response.with_suffix(".request"))
+
+    def _unlink(self, path: Path) -> None:
+        link = first_link_below(self.target.datasites_dir, path)
+        if link is not None:
+            log.warning("syft_flwr.cleanup_refused", path=printable(str(path)), why=f"{link} is a symlink")
+            return
+        _unlink(path)
 
     async def _retry_unsettled_forever(self) -> None:
         while True:

@@ -108,3 +108,19 @@ def request_id_for_task(task_id: str) -> uuid.UUID:
 def task_id_for_request(request_id: uuid.UUID) -> str:
     """The native task id a request id stands for."""
     return request_id.hex
+
+
+def first_link_below(root: Path, path: Path) -> Path | None:
+    """The first existing folder between root and path (exclusive) that is a symlink, if any.
+
+    Requests are written into, and deleted from, folders the data owners control: a link
+    there would send the write or the delete somewhere else.
+    """
+    current = root
+    for part in path.relative_to(root).parts[:-1]:
+        current = current / part
+        if current.is_symlink():
+            return current
+        if not current.exists():
+            return None
+    return None

@@ -23,7 +23,12 @@ from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.publisher import Broadcast, Publisher
 from fl_orchestrator.syft_flwr import flower_codec
 from fl_orchestrator.syft_flwr.envelope import encode_request, node_id_of
-from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, request_id_for_task, task_id_for_request
+from fl_orchestrator.syft_flwr.layout import (
+    SyftFlwrLayout,
+    first_link_below,
+    request_id_for_task,
+    task_id_for_request,
+)
 from fl_orchestrator.syft_flwr.replies import SyftFlwrState, TaskInfo
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import model_spec
@@ -154,6 +159,10 @@ class SyftFlwrPublisher(Publisher):
             expires=expires,
         )
         path = self.target.request_path(owner, request_id)
+        link = first_link_below(self.target.datasites_dir, path)
+        if link is not None:
+            log.error("syft_flwr.request_not_written", owner=owner, why=f"{link} is a symlink")
+            return 0  # the owner times out, and the reason is in the log
         path.parent.mkdir(parents=True, exist_ok=True)
         # Lost from the page cache in a crash, it is rewritten from the round log on restart.
         return atomic_write(path, chunks, durable=False)

@@ -432,3 +432,14 @@ def test_a_reply_over_the_size_limit_is_a_counted_failure(tmp_path: Path) -> Non
     assert outcome.failure is not None
     result = setup.native(outcome.failure)
     assert result.error_type == "ReplyTooLarge" and "max_file_bytes" in (result.error_message or "")
+
+
+def test_no_request_is_written_through_a_symlink_in_an_owners_folder(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    rpc = setup.target.rpc_dir(OWNERS[0])
+    (rpc / "messages").mkdir(parents=True)
+    (rpc / "messages" / AGG).symlink_to(outside)
+    setup.dispatch({OWNERS[0]: TASK})
+    assert list(outside.iterdir()) == []
