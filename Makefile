@@ -38,7 +38,7 @@ test-syftbox: $(STAMP)
 # tests/syftflwr/README.md); `make test` runs it too and skips it with a message when that venv
 # cannot be built.
 test-syft-flwr: $(STAMP)
-	FL_SYFT_FLWR_REQUIRED=1 $(PY) -m pytest -q -s tests/test_syft_flwr.py tests/test_syft_flwr_resume.py tests/test_syft_flwr_evaluate.py
+	FL_SYFT_FLWR_REQUIRED=1 $(PY) -m pytest -q -s tests/test_syft_flwr.py tests/test_syft_flwr_resume.py tests/test_syft_flwr_evaluate.py tests/test_syft_flwr_syftbox.py
 
 # syft-flwr's own server next to the daemon over the same DOs: round times and lost replies.
 # Options go through COMPARE_ARGS, e.g. make compare-syft-flwr COMPARE_ARGS="--runs 5 --params 1000000".

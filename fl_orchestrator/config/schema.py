@@ -304,6 +304,14 @@ class SyftFlwrSection:
             minimum=0,
         ),
     )
+    stop_wait_seconds: float = field(
+        default=15.0,
+        metadata=spec(
+            "when the job ends, how long to wait for the owners to answer the stop message"
+            " (over SyftBox sync a round trip takes seconds)",
+            minimum=0,
+        ),
+    )
     heartbeat_interval_seconds: float = field(
         default=10.0,
         metadata=spec(

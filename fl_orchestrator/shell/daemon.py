@@ -227,8 +227,7 @@ class Daemon:
             if self.bridge is not None and self.exit_code is not None:
                 # The job ended (done or failed): tell syft-flwr's owners to exit, as its server does.
                 reason = self.failure_reason or "job complete"
-                wait = min(5.0, self.config.daemon.shutdown_timeout_seconds)
-                await self.bridge.finish(reason, wait_seconds=wait)
+                await self.bridge.finish(reason, wait_seconds=self.config.syft_flwr.stop_wait_seconds)
             final = self._status_document(_STATE_OF_PHASE.get(machine.phase, "running"))
             await anyio.to_thread.run_sync(self._write_status_document, final)
             root.cancel_scope.cancel()

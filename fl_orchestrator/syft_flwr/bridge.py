@@ -30,7 +30,7 @@ from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.intake import FileIdentity
 from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.watcher import resilient_awatch, set_when_cancelled
-from fl_orchestrator.syft_flwr.layout import SyftFlwrKind, SyftFlwrLayout, first_link_below
+from fl_orchestrator.syft_flwr.layout import REFUSED_SUFFIX, SyftFlwrKind, SyftFlwrLayout, first_link_below
 from fl_orchestrator.syft_flwr.publisher import SyftFlwrPublisher
 from fl_orchestrator.syft_flwr.replies import (
     NotYet,
@@ -38,6 +38,7 @@ from fl_orchestrator.syft_flwr.replies import (
     ReplyTranslator,
     StopAcknowledged,
     SyftFlwrState,
+    TornRequest,
     Translated,
     Unusable,
 )
@@ -46,6 +47,12 @@ from fl_orchestrator.wire.messages import Envelope, HeartbeatMessage, encode_hea
 from fl_orchestrator.wire.reasons import Reason, printable
 
 log = structlog.get_logger("fl_orchestrator.syft_flwr")
+
+REFUSED_UPLOAD_HINT = (
+    "SyftBox refused to upload the request into {owner}'s folder: the owner has not granted the"
+    " aggregator write on rpc/messages/<aggregator>/ (syftbox 0.4.0 reads syftperm.yaml, not the"
+    " syft.pub.yaml that syft-event writes); see docs/SYFT_FLWR.md"
+)
 
 
 class Bridge:
@@ -83,6 +90,7 @@ class Bridge:
         self.seen: dict[Path, FileIdentity] = {}
         self.unsettled: dict[Path, tuple[FileIdentity, float]] = {}
         self.in_flight: set[Path] = set()
+        self.stop_reason = "job complete"
         self.stop_pending: set[str] = set()
         self.stops_answered = anyio.Event()
         self.answered = 0
@@ -123,9 +131,13 @@ class Bridge:
             elif classified.kind == SyftFlwrKind.RESPONSE:
                 assert classified.request_id is not None
                 await self._response(path, classified.owner, classified.request_id.hex)
+            elif classified.kind == SyftFlwrKind.REFUSED_UPLOAD:
+                assert classified.request_id is not None
+                await self._refused_upload(path, classified.owner, classified.request_id.hex)
 
     async def finish(self, reason: str, *, wait_seconds: float) -> None:
         """Send the stop message to every owner, then wait (bounded) for their answers."""
+        self.stop_reason = reason
         # Pending before the first request exists: its answer may come while others are written.
         self.stop_pending = set(self.publisher.stop_targets(self.owners))
         self.stops_answered = anyio.Event()
@@ -212,9 +224,52 @@ class Bridge:
         self.unsettled.pop(path, None)
         await self._settle(path, owner, request_hex, identity, outcome)
 
+    async def _refused_upload(self, path: Path, owner: str, request_hex: str) -> None:
+        """The aggregator's SyftBox client could not upload a request: fail the owner now."""
+        identity = _identity(path)
+        if identity is None or self.seen.get(path) == identity:
+            return
+        self.seen[path] = identity
+        task_id = self.state.task_for(request_hex)
+        failure = await anyio.to_thread.run_sync(
+            self.translator.fail_task, owner, task_id, "SyncRefused", REFUSED_UPLOAD_HINT.format(owner=owner)
+        )
+        log.error(
+            "syft_flwr.upload_refused",
+            owner=owner,
+            request=request_hex,
+            counted_as_failure=failure is not None,
+            hint=REFUSED_UPLOAD_HINT.format(owner=owner),
+        )
+        if failure is not None:
+            self.state.answered(task_id)
+
     async def _settle(
         self, path: Path, owner: str, request_hex: str, identity: FileIdentity, outcome: Outcome
     ) -> None:
+        if isinstance(outcome, TornRequest):
+            # Remove both first: the owner ignores a request that already has a response.
+            await anyio.to_thread.run_sync(self._remove_pair, path)
+            if outcome.stop:
+                resent = await anyio.to_thread.run_sync(
+                    self.publisher.resend_stop, outcome.task_id, self.stop_reason
+                )
+            else:
+                resent = await anyio.to_thread.run_sync(self.publisher.resend, outcome.task_id) is not None
+            log.warning(
+                "syft_flwr.request_resent" if resent else "syft_flwr.request_lost",
+                owner=owner,
+                request=request_hex,
+                stop=outcome.stop,
+                why="the owner read it while it was still arriving: " + outcome.detail[:200],
+            )
+            if not resent and not outcome.stop:
+                failure = await anyio.to_thread.run_sync(
+                    self.translator.fail_task, owner, outcome.task_id, "SyftRpcStatus400", outcome.detail
+                )
+                if failure is not None:
+                    self.state.answered(outcome.task_id)
+            return
         if isinstance(outcome, StopAcknowledged):
             await anyio.to_thread.run_sync(self._remove_pair, path)
             if outcome.status_code == 200:
@@ -303,7 +358,7 @@ class Bridge:
                 entries = list(os.scandir(self.target.messages_dir(owner)))
             except OSError:
                 continue
-            found.extend(Path(e.path) for e in entries if e.name.endswith(".response"))
+            found.extend(Path(e.path) for e in entries if e.name.endswith((".response", REFUSED_SUFFIX)))
         return found
 
 

@@ -16,6 +16,10 @@ from pathlib import Path
 ENDPOINT = "messages"
 SCHEMA_FILE = "rpc.schema.json"
 PERMISSION_FILE = "syft.pub.yaml"
+REFUSED_SUFFIX = ".syftrejected.request"
+# How often a request an owner read half-downloaded is sent again (under a new name).
+MAX_RESENDS = 2
+_RESEND_NAMESPACE = uuid.UUID("0b9f3c8e-2f4e-4a8e-9d43-52a1f4f1c0aa")
 
 
 class SyftFlwrKind(Enum):
@@ -23,6 +27,8 @@ class SyftFlwrKind(Enum):
 
     RESPONSE = "response"
     PRESENCE = "presence"
+    # The aggregator's SyftBox client renames a request the server refused to upload.
+    REFUSED_UPLOAD = "refused_upload"
     IGNORED = "ignored"
 
 
@@ -91,12 +97,17 @@ class SyftFlwrLayout:
         owner, rest = parts[0], parts[5:]
         if rest in ((SCHEMA_FILE,), (PERMISSION_FILE,)):
             return SyftFlwrPath(owner, SyftFlwrKind.PRESENCE)
-        if len(rest) == 3 and rest[:2] == (ENDPOINT, self.aggregator) and rest[2].endswith(".response"):
-            try:
-                request_id = uuid.UUID(rest[2][: -len(".response")])
-            except ValueError:
-                return SyftFlwrPath(owner, SyftFlwrKind.IGNORED)
-            return SyftFlwrPath(owner, SyftFlwrKind.RESPONSE, request_id)
+        if len(rest) == 3 and rest[:2] == (ENDPOINT, self.aggregator):
+            for suffix, kind in (
+                (".response", SyftFlwrKind.RESPONSE),
+                (REFUSED_SUFFIX, SyftFlwrKind.REFUSED_UPLOAD),
+            ):
+                if rest[2].endswith(suffix):
+                    try:
+                        request_id = uuid.UUID(rest[2][: -len(suffix)])
+                    except ValueError:
+                        break
+                    return SyftFlwrPath(owner, kind, request_id)
         return SyftFlwrPath(owner, SyftFlwrKind.IGNORED)
 
 
@@ -106,8 +117,17 @@ def request_id_for_task(task_id: str) -> uuid.UUID:
 
 
 def task_id_for_request(request_id: uuid.UUID) -> str:
-    """The native task id a request id stands for."""
+    """The native task id a request id stands for (a first send; resends: ``resend_ids``)."""
     return request_id.hex
+
+
+def resend_ids(task_id: str) -> list[uuid.UUID]:
+    """The names a request is sent again under, in order: stable, so a restart knows them.
+
+    A new name, because syft-rpc's owner ignores a request that already has a response
+    and never looks at a request file again once it has read it.
+    """
+    return [uuid.uuid5(_RESEND_NAMESPACE, f"{task_id}|{k}") for k in range(1, MAX_RESENDS + 1)]
 
 
 def first_link_below(root: Path, path: Path) -> Path | None:

@@ -27,6 +27,7 @@ from fl_orchestrator.syft_flwr.layout import (
     SyftFlwrLayout,
     first_link_below,
     request_id_for_task,
+    resend_ids,
     task_id_for_request,
 )
 from fl_orchestrator.syft_flwr.replies import SyftFlwrState, TaskInfo
@@ -106,24 +107,50 @@ class SyftFlwrPublisher(Publisher):
         for owner, task_id in tasks.items():
             if self.layout.result_path(owner, task_id).exists():
                 continue  # answered before a restart: asking again would make it train again
-            self.state.add(task_id, TaskInfo(owner, task_round, action, deadline))
-            request_id = request_id_for_task(task_id)
-            path = self.target.request_path(owner, request_id)
-            if path.exists() or self.target.response_path(owner, request_id).exists():
-                continue  # written before a restart (same id): the owner may be answering it
+            self.state.add(task_id, TaskInfo(owner, task_round, action, deadline, dict(config)))
+            self.state.register_resends(task_id)
+            names = [request_id_for_task(task_id), *resend_ids(task_id)]
+            if any(self._sent(owner, name) for name in names):
+                continue  # written before a restart (same names): the owner may be answering it
             if content is None:
                 content = flower_codec.round_content(self._model[1], config)
-            body = flower_codec.request_body(
-                content,
-                purpose=action,
-                dst_node_id=node_id_of(owner),
-                run_id=self.flower_run_id,
-                group_id=str(task_round),
-                ttl_seconds=expires - now,
-            )
-            total += self._write_request(owner, request_id, body, now, expires)
+            body = self._task_body(content, owner, action, task_round, expires - now)
+            total += self._write_request(owner, names[0], body, now, expires)
         self.bytes_written += total
         return total
+
+    def resend(self, task_id: str) -> uuid.UUID | None:
+        """Send a task again under its next name; None if it is not pending or out of resends."""
+        task = self.state.lookup(task_id)
+        count = self.state.resends.get(task_id, 0)
+        if task is None or count >= len(resend_ids(task_id)) or self._model is None:
+            return None
+        model_round = task.round + 1 if task.action == "evaluate" else task.round
+        if self._model[0] != model_round:
+            return None  # the job has moved on to another model
+        self.state.resends[task_id] = count + 1
+        name = resend_ids(task_id)[count]
+        now = time.time()
+        expires = max(task.deadline, now) + self.expiry_margin_seconds
+        content = flower_codec.round_content(self._model[1], task.config)
+        body = self._task_body(content, task.owner, task.action, task.round, expires - now)
+        self._write_request(task.owner, name, body, now, expires)
+        return name
+
+    def _task_body(self, content: Any, owner: str, action: str, task_round: int, ttl_seconds: float) -> bytes:
+        return flower_codec.request_body(
+            content,
+            purpose=action,
+            dst_node_id=node_id_of(owner),
+            run_id=self.flower_run_id,
+            group_id=str(task_round),
+            ttl_seconds=ttl_seconds,
+        )
+
+    def _sent(self, owner: str, name: uuid.UUID) -> bool:
+        return (
+            self.target.request_path(owner, name).exists() or self.target.response_path(owner, name).exists()
+        )
 
     def stop_targets(self, owners: tuple[str, ...]) -> list[str]:
         """The owners that have started this app (the others have nothing to stop)."""
@@ -132,20 +159,33 @@ class SyftFlwrPublisher(Publisher):
     def send_stop(self, owners: tuple[str, ...], reason: str) -> list[str]:
         """Ask each owner's main.py to exit (syft-flwr's SYSTEM message, group 'final')."""
         sent = []
-        now = time.time()
         for owner in self.stop_targets(owners):
             request_id = uuid.uuid5(_STOP_NAMESPACE, f"{self.run_id}|stop|{owner}")
-            self.state.stop_requests[task_id_for_request(request_id)] = owner
+            stop_id = task_id_for_request(request_id)
+            self.state.stop_requests[stop_id] = owner
+            self.state.register_resends(stop_id)
             if self.target.request_path(owner, request_id).exists():
                 continue
-            body = flower_codec.stop_body(
-                dst_node_id=node_id_of(owner), run_id=self.flower_run_id, reason=reason
-            )
-            # Not the round margin (which may be 0): a stop must outlive a slow sync.
-            expires = now + max(STOP_EXPIRY_SECONDS, self.expiry_margin_seconds)
-            self._write_request(owner, request_id, body, now, expires)
+            self._write_stop(owner, request_id, reason)
             sent.append(owner)
         return sent
+
+    def resend_stop(self, stop_id: str, reason: str) -> bool:
+        """Send a stop message again under its next name; False when out of resends."""
+        owner = self.state.stop_requests.get(stop_id)
+        count = self.state.resends.get(stop_id, 0)
+        if owner is None or count >= len(resend_ids(stop_id)):
+            return False
+        self.state.resends[stop_id] = count + 1
+        self._write_stop(owner, resend_ids(stop_id)[count], reason)
+        return True
+
+    def _write_stop(self, owner: str, request_id: uuid.UUID, reason: str) -> None:
+        now = time.time()
+        body = flower_codec.stop_body(dst_node_id=node_id_of(owner), run_id=self.flower_run_id, reason=reason)
+        # Not the round margin (which may be 0): a stop must outlive a slow sync.
+        expires = now + max(STOP_EXPIRY_SECONDS, self.expiry_margin_seconds)
+        self._write_request(owner, request_id, body, now, expires)
 
     def _write_request(
         self, owner: str, request_id: uuid.UUID, body: bytes, now: float, expires: float

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -28,7 +29,7 @@ from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.intake import read_below
 from fl_orchestrator.syft_flwr.envelope import EnvelopeError, decode_response, node_id_of
 from fl_orchestrator.syft_flwr.flower_codec import NUM_EXAMPLES_KEY, FlowerReply, ReplyError, parse_reply
-from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, task_id_for_request
+from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, resend_ids
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
     Envelope,
@@ -41,6 +42,8 @@ from fl_orchestrator.wire.reasons import Reason, Rejection, printable
 
 log = structlog.get_logger("fl_orchestrator.syft_flwr")
 
+# What syft-event answers when it cannot load a request file: its handler never ran.
+TORN_REQUEST_PREFIX = "Error loading request"
 ENCRYPTION_HINT = (
     "the data owner answered with an encrypted payload; fl-orchestratord speaks syft-flwr's"
     " plaintext mode only: restart the owner's main.py with SYFT_FLWR_ENCRYPTION_ENABLED=false"
@@ -58,6 +61,7 @@ class TaskInfo:
     round: int
     action: str
     deadline: float
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,7 +71,21 @@ class SyftFlwrState:
     spec: ModelSpec = field(default_factory=dict)
     pending: dict[str, TaskInfo] = field(default_factory=dict)
     stop_requests: dict[str, str] = field(default_factory=dict)  # task-style id -> owner
+    # Request names of resends -> the task (or stop id) they stand for; and resends made.
+    aliases: dict[str, str] = field(default_factory=dict)
+    resends: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def task_for(self, request_hex: str) -> str:
+        """The task (or stop id) a request name stands for."""
+        with self.lock:
+            return self.aliases.get(request_hex, request_hex)
+
+    def register_resends(self, task_id: str) -> None:
+        """Know the names a task may be resent under, so their answers find it (after a restart too)."""
+        with self.lock:
+            for alias in resend_ids(task_id):
+                self.aliases[alias.hex] = task_id
 
     def add(self, task_id: str, info: TaskInfo) -> None:
         """Remember a request until it is answered."""
@@ -118,6 +136,18 @@ class Unusable:
 
 
 @dataclass(frozen=True)
+class TornRequest:
+    """The owner read our request while it was still arriving (400 "Error loading request").
+
+    Its ClientApp never ran, so sending the request again cannot make it train twice.
+    """
+
+    task_id: str
+    stop: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class StopAcknowledged:
     """The owner's answer to our stop message (status 200: it stopped)."""
 
@@ -125,7 +155,7 @@ class StopAcknowledged:
     detail: str = ""
 
 
-Outcome = NotYet | Translated | Unusable | StopAcknowledged
+Outcome = NotYet | Translated | Unusable | StopAcknowledged | TornRequest
 
 
 class ReplyTranslator:
@@ -158,11 +188,12 @@ class ReplyTranslator:
         except Rejection as exc:
             if exc.reason == Reason.EMPTY_FILE:
                 return NotYet(exc.detail)
-            task = self.state.lookup(request_id_hex)
+            task_id = self.state.task_for(request_id_hex)
+            task = self.state.lookup(task_id)
             if exc.reason == Reason.FILE_TOO_LARGE and task is not None and task.owner == owner:
                 # The owner answered; waiting for its timeout would not change the answer.
                 hint = f"{exc.detail} (a reply is about 4/3 of the model: raise limits.max_file_bytes)"
-                return self._fail(owner, request_id_hex, task, None, "ReplyTooLarge", hint, exc.reason)
+                return self._fail(owner, task_id, task, None, "ReplyTooLarge", hint, exc.reason)
             return Unusable(exc.reason, exc.detail)
         try:
             response = decode_response(data)
@@ -170,22 +201,27 @@ class ReplyTranslator:
             if not exc.complete:
                 return NotYet(exc.detail)
             return Unusable(Reason.MALFORMED, f"not a syft-rpc response: {exc.detail}")
-        task_id = task_id_for_request(response.id)
-        if task_id != request_id_hex:
+        if response.id.hex != request_id_hex:
             return Unusable(
-                Reason.REPLY_TO_MISMATCH, f"the file is named {request_id_hex} but answers {task_id}"
+                Reason.REPLY_TO_MISMATCH, f"the file is named {request_id_hex} but answers {response.id.hex}"
             )
+        task_id = self.state.task_for(request_id_hex)
         if response.sender != owner:
             return Unusable(
                 Reason.BAD_FIELD, f"sender {printable(response.sender, 200)!r} writes in {owner}'s folder"
             )
+        torn = response.status_code == 400 and _text(response.body).startswith(TORN_REQUEST_PREFIX)
         if self.state.stop_requests.get(task_id) == owner:
+            if torn:
+                return TornRequest(task_id, True, _text(response.body))
             return StopAcknowledged(response.status_code, _text(response.body))
         task = self.state.lookup(task_id)
         if task is not None and task.owner != owner:
             return Unusable(
                 Reason.NOT_SELECTED, f"answers a request sent to {task.owner}, from {owner}'s folder"
             )
+        if torn and task is not None:
+            return TornRequest(task_id, False, _text(response.body))
         if response.status_code != 200:
             detail = f"syft-rpc status {response.status_code}: {_text(response.body)}"
             return self._fail(owner, task_id, task, None, f"SyftRpcStatus{response.status_code}", detail)
@@ -198,6 +234,16 @@ class ReplyTranslator:
         except ReplyError as exc:
             return self._fail(owner, task_id, task, None, "InvalidReply", str(exc))
         return self._from_reply(owner, task_id, task, reply)
+
+    def fail_task(self, owner: str, task_id: str, error_type: str, detail: str) -> Translated | None:
+        """A counted failure for a request of ours that cannot be answered (None: not ours)."""
+        task = self.state.lookup(task_id)
+        if task is None or task.owner != owner:
+            return None
+        outcome = self._fail(owner, task_id, task, None, error_type, detail)
+        if isinstance(outcome, Unusable):
+            return outcome.failure
+        return outcome if isinstance(outcome, Translated) else None
 
     def _from_reply(self, owner: str, task_id: str, task: TaskInfo | None, reply: FlowerReply) -> Outcome:
         if reply.src_node_id != node_id_of(owner):

@@ -20,7 +20,7 @@ from syft_rpc.protocol import SyftRequest, SyftResponse
 
 from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.syft_flwr.bridge import Bridge
-from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, request_id_for_task
+from fl_orchestrator.syft_flwr.layout import MAX_RESENDS, SyftFlwrLayout, request_id_for_task, resend_ids
 from fl_orchestrator.syft_flwr.publisher import SyftFlwrPublisher
 from fl_orchestrator.syft_flwr.replies import ReplyTranslator, SyftFlwrState
 from fl_orchestrator.wire.layout import JobLayout
@@ -231,3 +231,81 @@ async def test_a_stop_answered_with_an_error_is_not_reported_as_stopped(tmp_path
     assert "syft_flwr.stop_refused" in events and "syft_flwr.stopped" not in events
     (refused,) = [entry for entry in logs if entry["event"] == "syft_flwr.stop_refused"]
     assert refused["status"] == 419
+
+
+TORN = b"Error loading request: ValidationError('Invalid JSON: EOF while parsing a value at line 1 column 0')"
+
+
+def respond_raw(request_path: Path, body: bytes | None, status: int) -> Path:
+    parsed = SyftRequest.load(request_path)
+    response = SyftResponse(id=parsed.id, sender=OWNER, url=parsed.url, body=body, status_code=status)
+    path = request_path.with_suffix(".response")
+    path.write_text(response.model_dump_json())
+    return path
+
+
+async def test_a_request_read_half_downloaded_is_sent_again_under_a_new_name(tmp_path: Path) -> None:
+    bridge = make_bridge(tmp_path)
+    first = dispatch(bridge)
+    await bridge.look_at([respond_raw(first, TORN, 400)])
+    assert not first.exists() and not first.with_suffix(".response").exists()
+    (second,) = bridge.target.messages_dir(OWNER).glob("*.request")
+    assert second.name == f"{resend_ids(TASK)[0]}.request"
+    assert bridge.state.lookup(TASK) is not None  # still waited for
+    await bridge.look_at([second.with_suffix(".response")])  # nothing there yet: no-op
+    second.with_suffix(".response").write_bytes(answer(second))
+    await bridge.look_at([second.with_suffix(".response")])
+    assert bridge.spool.result_path(OWNER, TASK).is_file()  # counted under the task's own id
+    assert bridge.state.lookup(TASK) is None
+
+
+async def test_after_the_last_resend_a_torn_read_is_a_counted_failure(tmp_path: Path) -> None:
+    bridge = make_bridge(tmp_path)
+    request = dispatch(bridge)
+    for _ in range(MAX_RESENDS + 1):
+        await bridge.look_at([respond_raw(request, TORN, 400)])
+        remaining = list(bridge.target.messages_dir(OWNER).glob("*.request"))
+        if not remaining:
+            break
+        (request,) = remaining
+    assert bridge.state.resends[TASK] == MAX_RESENDS
+    assert bridge.spool.result_path(OWNER, TASK).is_file()
+    assert bridge.state.lookup(TASK) is None
+
+
+async def test_a_refused_upload_fails_the_owner_at_once(tmp_path: Path) -> None:
+    bridge = make_bridge(tmp_path)
+    request = dispatch(bridge)
+    rejected = request.with_name(request.name.replace(".request", ".syftrejected.request"))
+    request.rename(rejected)  # what the aggregator's SyftBox client does on a 403
+    with structlog.testing.capture_logs() as logs:
+        await bridge.look_at([rejected])
+        await bridge.look_at([rejected])  # a rescan: once only
+    assert [e["event"] for e in logs] == ["syft_flwr.upload_refused"]
+    assert "syftperm.yaml" in logs[0]["hint"]
+    assert bridge.spool.result_path(OWNER, TASK).is_file()
+    assert bridge.state.lookup(TASK) is None
+
+
+async def test_a_stop_message_read_half_downloaded_is_sent_again(tmp_path: Path) -> None:
+    bridge = make_bridge(tmp_path)
+    publish_schema(bridge)
+    answered: list[str] = []
+
+    async def owner() -> None:
+        messages = bridge.target.messages_dir(OWNER)
+        for status, body in ((400, TORN), (200, None)):
+            while not list(messages.glob("*.request")) or list(messages.glob("*.response")):
+                await anyio.sleep(0.01)
+            (request,) = messages.glob("*.request")
+            answered.append(request.name)
+            respond_raw(request, body, status)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(bridge.run)
+        group.start_soon(owner)
+        with anyio.fail_after(5):
+            await bridge.finish("job complete", wait_seconds=4)
+        group.cancel_scope.cancel()
+    assert bridge.stop_pending == set()
+    assert len(answered) == 2 and answered[0] != answered[1]

@@ -36,6 +36,7 @@ from fl_orchestrator.syft_flwr.replies import (
     ReplyTranslator,
     StopAcknowledged,
     SyftFlwrState,
+    TornRequest,
     Translated,
     Unusable,
 )
@@ -213,11 +214,23 @@ def test_a_raising_client_app_is_a_counted_failure(tmp_path: Path) -> None:
 def test_a_syft_rpc_error_status_is_a_counted_failure(tmp_path: Path) -> None:
     setup = Setup(tmp_path)
     setup.dispatch({OWNERS[0]: TASK})
-    path = setup.respond(OWNERS[0], b"Error loading request: ValidationError", status=400)
+    path = setup.respond(OWNERS[0], b"Invalid request schema: missing field", status=400)
     outcome = setup.translate(path, OWNERS[0])
     assert isinstance(outcome, Translated) and not outcome.ok
     result = setup.native(outcome)
-    assert result.error_type == "SyftRpcStatus400" and "Error loading request" in (result.error_message or "")
+    assert result.error_type == "SyftRpcStatus400" and "Invalid request schema" in (
+        result.error_message or ""
+    )
+
+
+def test_a_request_the_owner_read_half_downloaded_is_torn_not_failed(tmp_path: Path) -> None:
+    # syft-event answers 400 "Error loading request" before any handler runs.
+    setup = Setup(tmp_path)
+    setup.dispatch({OWNERS[0]: TASK})
+    body = b"Error loading request: ValidationError('Invalid JSON: EOF while parsing a value')"
+    outcome = setup.translate(setup.respond(OWNERS[0], body, status=400), OWNERS[0])
+    assert isinstance(outcome, TornRequest) and outcome.task_id == TASK and not outcome.stop
+    assert not setup.spool.result_path(OWNERS[0], TASK).exists()
 
 
 def test_an_encrypted_reply_fails_the_owner_with_the_fix(tmp_path: Path) -> None:
