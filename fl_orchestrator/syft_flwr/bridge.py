@@ -48,6 +48,11 @@ from fl_orchestrator.wire.reasons import Reason, printable
 
 log = structlog.get_logger("fl_orchestrator.syft_flwr")
 
+NEVER_SEEN_HINT = (
+    "no rpc.schema.json of theirs reached this folder: check that each runs the project's main.py"
+    " with the same app_name, and, over syftbox 0.4.0, that its rpc/syftperm.yaml grants the"
+    " aggregator read on rpc.schema.json (docs/SYFT_FLWR.md)"
+)
 REFUSED_UPLOAD_HINT = (
     "SyftBox refused to upload the request into {owner}'s folder: the owner has not granted the"
     " aggregator write on rpc/messages/<aggregator>/ (syftbox 0.4.0 reads syftperm.yaml, not the"
@@ -138,6 +143,9 @@ class Bridge:
     async def finish(self, reason: str, *, wait_seconds: float) -> None:
         """Send the stop message to every owner, then wait (bounded) for their answers."""
         self.stop_reason = reason
+        never_seen = sorted(set(self.owners) - self.present)
+        if never_seen:
+            log.warning("syft_flwr.owners_never_seen", owners=never_seen, hint=NEVER_SEEN_HINT)
         # Pending before the first request exists: its answer may come while others are written.
         self.stop_pending = set(self.publisher.stop_targets(self.owners))
         self.stops_answered = anyio.Event()

@@ -309,3 +309,11 @@ async def test_a_stop_message_read_half_downloaded_is_sent_again(tmp_path: Path)
         group.cancel_scope.cancel()
     assert bridge.stop_pending == set()
     assert len(answered) == 2 and answered[0] != answered[1]
+
+
+async def test_owners_never_seen_are_named_with_what_to_check(tmp_path: Path) -> None:
+    bridge = make_bridge(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        await bridge.finish("only 0 of 1 needed datasites were seen", wait_seconds=0)
+    (entry,) = [e for e in logs if e["event"] == "syft_flwr.owners_never_seen"]
+    assert entry["owners"] == [OWNER] and "syftperm.yaml" in entry["hint"]
