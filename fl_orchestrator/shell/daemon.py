@@ -176,7 +176,10 @@ class Daemon:
                 # Killed after the job ended but before the stop went out: send it now.
                 reason = self.state.run.reason or "job complete"
                 owners = self.config.syftbox.datasites
-                await anyio.to_thread.run_sync(self.bridge.publisher.send_stop, owners, reason)
+                try:
+                    await anyio.to_thread.run_sync(self.bridge.publisher.send_stop, owners, reason)
+                except OSError as exc:  # best effort: the job's outcome is already settled
+                    log.warning("syft_flwr.stop_not_sent", job=self.job, error=str(exc))
             return EXIT_DONE if self.state.run.status == "done" else EXIT_JOB_FAILED
         machine = self.machine
         assert machine is not None
