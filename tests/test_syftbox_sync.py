@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ from fl_orchestrator.shell.models import ModelStore, initial_model
 
 from support import scripted
 from support.jobs import AGGREGATOR, job_table, site_emails, write_job
+from support.records import json_lines, quarantine_records
 from syftbox.harness import (
     SYFTBOX_VERSION,
     ProcessSet,
@@ -115,7 +116,7 @@ class Run:
 
     def runner_events(self, email: str) -> list[Event]:
         """The JSON log events of one datasite runner."""
-        return list(_json_lines(self.log_dir / f"runner-{email}.log"))
+        return list(json_lines(self.log_dir / f"runner-{email}.log"))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -164,7 +165,7 @@ def _scenario(
             config_path=config_path,
             log_dir=log_dir,
             events=events,
-            quarantine=_quarantine_records(config_path),
+            quarantine=quarantine_records(load_config(config_path).state.state_dir),
             rejected_files=network.rejected_files(),
             sync_problems=network.sync_problems(),
             sync_errors=network.client_log_lines("ERROR", "Validation error"),
@@ -295,7 +296,7 @@ def straggler_run(
         runner_log = log_dir / f"runner-{offline}.log"
 
         def has(event: str, rnd: int) -> bool:
-            return any(e.get("event") == event and e.get("round") == rnd for e in _json_lines(runner_log))
+            return any(e.get("event") == event and e.get("round") == rnd for e in json_lines(runner_log))
 
         daemon_done = threading.Event()
 
@@ -361,31 +362,6 @@ def big_model_run(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _json_lines(path: Path) -> Iterator[Event]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return
-    for line in text.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            yield event
-
-
-def _quarantine_records(config_path: Path) -> list[dict[str, Any]]:
-    folder = load_config(config_path).state.state_dir / "quarantine"
-    records = []
-    for path in sorted(folder.rglob("*.reason.json")) if folder.exists() else []:
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            records.append({"source": str(path), "reason": "unreadable record"})
-    return records
 
 
 def _assert_models(config_path: Path, participants: Sequence[Sequence[int]]) -> None:

@@ -101,7 +101,15 @@ def _env_key() -> str:
     return f"syftbox-{SYFTBOX_VERSION}-click-lt-8.2-py{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def _run(command: Sequence[str], *, timeout: float, what: str) -> str:
+def run_checked(
+    command: Sequence[str],
+    *,
+    timeout: float,
+    what: str,
+    env: Mapping[str, str] | None = None,
+    unavailable: type[Exception] = SyftBoxUnavailable,
+) -> str:
+    """Run a command to completion and return its output; ``unavailable`` (with its tail) if it fails."""
     try:
         done = subprocess.run(
             list(command),
@@ -110,13 +118,14 @@ def _run(command: Sequence[str], *, timeout: float, what: str) -> str:
             stderr=subprocess.STDOUT,
             timeout=timeout,
             check=False,
+            env=dict(env) if env is not None else None,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SyftBoxUnavailable(f"{what} failed: {exc}") from None
+        raise unavailable(f"{what} failed: {exc}") from None
     output = done.stdout.decode("utf-8", "replace")
     if done.returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-15:])
-        raise SyftBoxUnavailable(f"{what} failed (exit {done.returncode}):\n{tail}")
+        raise unavailable(f"{what} failed (exit {done.returncode}):\n{tail}")
     return output
 
 
@@ -150,13 +159,15 @@ def ensure_syftbox_env(cache_dir: Path | None = None, *, pip_timeout_seconds: fl
 
 
 def _build(venv: Path, pip_timeout_seconds: float) -> SyftBoxEnv:
-    _run([sys.executable, "-m", "venv", str(venv)], timeout=120, what="python -m venv")
+    run_checked([sys.executable, "-m", "venv", str(venv)], timeout=120, what="python -m venv")
     env = SyftBoxEnv(venv)
     # -I: neither the current folder (tests/ holds a package named syftbox) nor PYTHON* variables.
     pip = [str(env.python), "-I", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    _run([*pip, *REQUIREMENTS], timeout=pip_timeout_seconds, what=f"pip install {' '.join(REQUIREMENTS)}")
+    run_checked(
+        [*pip, *REQUIREMENTS], timeout=pip_timeout_seconds, what=f"pip install {' '.join(REQUIREMENTS)}"
+    )
     check = "import importlib.metadata as m, syftbox.server.server, uvicorn; print(m.version('syftbox'))"
-    version = _run([str(env.python), "-I", "-c", check], timeout=120, what="importing syftbox").strip()
+    version = run_checked([str(env.python), "-I", "-c", check], timeout=120, what="importing syftbox").strip()
     if version.splitlines()[-1:] != [SYFTBOX_VERSION]:
         raise SyftBoxUnavailable(f"expected syftbox {SYFTBOX_VERSION}, the environment has {version!r}")
     return env

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from syftbox.harness import SyftBoxEnv, default_cache_dir
+from syftbox.harness import run_checked as syftbox_run_checked
 
 SYFT_FLWR_VERSION = "0.5.3"
 FLWR_VERSION = "1.25.0"
@@ -125,23 +126,7 @@ def run_checked(
     command: Sequence[str], *, timeout: float, what: str, env: Mapping[str, str] | None = None
 ) -> str:
     """Run a command to completion and return its output; SyftFlwrUnavailable (with its tail) if it fails."""
-    try:
-        done = subprocess.run(
-            list(command),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-            env=dict(env) if env is not None else None,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SyftFlwrUnavailable(f"{what} failed: {exc}") from None
-    output = done.stdout.decode("utf-8", "replace")
-    if done.returncode != 0:
-        tail = "\n".join(output.strip().splitlines()[-15:])
-        raise SyftFlwrUnavailable(f"{what} failed (exit {done.returncode}):\n{tail}")
-    return output
+    return syftbox_run_checked(command, timeout=timeout, what=what, env=env, unavailable=SyftFlwrUnavailable)
 
 
 def ensure_env(cache_dir: Path | None = None, *, pip_timeout_seconds: float = 1800.0) -> SyftFlwrEnv:

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from support.jobs import AGGREGATOR, job_table, site_emails, write_job
+from support.records import json_lines
 from syftbox.harness import ManagedProcess, ProcessSet, wait_until
 from syftflwr.environment import SyftFlwrEnv, SyftFlwrUnavailable
 from syftflwr.fedavg import DataOwnerSpec, initial_model
 from syftflwr.layout import FederationLayout, Party, bootstrap_app
-from syftflwr.records import DaemonRun, ServerRun, json_lines
+from syftflwr.records import DaemonRun, ServerRun
 
 KEEP_ENV = "FL_SYFT_FLWR_KEEP"
 

@@ -35,6 +35,7 @@ Facts about syft-flwr 0.5.3's data-owner side that the tests rely on (read from 
 
 from __future__ import annotations
 
+from support.records import json_lines, quarantine_records
 from syftflwr.environment import (
     REQUIRED_ENV,
     SYFT_FLWR_VERSION,
@@ -53,7 +54,7 @@ from syftflwr.fedavg import (
     max_relative_error,
 )
 from syftflwr.federation import Federation, make_federation
-from syftflwr.records import DaemonRun, ServerRun, grep, json_lines, quarantine_records
+from syftflwr.records import DaemonRun, ServerRun, grep
 
 __all__ = [
     "ARRAY_NAMES",

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from support.records import json_lines
 from syftflwr.environment import TEMPLATE_DIR, SyftFlwrEnv, SyftFlwrUnavailable, run_checked
-from syftflwr.records import DO_LOST_REPLY_MARKERS, grep, json_lines
+from syftflwr.records import DO_LOST_REPLY_MARKERS, grep
 
 
 @dataclass

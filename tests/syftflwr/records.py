@@ -1,7 +1,7 @@
 """What the processes left: their logs and JSON lines, and the outcome of one server run.
 
-``json_lines`` and ``grep`` read a log or trace file, whatever state it is in (missing,
-partly written); ``quarantine_records`` reads what the daemon quarantined. ``ServerRun`` is
+``grep`` reads a log or trace file, whatever state it is in (missing, partly written);
+JSON lines and quarantine records are read with ``support.records``. ``ServerRun`` is
 what one run of syft-flwr's own server left (its ServerApp's clock ticks, models and final
 .npz), ``DaemonRun`` what one run of our daemon left (its JSON log events).
 """
@@ -9,8 +9,7 @@ what one run of syft-flwr's own server left (its ServerApp's clock ticks, models
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,33 +33,6 @@ SERVER_LOST_REPLY_MARKERS = (
     "Failed to deserialize message",
     "Error loading response",
 )
-
-
-def json_lines(path: Path) -> Iterator[dict[str, Any]]:
-    """Every line of a file that parses as a JSON object (others are skipped)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return
-    for line in text.splitlines():
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            yield value
-
-
-def quarantine_records(state_dir: Path) -> list[dict[str, Any]]:
-    """The daemon's quarantine records (``<state>/quarantine/**/*.reason.json``), parsed."""
-    folder = state_dir / "quarantine"
-    records: list[dict[str, Any]] = []
-    for path in sorted(folder.rglob("*.reason.json")) if folder.exists() else []:
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            records.append({"source": str(path), "reason": "unreadable record"})
-    return records
 
 
 def grep(path: Path, needles: Sequence[str]) -> list[str]:
