@@ -41,8 +41,8 @@ import fl_orchestrator.shell.intake as intake_module
 import fl_orchestrator.wire.messages as messages_module
 from fl_orchestrator.aggregation.fedavg import FedAvg
 from fl_orchestrator.config.schema import LimitsSection
-from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.intake import Inbound, InboundReader
+from fl_orchestrator.state.atomic import atomic_write
 from fl_orchestrator.wire.layout import FileKind, JobLayout
 from fl_orchestrator.wire.messages import Envelope, ResultMessage, encode_result_frames, model_spec
 

@@ -397,3 +397,16 @@ def test_a_datasite_that_timed_out_is_unavailable_until_seen_again_only_where_pr
     if gone:
         machine.handle(ev.NodeSeen(11.0, silent))
         assert silent in machine.available(11.0)
+
+
+def test_a_stale_heartbeat_marks_presence_but_the_deadline_comes_from_the_clock() -> None:
+    machine = RoundMachine(rules(datasites=("a@x.org",), min_available_nodes=1, min_train_nodes=1))
+    machine.handle(ev.Started(1000.0))
+    # Written 60 s before the daemon read it (before a restart), within the presence TTL.
+    (dispatch,) = machine.handle(ev.NodeSeen(1000.0, "a@x.org", seen_at=940.0))
+    assert isinstance(dispatch, ev.Dispatch)
+    assert dispatch.deadline == 1010.0  # now + round_timeout, never the heartbeat's age
+    assert machine.records["a@x.org"].last_seen == 940.0
+    # A heartbeat stamped in the future (a skewed clock) counts as now, never later.
+    machine.handle(ev.NodeSeen(1001.0, "a@x.org", seen_at=5000.0))
+    assert machine.records["a@x.org"].last_seen == 1001.0

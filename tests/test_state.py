@@ -182,7 +182,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("fl_orchestrator.shell.atomic.os.replace", broken_replace)
+    monkeypatch.setattr("fl_orchestrator.state.atomic.os.replace", broken_replace)
     with pytest.raises(OSError, match="Read-only"):
         store.save(checkpoint(2, 2.0))
     monkeypatch.undo()

@@ -20,7 +20,9 @@ from fl_orchestrator.service.sdnotify import SystemdNotifier
 from fl_orchestrator.shell.daemon import EXIT_SOFTWARE, Daemon
 from fl_orchestrator.shell.hooks import HookError
 from fl_orchestrator.shell.models import ModelFileError
-from fl_orchestrator.shell.persistence import EX_IOERR, StartRefused, StateWriteError
+from fl_orchestrator.shell.persistence import StartRefused
+from fl_orchestrator.state.lock import EX_TEMPFAIL, LockHeld
+from fl_orchestrator.state.retry import EX_IOERR, StateWriteError
 
 EX_USAGE = 64
 
@@ -48,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None = None) -> int:
+    """Entry point; returns the exit code.
+
+    ``stop_requests`` collects SIGTERM/SIGINT that arrived before the daemon
+    listens for them (cli/daemon_entry.py); the daemon stops at once if any did.
+    """
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
@@ -68,32 +74,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level, fmt)
     log = structlog.get_logger("fl_orchestrator.main")
     try:
-        daemon = Daemon(config, notifier=SystemdNotifier.from_environment(), rerun=args.rerun)
+        daemon = Daemon(
+            config,
+            notifier=SystemdNotifier.from_environment(),
+            rerun=args.rerun,
+            stop_requests=stop_requests,
+        )
     except HookError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
     try:
         return anyio.run(daemon.run)
+    except LockHeld as exc:
+        print(f"state error: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except ModelFileError as exc:
         print(f"config error: model.checkpoint_path: {exc}", file=sys.stderr)
         return EX_CONFIG
     except StartRefused as exc:
         print(f"state error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    except StateWriteError as exc:
-        log.error("daemon.state_unwritable", error=str(exc))
-        return EX_IOERR
     except KeyboardInterrupt:
         return 130
-    except Exception:
+    except Exception as exc:
+        if _only(exc, StateWriteError):
+            # state.write_gave_up already named the path and the errno; the run is not
+            # marked failed, so a restart once the disk is writable resumes it.
+            log.info("daemon.exiting", exit_code=EX_IOERR, hint="fix the storage, then start again to resume")
+            return EX_IOERR
         log.exception("daemon.crashed")
         return EXIT_SOFTWARE
 
 
-def run() -> None:
-    """Console-script wrapper."""
-    sys.exit(main())
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True if exc is a kind, or an exception group whose every leaf is one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(inner, kind) for inner in exc.exceptions)
+    return isinstance(exc, kind)
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

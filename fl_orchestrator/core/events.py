@@ -26,10 +26,17 @@ class Started:
 
 @dataclass(frozen=True)
 class NodeSeen:
-    """A datasite's heartbeat arrived."""
+    """A datasite's heartbeat arrived.
+
+    ``now`` is when the daemon read it, and sets any deadline this event
+    starts; ``seen_at`` is when the datasite wrote it (default: ``now``), and
+    only says how fresh its presence is. A heartbeat left behind before a
+    restart is old, and must not make a round's deadline lie in the past.
+    """
 
     now: float
     datasite: str
+    seen_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,8 @@ class RoundMachine:
         record = self.records.get(event.datasite)
         if record is None:
             return []
-        record.last_seen = max(record.last_seen or event.now, event.now)
+        seen_at = event.now if event.seen_at is None else min(event.seen_at, event.now)
+        record.last_seen = max(record.last_seen or seen_at, seen_at)
         if self.phase == Phase.WAITING_FOR_NODES:
             return self._try_dispatch(event.now)
         return []

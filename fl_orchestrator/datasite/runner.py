@@ -23,9 +23,9 @@ import numpy as np
 import structlog
 from watchfiles import Change
 
-from fl_orchestrator.shell.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.shell.hooks import load_callable
 from fl_orchestrator.shell.watcher import resilient_awatch, set_when_cancelled
+from fl_orchestrator.state.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (

@@ -9,6 +9,7 @@ resumes the same round with the same results counted once.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -30,7 +31,6 @@ from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import Phase, RoundMachine, RoundRules
 from fl_orchestrator.service.sdnotify import SystemdNotifier
 from fl_orchestrator.shell.action_log import log_action, log_round_completed
-from fl_orchestrator.shell.atomic import atomic_write_text
 from fl_orchestrator.shell.hooks import load_callable
 from fl_orchestrator.shell.intake import FileIdentity, InboundReader
 from fl_orchestrator.shell.intake_loop import IntakeLoop
@@ -39,12 +39,18 @@ from fl_orchestrator.shell.persistence import JobState
 from fl_orchestrator.shell.publisher import Publisher
 from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.recording import event_for_record, records_for
+from fl_orchestrator.shell.recovery import recover_counted
 from fl_orchestrator.shell.reports import Reports
 from fl_orchestrator.shell.round_work import HookFailed, RoundWork
 from fl_orchestrator.shell.watcher import PathBatch, watch_job_files
 from fl_orchestrator.state import failpoints
+from fl_orchestrator.state.atomic import atomic_write_text, remove_own_temps
 from fl_orchestrator.state.checkpoints import Checkpoint
-from fl_orchestrator.state.round_log import DispatchRecord, ResultRecord
+from fl_orchestrator.state.jsonl import repair_tail
+from fl_orchestrator.state.kept import KeptResults
+from fl_orchestrator.state.lock import StateLock
+from fl_orchestrator.state.retry import StateWriteError
+from fl_orchestrator.state.round_log import DispatchRecord, Record, ResultRecord
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import model_spec
 
@@ -93,13 +99,17 @@ class Daemon:
         handle_signals: bool = True,
         notifier: SystemdNotifier | None = None,
         rerun: bool = False,
+        stop_requests: list[int] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.handle_signals = handle_signals
         self.notifier = notifier or SystemdNotifier.from_environment({})
         self.rerun = rerun
+        # Signals that arrived before the root task group listened (cli/daemon_entry.py).
+        self.stop_requests = stop_requests if stop_requests is not None else []
         self.job = config.job.name
+        self.lock = StateLock(config.state.state_dir)
         self.state_dir = config.state.state_dir
         self.store = ModelStore(self.state_dir, self.job)
         self.reports = Reports(self.state_dir, self.job)
@@ -113,6 +123,7 @@ class Daemon:
             self.state_dir / "quarantine",
             flag_after=config.limits.flag_after_rejections,
             keep_originals=config.daemon.quarantine_mode == "copy",
+            retry=self.state.retry,
         )
         # With syft-flwr the native pipeline runs on a private spool; the bridge translates.
         self.bridge: Bridge | None = None
@@ -126,6 +137,7 @@ class Daemon:
         else:
             self.layout = JobLayout(config.syftbox.root, self.job, config.syftbox.aggregator_email)
             publisher = Publisher(self.layout, config.syftbox.datasites, config.syftbox.part_bytes)
+        self.kept = KeptResults(self.state_dir, self.layout.datasites_dir)
         evaluate = configure_round = metrics_aggregation = None
         if config.evaluate.global_evaluate:
             evaluate = load_callable(config.evaluate.global_evaluate, what="evaluate.global_evaluate")
@@ -144,6 +156,8 @@ class Daemon:
             ),
             evaluate=evaluate,
             clock=clock,
+            retry=self.state.retry,
+            kept=self.kept,
             configure_round=configure_round,
             metrics_aggregation=metrics_aggregation,
         )
@@ -165,7 +179,19 @@ class Daemon:
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Run the job to its end; return the process exit code."""
+        """Run the job to its end; return the process exit code.
+
+        Raises LockHeld if another daemon runs this state folder, and
+        StateWriteError (possibly inside an exception group) if a state write
+        still failed after ``state.write_retry_seconds``.
+        """
+        self.lock.acquire()
+        try:
+            return await self._run()
+        finally:
+            self.lock.release()
+
+    async def _run(self) -> int:
         complete = await anyio.to_thread.run_sync(self._prepare)
         # Everything allocated so far lives for the whole run: keep the collector
         # from scanning it again in every full collection (20 ms pauses measured).
@@ -199,7 +225,7 @@ class Daemon:
             self.clock,
             settle_seconds=self.config.daemon.partial_file_settle_seconds,
         )
-        await self._resume(reader)
+        await self._resume()
         batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](16)
         # Small buffer: each queued result holds a decoded model, so back-pressure
         # on intake is what keeps memory flat.
@@ -259,21 +285,35 @@ class Daemon:
             return True
         if self.bridge is not None:
             self.bridge.publisher.set_run(start.run.run_id)
-        self.layout.aggregator_dir.mkdir(parents=True, exist_ok=True)
-        self.work.publisher.write_permissions()
+        durably = self.state.retry.run_blocking
+        # A kill -9 mid-write leaves our temp files in the synced folders too, where
+        # every datasite's client would sync them.
+        for leftover in remove_own_temps(self.layout.aggregator_dir, recursive=True):
+            log.info("syftbox.leftover_removed", path=str(leftover))
+        for jsonl in (self.reports.metrics_path, self.reports.evaluations_path):
+            durably(functools.partial(repair_tail, jsonl), what="torn last line", path=jsonl)
+        aggregator_dir = self.layout.aggregator_dir
+        durably(lambda: aggregator_dir.mkdir(parents=True, exist_ok=True), what="folder", path=aggregator_dir)
+        durably(self.work.publisher.write_permissions, what="permissions", path=aggregator_dir)
         # Beside the state it produced, so the run can be reproduced exactly.
-        atomic_write_text(self.state_dir / "effective-config.toml", config_to_toml(self.config))
+        effective = self.state_dir / "effective-config.toml"
+        config_text = config_to_toml(self.config)
+        durably(lambda: atomic_write_text(effective, config_text), what="config", path=effective)
         machine = RoundMachine(rules_from_config(self.config, start.run.run_id))
         if start.checkpoint is None:
-            self.work.global_model = initial_model(self.config.model)
-            self.store.save(0, self.work.global_model)
+            model = self.work.global_model = initial_model(self.config.model)
+            durably(lambda: self.store.save(0, model), what="global model", path=self.store.path_for(0))
             self.work.evaluate_sync(0)
-            self.state.checkpoints.save(
-                Checkpoint(0, start.run.run_id, self.work.global_model, self.strategy.state_dict(), {})
+            first = Checkpoint(0, start.run.run_id, model, self.strategy.state_dict(), {})
+            durably(
+                lambda: self.state.checkpoints.save(first),
+                what="checkpoint",
+                path=self.state.checkpoints.path_for(0),
             )
             completed = 0
         else:
             completed = start.checkpoint.round
+            self.kept.prune(completed)
             self.work.global_model = start.checkpoint.model
             self.strategy.load_state_dict(start.checkpoint.strategy_state)
             machine.restore_records(start.checkpoint.records)
@@ -285,6 +325,7 @@ class Daemon:
                 if evaluations and evaluations[-1].get("round") == completed:
                     self.work.previous_metrics["federated_evaluate"] = dict(evaluations[-1]["metrics"])
         self.machine = machine
+        failpoints.hit("start.done")
         log.info(
             "job.started" if start.checkpoint is None else "job.resumed",
             job=self.job,
@@ -298,25 +339,34 @@ class Daemon:
         )
         return False
 
-    async def _resume(self, reader: InboundReader) -> None:
-        """Replay the open round's log, refolding what was counted before a crash."""
+    async def _resume(self) -> None:
+        """Replay the open round's log, refolding what was counted before a crash.
+
+        After a checkpoint fallback the round replayed may have closed, and the
+        next one may already be out: its aggregate is finished here and the
+        next round's logged attempt entered, never dispatched a second time.
+        """
         machine, intake = self.machine, self.intake
         assert machine is not None and intake is not None
         for earlier in await anyio.to_thread.run_sync(self.state.accepted_paths, machine.round - 1):
             intake.seen[Path(earlier.path)] = FileIdentity(*earlier.identity)
-        records = await anyio.to_thread.run_sync(self.state.records_of, machine.round)
-        if not records:
-            return
         self.replaying = True
-        for record in records:
-            if isinstance(record, DispatchRecord):
-                machine.replay_dispatch(record.attempt, record.tasks, record.dispatched_at, record.deadline)
-                self.strategy.begin_round(machine.round, self.work.global_model)
-            else:
-                if isinstance(record, ResultRecord):
-                    intake.seen[Path(record.path)] = FileIdentity(*record.identity)
-                await self._feed(event_for_record(record, machine.round), reader=reader)
-        self.replaying = False
+        try:
+            replayed = False
+            while records := await anyio.to_thread.run_sync(self.state.records_of, machine.round):
+                replayed = True
+                await self._replay(records)
+                later = await anyio.to_thread.run_sync(self.state.records_of, machine.round + 1)
+                if self.pending_aggregate is None or not later:
+                    break
+                summary, self.pending_aggregate = self.pending_aggregate, None
+                log.info("round.replayed_past_checkpoint", job=self.job, round=summary.round)
+                for follow_up in await self._aggregate(summary):
+                    await self._feed(follow_up)
+        finally:
+            self.replaying = False
+        if not replayed:
+            return
         current = machine.current
         log.info(
             "round.resumed",
@@ -336,6 +386,38 @@ class Daemon:
             )
             await self.work.dispatch(redo, begin=False)
 
+    async def _replay(self, records: list[Record]) -> None:
+        """Feed one round's logged decisions back into the machine."""
+        machine, intake = self.machine, self.intake
+        assert machine is not None and intake is not None
+        for record in records:
+            if isinstance(record, DispatchRecord):
+                machine.replay_dispatch(record.attempt, record.tasks, record.dispatched_at, record.deadline)
+                self.strategy.begin_round(machine.round, self.work.global_model)
+                self.work.accepted_files = []
+                continue
+            message = None
+            if isinstance(record, ResultRecord) and record.ok:
+                reader = intake.reader
+                outcome = await anyio.to_thread.run_sync(
+                    recover_counted, reader, self.kept, machine.round, record
+                )
+                if isinstance(outcome, str):
+                    # Not counted after all: its datasite may answer again before the deadline.
+                    log.warning(
+                        "result.recollect",
+                        job=self.job,
+                        round=machine.round,
+                        datasite=record.datasite,
+                        reason="counted result gone or changed since it was counted",
+                        detail=outcome,
+                    )
+                    continue
+                message = outcome
+            if isinstance(record, ResultRecord):
+                intake.seen[Path(record.path)] = FileIdentity(*record.identity)
+            await self._feed(event_for_record(record, machine.round, message))
+
     async def _ping_watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself, so a loop that stops turning stops the pings.
         while True:
@@ -352,6 +434,10 @@ class Daemon:
         stopping = False
         try:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                if self.stop_requests:  # arrived while starting: stop now, exactly as for a live one
+                    log.info("daemon.stopping", signal=signal.Signals(self.stop_requests[0]).name)
+                    stopping = True
+                    scope.cancel()
                 async for signum in signals:
                     log.info("daemon.stopping", signal=signal.Signals(signum).name)
                     stopping = True
@@ -383,7 +469,7 @@ class Daemon:
             await self._feed(event if event is not None else ev.Tick(self.clock()))
         return self.exit_code
 
-    async def _feed(self, event: ev.Event, reader: InboundReader | None = None) -> None:
+    async def _feed(self, event: ev.Event) -> None:
         machine = self.machine
         assert machine is not None
         before = (machine.phase, machine.round)
@@ -392,7 +478,7 @@ class Daemon:
         if not self.replaying:
             await self._log_decisions(rnd, event, actions)
         for action in actions:
-            for follow_up in await self._execute(action, reader):
+            for follow_up in await self._execute(action):
                 await self._feed(follow_up)
         if self.replaying:
             return
@@ -417,7 +503,11 @@ class Daemon:
             self.status_wanted = anyio.Event()
             self.status_urgent = anyio.Event()
             document = self._status_document(_STATE_OF_PHASE.get(self.machine.phase, "running"))
-            await anyio.to_thread.run_sync(self._write_status_document, document)
+            await self.state.durably(
+                functools.partial(self.reports.write_status_document, document),
+                what="status",
+                path=self.reports.status_path,
+            )
             with anyio.move_on_after(1.0):
                 await self.status_urgent.wait()
 
@@ -429,7 +519,7 @@ class Daemon:
             if isinstance(record, DispatchRecord):
                 failpoints.hit("dispatch.after_log")
 
-    async def _execute(self, action: ev.Action, reader: InboundReader | None = None) -> list[ev.Event]:
+    async def _execute(self, action: ev.Action) -> list[ev.Event]:
         if isinstance(action, ev.Dispatch):
             if not self.replaying:
                 try:
@@ -437,12 +527,11 @@ class Daemon:
                 except HookFailed as exc:
                     await self._fail_job(str(exc))
         elif isinstance(action, ev.Accept):
-            await self.work.fold(action, reader)
+            await self.work.fold(action)
             self.quarantine.counted(action.datasite)
         elif isinstance(action, ev.Reject):
             if self.intake is not None and not self.replaying:
-                path = action.payload[0]
-                await self.intake.refuse(path, action.datasite, action.reason, action.detail)
+                await self.intake.refuse(action.payload.path, action.datasite, action.reason, action.detail)
         elif isinstance(action, (ev.RecordFailure, ev.AbandonAttempt)) or (
             isinstance(action, ev.AwaitNodes) and not self.replaying
         ):
@@ -485,7 +574,11 @@ class Daemon:
             "seconds": round(action.seconds, 6),
         }
         self.work.previous_metrics["federated_evaluate"] = dict(action.metrics)
-        await anyio.to_thread.run_sync(self.reports.append_evaluation, line)
+        await self.state.durably(
+            lambda: self.reports.append_evaluation(line),
+            what="evaluations line",
+            path=self.reports.evaluations_path,
+        )
         log.info("evaluation.completed", job=self.job, phase="evaluate", **line)
 
     async def _fail_job(self, reason: str) -> None:
@@ -501,6 +594,8 @@ class Daemon:
         assert machine is not None
         try:
             path, aggregate_seconds = await self.work.aggregate(summary)
+        except StateWriteError:
+            raise  # storage, not the round: exit 74 and resume on restart
         except Exception as exc:  # a failed aggregation ends the job with its reason
             log.exception("round.aggregation_failed", job=self.job, round=summary.round)
             return [ev.AggregationFailed(self.clock(), summary.round, f"{type(exc).__name__}: {exc}")]
@@ -510,10 +605,12 @@ class Daemon:
             self.intake.reader.set_global_model(self.work.global_model, summary.round + 1)
         summary = self.work.aggregate_metrics(summary)
         evaluate = await self.work.evaluate(summary.round)
-        line = await anyio.to_thread.run_sync(
+        line = await self.state.durably(
             lambda: self.reports.append_round(
                 summary, evaluate=evaluate, aggregate_seconds=aggregate_seconds, model_path=path
-            )
+            ),
+            what="metrics line",
+            path=self.reports.metrics_path,
         )
         self.work.previous_metrics = previous_metrics_of(line)
         assert self.state.run is not None
@@ -525,6 +622,9 @@ class Daemon:
             machine.records_snapshot(),
         )
         await self.state.save_checkpoint(checkpoint)
+        # A corrupt newest checkpoint falls back to the oldest one kept: keep what replays need.
+        oldest_kept = summary.round - self.config.state.keep_checkpoints + 1
+        await anyio.to_thread.run_sync(self.kept.prune, oldest_kept)
         log_round_completed(
             self.job,
             summary,
@@ -547,6 +647,7 @@ class Daemon:
         return self.reports.status_document(self.machine, now=self.clock(), state=state, extra=extra)
 
     def _write_status_document(self, document: dict[str, Any]) -> None:
+        """The last status of a run that is ending: one try, since run.json already holds the outcome."""
         try:
             self.reports.write_status_document(document)
         except OSError as exc:

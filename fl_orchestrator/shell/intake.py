@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import math
 import os
 import stat
@@ -69,6 +70,21 @@ class Inbound:
     message: ResultMessage | HeartbeatMessage
     update_norm: float | None = None
     clipped: bool = False
+    sha256: str | None = None  # of the bytes validated (a result's whole file, or its joined parts)
+
+
+@dataclass(frozen=True)
+class ResultHandle:
+    """A counted result as the intake validated it: its path, which file, which bytes.
+
+    ``message`` is None when the handle was rebuilt from the round log: the
+    shell reads the file again and checks it is still these bytes.
+    """
+
+    path: Path
+    identity: FileIdentity
+    sha256: str | None
+    message: ResultMessage | None
 
 
 @dataclass(frozen=True)
@@ -161,16 +177,33 @@ class InboundReader:
                 )
                 assert isinstance(beat, HeartbeatMessage)
                 return Inbound(path, datasite, identity, beat)
-            data = self._join_parts(path, data, limit)
+            data = self._join_parts(self.layout.datasites_dir, path, data, limit)
+            # Hashed before it is decoded: whatever is folded later must be these bytes.
+            sha256 = hashlib.sha256(data).hexdigest()
             result, norm, clipped = self.check_result(data, task_id_of_result(path))
-            return Inbound(path, datasite, identity, result, norm, clipped)
+            return Inbound(path, datasite, identity, result, norm, clipped, sha256)
         except Rejection as exc:
             return Refused(path, datasite, exc.reason, exc.detail, identity)
         except Exception as exc:  # a bug here must cost one file, not the daemon
             log.exception("intake.internal_error", path=printable(str(path)), datasite=datasite)
             return Refused(path, datasite, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", identity)
 
-    def _join_parts(self, path: Path, data: memoryview, limit: int) -> memoryview:
+    def read_counted(self, root: Path, path: Path, sha256: str | None) -> ResultMessage:
+        """Read a result counted before a restart, from under ``root``; raise Rejection if it changed.
+
+        ``root`` is the datasites folder, or the state folder's copy of the
+        counted files (state/kept.py), whose files have a second link: ours.
+        """
+        data, _ = read_below(root, path, self.limits.max_file_bytes, max_links=2)
+        data = self._join_parts(root, path, data, self.limits.max_file_bytes, max_links=2)
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise Rejection(Reason.CHANGED_AFTER_COUNT, "its bytes are not the ones validated when counted")
+        result, _, _ = self.check_result(data, task_id_of_result(path))
+        return result
+
+    def _join_parts(
+        self, root: Path, path: Path, data: memoryview, limit: int, *, max_links: int = 1
+    ) -> memoryview:
         """A result written as parts: read them beside it and join them (wire/parts.py)."""
         try:
             header, _ = decode_header(data, self.frame_limits)
@@ -202,7 +235,7 @@ class InboundReader:
         chunks = []
         remaining = manifest.nbytes
         for part in paths:
-            chunk, _ = read_below(self.layout.datasites_dir, part, remaining)
+            chunk, _ = read_below(root, part, remaining, max_links=max_links)
             remaining -= chunk.nbytes
             chunks.append(chunk)
         return assemble(chunks, manifest.nbytes, manifest.sha256)
@@ -279,7 +312,7 @@ def check_model_fits(spec: ModelSpec, limits: LimitsSection) -> None:
         raise ValueError("[limits] refuse every result for this model: " + "; ".join(problems))
 
 
-def read_below(root: Path, path: Path, limit: int) -> tuple[memoryview, FileIdentity]:
+def read_below(root: Path, path: Path, limit: int, *, max_links: int = 1) -> tuple[memoryview, FileIdentity]:
     """Read the regular file ``path`` under ``root`` without following any link below root.
 
     ``root`` itself is opened normally: it is the operator's configured
@@ -302,7 +335,7 @@ def read_below(root: Path, path: Path, limit: int) -> tuple[memoryview, FileIden
             next_fd = _open_folder(dir_fd, part)
             os.close(dir_fd)
             dir_fd = next_fd
-        return _read_entry(dir_fd, parts[-1], limit)
+        return _read_entry(dir_fd, parts[-1], limit, max_links)
     finally:
         os.close(dir_fd)
 
@@ -325,12 +358,12 @@ def _open_folder(dir_fd: int, name: str) -> int:
         raise Rejection(Reason.UNREADABLE, f"cannot open folder {describe(name)}: {exc.strerror}") from None
 
 
-def _check_info(info: os.stat_result, limit: int) -> None:
+def _check_info(info: os.stat_result, limit: int, max_links: int) -> None:
     if stat.S_ISLNK(info.st_mode):
         raise Rejection(Reason.SYMLINK, "the file is a symbolic link")
     if not stat.S_ISREG(info.st_mode):
         raise Rejection(Reason.NOT_REGULAR_FILE, f"mode {stat.filemode(info.st_mode)}")
-    if info.st_nlink > 1:
+    if info.st_nlink > max_links:
         raise Rejection(Reason.HARD_LINK, f"the file has {info.st_nlink} links")
     if info.st_size == 0:
         raise Rejection(Reason.EMPTY_FILE, "the file is empty")
@@ -338,10 +371,10 @@ def _check_info(info: os.stat_result, limit: int) -> None:
         raise Rejection(Reason.FILE_TOO_LARGE, f"{info.st_size} bytes; the limit is {limit}")
 
 
-def _read_entry(dir_fd: int, name: str, limit: int) -> tuple[memoryview, FileIdentity]:
+def _read_entry(dir_fd: int, name: str, limit: int, max_links: int) -> tuple[memoryview, FileIdentity]:
     # lstat first, so a FIFO or device is refused without ever being opened.
     try:
-        _check_info(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), limit)
+        _check_info(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), limit, max_links)
         fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
@@ -352,7 +385,7 @@ def _read_entry(dir_fd: int, name: str, limit: int) -> tuple[memoryview, FileIde
     try:
         # fstat is the check that counts: it describes what was opened.
         info = os.fstat(fd)
-        _check_info(info, limit)
+        _check_info(info, limit, max_links)
         identity = FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)
         # Not bytearray: it zero-fills while holding the GIL, which cost a third of
         # ingest time. Every byte is overwritten below or the read is refused.

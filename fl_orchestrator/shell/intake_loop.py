@@ -26,7 +26,7 @@ import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from fl_orchestrator.core import events as ev
-from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused
+from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused, ResultHandle
 from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.watcher import PathBatch
 from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
@@ -168,7 +168,7 @@ class IntakeLoop:
         if isinstance(message, HeartbeatMessage):
             # The file's mtime, not the moment we read it: a heartbeat left behind
             # by a datasite that died before our restart must not count as fresh.
-            return ev.NodeSeen(min(now, inbound.identity.mtime_ns / 1e9), inbound.datasite)
+            return ev.NodeSeen(now, inbound.datasite, seen_at=inbound.identity.mtime_ns / 1e9)
         assert isinstance(message, ResultMessage)
         env = message.envelope
         reply_to = env.reply_to
@@ -184,7 +184,7 @@ class IntakeLoop:
             metrics=message.metrics,
             error_type=message.error_type,
             error_message=message.error_message,
-            payload=(inbound.path, message, inbound.identity),
+            payload=ResultHandle(inbound.path, inbound.identity, inbound.sha256, message),
             purpose=message.action,
         )
 

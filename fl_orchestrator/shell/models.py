@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_orchestrator.config.schema import ModelSection
-from fl_orchestrator.shell.atomic import atomic_write
+from fl_orchestrator.state.atomic import atomic_write
 from fl_orchestrator.wire.frames import FrameLimits, Weights, wire_dtype_name
 from fl_orchestrator.wire.messages import (
     Envelope,

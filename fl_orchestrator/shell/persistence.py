@@ -2,8 +2,8 @@
 
 Every write here is atomic and fsynced. A write that fails (disk full,
 permission denied) leaves the previous state intact, is logged with its path,
-and is retried with backoff; if it still fails the daemon stops with EX_IOERR
-rather than running on with state it cannot keep.
+and is retried with backoff (state/retry.py); if it still fails the daemon
+stops with EX_IOERR rather than running on with state it cannot keep.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import anyio
 import structlog
 
+from fl_orchestrator.state.atomic import remove_own_temps
 from fl_orchestrator.state.checkpoints import Checkpoint, CheckpointStore
+from fl_orchestrator.state.lock import LOCK_FILE
+from fl_orchestrator.state.retry import EX_IOERR, StateWriteError, WriteRetry
 from fl_orchestrator.state.round_log import Record, ResultRecord, RoundLog, read_records
 from fl_orchestrator.state.run_record import (
+    ARCHIVE_DIR,
     RunRecord,
     RunRecordError,
     archive_run,
@@ -28,14 +31,13 @@ from fl_orchestrator.state.run_record import (
     save_run,
 )
 
+__all__ = ["EX_IOERR", "JobState", "StartPoint", "StartRefused", "StateWriteError"]
+
 log = structlog.get_logger("fl_orchestrator.persistence")
 
-EX_IOERR = 74
 T = TypeVar("T")
-
-
-class StateWriteError(Exception):
-    """State could not be written even after retries."""
+# Entries that do not make a state folder "hold a run": ours, and kept across runs.
+_NOT_RUN_CONTENT = frozenset({ARCHIVE_DIR, LOCK_FILE})
 
 
 class StartRefused(Exception):
@@ -59,7 +61,7 @@ class JobState:
         self.job = job
         self.checkpoints = CheckpointStore(state_dir, job, keep_checkpoints)
         self.rounds_dir = state_dir / "rounds"
-        self.retry_seconds = retry_seconds
+        self.retry = WriteRetry(retry_seconds)
         self.run: RunRecord | None = None
         self._log: RoundLog | None = None
 
@@ -68,6 +70,9 @@ class JobState:
     def start(self, *, rerun: bool) -> StartPoint:
         """Decide between a fresh run, a resumed one and a finished one."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # A kill -9 mid-write leaves a temp file of ours: never content, never a reason to refuse.
+        for leftover in remove_own_temps(self.state_dir, recursive=True):
+            log.info("state.leftover_removed", path=str(leftover))
         try:
             run = load_run(self.state_dir, self.job)
         except RunRecordError as exc:
@@ -77,12 +82,14 @@ class JobState:
             log.warning("run.archived", job=self.job, run_id=run.run_id, to=str(archived))
             run = None
         if run is None:
-            if any(p.name != "archive" for p in self.state_dir.iterdir()):
+            if any(p.name not in _NOT_RUN_CONTENT for p in self.state_dir.iterdir()):
                 raise StartRefused(
                     f"{self.state_dir} holds files but no run.json; refusing to write over them"
                     " (use an empty state_dir, or --rerun to archive what is there)"
                 )
-            self.run = new_run(self.state_dir, self.job)
+            self.run = self.retry.run_blocking(
+                lambda: new_run(self.state_dir, self.job), what="run record", path=self.state_dir / "run.json"
+            )
             return StartPoint(self.run, None, False)
         self.run = run
         if run.status in ("done", "failed"):
@@ -132,30 +139,13 @@ class JobState:
         assert self.run is not None
         self.run = RunRecord(self.run.job, self.run.run_id, self.run.started, status, time.time(), reason)
         record = self.run
-        await self.durably(lambda: save_run(self.state_dir, record), what="run record", path=self.state_dir)
+        await self.durably(
+            lambda: save_run(self.state_dir, record), what="run record", path=self.state_dir / "run.json"
+        )
 
     async def durably(self, write: Callable[[], T], *, what: str, path: Path) -> T:
         """Run a state write in a worker thread, retrying failures with backoff."""
-        delay = 0.1
-        give_up = time.monotonic() + self.retry_seconds
-        while True:
-            try:
-                return await anyio.to_thread.run_sync(write)
-            except OSError as exc:
-                if time.monotonic() + delay > give_up:
-                    log.error(
-                        "state.write_gave_up", what=what, path=str(path), error=exc.strerror or str(exc)
-                    )
-                    raise StateWriteError(f"cannot write {what} at {path}: {exc.strerror or exc}") from exc
-                log.error(
-                    "state.write_failed",
-                    what=what,
-                    path=str(path),
-                    error=exc.strerror or str(exc),
-                    retry_in_seconds=delay,
-                )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await self.retry.run(write, what=what, path=path)
 
     def close(self) -> None:
         """Close the open round log."""

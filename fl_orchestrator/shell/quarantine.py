@@ -35,7 +35,8 @@ from pathlib import Path
 
 import structlog
 
-from fl_orchestrator.shell.atomic import atomic_write_text
+from fl_orchestrator.state.atomic import atomic_write_text
+from fl_orchestrator.state.retry import StateWriteError, WriteRetry
 from fl_orchestrator.wire.reasons import Reason, printable
 
 log = structlog.get_logger("fl_orchestrator.quarantine")
@@ -74,6 +75,8 @@ class Quarantine:
     # it makes our client try to delete it upstream (refused), then fetch it
     # again. With keep_originals the file is copied and left where it is.
     keep_originals: bool = False
+    # Record writes are retried like every state write; None: one try (tools, tests).
+    retry: WriteRetry | None = None
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     streaks: dict[str, int] = field(default_factory=dict)
     flagged: set[str] = field(default_factory=set)
@@ -94,7 +97,9 @@ class Quarantine:
         """Log, count, record and (if safe) move one refused file; return where it went.
 
         ``root`` is the datasites folder: links are not followed below it.
-        Without it no link is followed anywhere on the path. Never raises.
+        Without it no link is followed anywhere on the path. Raises nothing
+        but StateWriteError, when the record could not be written for
+        ``write_retry_seconds``.
         """
         unknown = reason == Reason.UNKNOWN_DATASITE
         bucket = UNKNOWN_DATASITES if unknown else datasite
@@ -122,8 +127,18 @@ class Quarantine:
         }
         record_path = folder / f"{stem}.reason.json"
         record_error = None
+        text = json.dumps(record, sort_keys=True)
         try:
-            atomic_write_text(record_path, json.dumps(record, sort_keys=True), durable=False)
+            if self.retry is None:
+                atomic_write_text(record_path, text, durable=False)
+            else:
+                self.retry.run_blocking(
+                    lambda: atomic_write_text(record_path, text, durable=False),
+                    what="quarantine record",
+                    path=record_path,
+                )
+        except StateWriteError:
+            raise  # the disk stayed unwritable: the daemon exits 74, as for any state write
         except Exception as exc:
             record_error = f"record not written: {type(exc).__name__}: {exc}"
         log.warning(

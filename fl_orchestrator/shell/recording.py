@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fl_orchestrator.core import events as ev
-from fl_orchestrator.shell.intake import FileIdentity
+from fl_orchestrator.shell.intake import FileIdentity, ResultHandle
 from fl_orchestrator.state.round_log import CloseRecord, DispatchRecord, Record, ResultRecord
+from fl_orchestrator.wire.messages import ResultMessage
 
 
 def records_for(
@@ -23,7 +24,8 @@ def records_for(
     records: list[tuple[int, Record]] = []
     counted = any(isinstance(a, (ev.Accept, ev.RecordFailure)) for a in actions)
     if isinstance(event, ev.ResultReceived) and counted:
-        path, _, identity = event.payload
+        handle: ResultHandle = event.payload
+        identity = handle.identity
         assert event.reply_to is not None
         result = ResultRecord(
             attempt=attempt,
@@ -34,9 +36,10 @@ def records_for(
             metrics=dict(event.metrics),
             error_type=event.error_type,
             error_message=event.error_message,
-            path=str(path),
+            path=str(handle.path),
             identity=(identity.inode, identity.size, identity.mtime_ns),
             at=event.now,
+            sha256=handle.sha256,
         )
         records.append((rnd, result))
     if isinstance(event, ev.Tick):
@@ -52,15 +55,21 @@ def records_for(
     return records
 
 
-def event_for_record(record: ResultRecord | CloseRecord, rnd: int) -> ev.Event:
+def handle_of(record: ResultRecord, message: ResultMessage | None = None) -> ResultHandle:
+    """The handle of a recorded result; ``message`` is the file as read again after a restart."""
+    return ResultHandle(Path(record.path), FileIdentity(*record.identity), record.sha256, message)
+
+
+def event_for_record(
+    record: ResultRecord | CloseRecord, rnd: int, message: ResultMessage | None = None
+) -> ev.Event:
     """The machine event a recorded result or close replays as.
 
-    A replayed result carries no decoded message: the shell re-reads the file,
-    checking it is still the one that was counted.
+    ``message`` is the result's file read again and checked against the
+    recorded sha256 (the shell does that before replaying it).
     """
     if isinstance(record, CloseRecord):
         return ev.Tick(record.at)
-    identity = FileIdentity(*record.identity)
     return ev.ResultReceived(
         now=record.at,
         datasite=record.datasite,
@@ -71,5 +80,5 @@ def event_for_record(record: ResultRecord | CloseRecord, rnd: int) -> ev.Event:
         metrics=record.metrics,
         error_type=record.error_type,
         error_message=record.error_message,
-        payload=(Path(record.path), None, identity),
+        payload=handle_of(record, message),
     )

@@ -12,7 +12,8 @@ from typing import Any
 
 from fl_orchestrator.core.events import RoundSummary
 from fl_orchestrator.core.machine import RoundMachine
-from fl_orchestrator.shell.atomic import atomic_write_text, fsync_dir
+from fl_orchestrator.state.atomic import atomic_write_text
+from fl_orchestrator.state.jsonl import append_json_line, read_json_lines
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
@@ -45,6 +46,7 @@ class Reports:
         self.job = job
         self.status_path = state_dir / STATUS_FILE
         self.metrics_path = state_dir / METRICS_FILE
+        self.evaluations_path = state_dir / EVALUATIONS_FILE
         self._host = socket.gethostname()
         self._pid = os.getpid()
         self._pid_start_ticks = process_start_ticks(self._pid)
@@ -98,10 +100,8 @@ class Reports:
         return status
 
     def append_evaluation(self, line: dict[str, Any]) -> None:
-        """Append one federated evaluation to evaluations.jsonl (best effort, not fsynced)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / EVALUATIONS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        """Append one federated evaluation to evaluations.jsonl."""
+        append_json_line(self.evaluations_path, line)
 
     def round_lines(self) -> list[dict[str, Any]]:
         """Every intact metrics line, in order (a torn last line from a crash is skipped)."""
@@ -109,7 +109,7 @@ class Reports:
 
     def evaluation_lines(self) -> list[dict[str, Any]]:
         """Every intact federated-evaluation line, in order."""
-        return _json_lines(self.state_dir / EVALUATIONS_FILE)
+        return _json_lines(self.evaluations_path)
 
     def logged_rounds(self) -> set[int]:
         """Rounds that already have a metrics line."""
@@ -140,34 +140,12 @@ class Reports:
             "model_path": str(model_path),
             "written": time.time(),
         }
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         if summary.round in self.logged_rounds():
             return line  # written before a restart: one line per round, never two
-        with open(self.metrics_path, "a+b") as handle:
-            # A crash can leave a torn last line; start ours on a fresh one.
-            if handle.tell() > 0:
-                handle.seek(-1, os.SEEK_END)
-                if handle.read(1) != b"\n":
-                    handle.write(b"\n")
-            handle.write((json.dumps(line, sort_keys=True) + "\n").encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        fsync_dir(self.state_dir)
+        append_json_line(self.metrics_path, line)
         return line
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
     """The intact lines of a JSON-lines file that carry an int "round"; a torn line is skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    lines = []
-    for raw in text.splitlines():
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(line, dict) and isinstance(line.get("round"), int):
-            lines.append(line)
-    return lines
+    return [line for line in read_json_lines(path) if isinstance(line.get("round"), int)]

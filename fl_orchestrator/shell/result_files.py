@@ -84,7 +84,7 @@ class _Concatenation:
 class FileUpdate(LazyUpdate):
     """One counted result file (or its parts), read on demand; validated when it was counted."""
 
-    def __init__(self, path: Path, identity: FileIdentity) -> None:
+    def __init__(self, path: Path, identity: FileIdentity, sha256: str | None = None) -> None:
         self.path = path
         info = os.stat(path, follow_symlinks=False)
         if (info.st_ino, info.st_size, info.st_mtime_ns) != (
@@ -96,13 +96,15 @@ class FileUpdate(LazyUpdate):
         self._file = _Concatenation([path])
         try:
             head = self._file.pread(min(info.st_size, 64 * 1024), 0)
-            parts, sha256 = _parts_of(head)
+            parts, manifest_sha256 = _parts_of(head)
             if parts:
                 self._file.close()
                 self._file = _Concatenation([path.with_name(part_name(path.name, i)) for i in range(parts)])
-                # Parts are separate files: check they are still the ones that were counted.
-                if self._file.sha256() != sha256:
-                    raise ResultGone(f"the parts of {path} changed since it was counted")
+            # The bytes folded must be the bytes validated: a file rewritten in place with
+            # its size and mtime restored, or parts swapped, differ here.
+            expected = sha256 or (manifest_sha256 if parts else None)
+            if expected is not None and self._file.sha256() != expected:
+                raise ResultGone(f"{path}: its bytes are not the ones validated when it was counted")
             header, offset = self._read_header(self._file.size)
             self._arrays: dict[str, tuple[int, np.dtype[Any], tuple[int, ...]]] = {}
             for name, dtype_name, shape in header["arrays"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,13 +22,14 @@ from fl_orchestrator.aggregation.base import RoundSkipped, Strategy
 from fl_orchestrator.config.loader import ConfigError, check_config_value
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
-from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused
+from fl_orchestrator.shell.intake import ResultHandle
 from fl_orchestrator.shell.models import ModelStore
 from fl_orchestrator.shell.publisher import Broadcast, Publisher
 from fl_orchestrator.shell.result_files import FileUpdate, ResultGone, ScaledUpdate, update_norm_of
 from fl_orchestrator.state import failpoints
-from fl_orchestrator.wire.layout import FileKind
-from fl_orchestrator.wire.messages import ResultMessage
+from fl_orchestrator.state.kept import KeptResults
+from fl_orchestrator.state.retry import WriteRetry
+from fl_orchestrator.wire.reasons import Reason
 
 log = structlog.get_logger("fl_orchestrator.rounds")
 
@@ -54,10 +56,14 @@ class RoundWork:
         strategy: Strategy,
         evaluate: Evaluate | None,
         clock: Callable[[], float],
+        retry: WriteRetry,
+        kept: KeptResults,
         configure_round: ConfigureRound | None = None,
         metrics_aggregation: MetricsAggregation | None = None,
     ) -> None:
         self.config = config
+        self.retry = retry
+        self.kept = kept
         self.job = config.job.name
         self.publisher = publisher
         self.store = store
@@ -72,7 +78,7 @@ class RoundWork:
         self.broadcast: Broadcast | None = None
         self.last_evaluate: dict[str, float] = {}
         # Whole-set strategies: accepted results stay on disk until the round closes.
-        self.accepted_files: list[tuple[Path, int, FileIdentity]] = []
+        self.accepted_files: list[tuple[ResultHandle, int]] = []
 
     async def dispatch(self, action: ev.Dispatch, *, begin: bool = True) -> None:
         """Write the round's model (once) and its tasks; start a fresh aggregate if ``begin``."""
@@ -80,8 +86,11 @@ class RoundWork:
         # An evaluation scores the round's new aggregate: the model round+1 will train.
         model_round = action.round + 1 if action.purpose == "evaluate" else action.round
         if self.broadcast is None or self.broadcast.round != model_round:
-            self.broadcast = await anyio.to_thread.run_sync(
-                self.publisher.write_model, model_round, self.global_model
+            model = self.global_model
+            self.broadcast = await self.retry.run(
+                lambda: self.publisher.write_model(model_round, model),
+                what="model for the datasites",
+                path=self.publisher.layout.models_dir,
             )
         failpoints.hit("dispatch.after_model")
         if begin and action.purpose == "train":
@@ -90,7 +99,7 @@ class RoundWork:
         # An evaluation sends the static config only: configure_round is about training.
         config = self.round_config(action.round, hooks=action.purpose == "train")
         broadcast = self.broadcast
-        task_bytes = await anyio.to_thread.run_sync(
+        task_bytes = await self.retry.run(
             lambda: self.publisher.write_tasks(
                 broadcast,
                 action.tasks,
@@ -99,7 +108,9 @@ class RoundWork:
                 config=config,
                 action=action.purpose,
                 rnd=action.round,
-            )
+            ),
+            what="tasks",
+            path=self.publisher.layout.aggregator_dir,
         )
         failpoints.hit("dispatch.after_tasks")
         log.info(
@@ -157,20 +168,22 @@ class RoundWork:
             return summary
         return dataclasses.replace(summary, train_metrics=merged)
 
-    async def fold(self, action: ev.Accept, reader: InboundReader | None = None) -> None:
-        """Fold one accepted result; re-read it from disk if it was counted before a restart.
+    async def fold(self, action: ev.Accept) -> None:
+        """Fold one accepted result and keep a link to its file for a restart.
 
         Whole-set strategies only note the file: they read it at the round's end.
         """
-        path, message, identity = action.payload
+        handle: ResultHandle = action.payload
         started = time.perf_counter()
         fold_seconds = None
+        await self.retry.run(
+            lambda: self.kept.keep(action.round, handle.path, handle.identity.inode),
+            what="kept result link",
+            path=self.kept.path_for(action.round, handle.path),
+        )
+        message = handle.message
         if self.strategy.streaming:
-            if message is None:
-                assert reader is not None
-                message = await anyio.to_thread.run_sync(
-                    self._reread, reader, path, action.datasite, identity
-                )
+            assert message is not None, "a replayed result is read again before it is folded"
             with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
                 # Abandoned on shutdown: the fold is in memory only, the round log has the result.
                 await anyio.to_thread.run_sync(
@@ -179,7 +192,7 @@ class RoundWork:
             failpoints.hit("fold.after")
             fold_seconds = round(time.perf_counter() - started, 6)
         else:
-            self.accepted_files.append((path, action.num_examples, identity))
+            self.accepted_files.append((handle, action.num_examples))
         log.info(
             "result.accepted",
             job=self.job,
@@ -187,19 +200,9 @@ class RoundWork:
             datasite=action.datasite,
             num_examples=action.num_examples,
             metrics=message.metrics if message is not None else None,
-            path=str(path),
+            path=str(handle.path),
             fold_seconds=fold_seconds,
         )
-
-    @staticmethod
-    def _reread(reader: InboundReader, path: Path, datasite: str, identity: FileIdentity) -> ResultMessage:
-        outcome = reader.read_inbound(path, FileKind.RESULT, datasite)
-        if isinstance(outcome, Refused):
-            raise ResultGone(f"{path}: {outcome.reason}: {outcome.detail}")
-        assert isinstance(outcome, Inbound) and isinstance(outcome.message, ResultMessage)
-        if (outcome.identity.inode, outcome.identity.size) != (identity.inode, identity.size):
-            raise ResultGone(f"{path} changed since it was counted")
-        return outcome.message
 
     async def aggregate(self, summary: ev.RoundSummary) -> tuple[Path, float]:
         """Finish the aggregate and save the model; return its path and the seconds it took."""
@@ -207,7 +210,11 @@ class RoundWork:
         failpoints.hit("aggregate.before_finish")
         with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
             new_model = await anyio.to_thread.run_sync(self._finish, summary.round, abandon_on_cancel=True)
-            path = await anyio.to_thread.run_sync(self.store.save, summary.round, new_model)
+        path = await self.retry.run(
+            lambda: self.store.save(summary.round, new_model),
+            what="global model",
+            path=self.store.path_for(summary.round),
+        )
         failpoints.hit("aggregate.after_model_saved")
         self.global_model = new_model
         return path, time.perf_counter() - started
@@ -218,10 +225,14 @@ class RoundWork:
         try:
             if not self.strategy.streaming:
                 updates: list[Mapping[str, np.ndarray]] = []
-                for path, _, identity in self.accepted_files:
-                    files.append(FileUpdate(path, identity))
-                    updates.append(self._bounded(files[-1]))
-                self.strategy.aggregate_all(updates, [n for _, n, _ in self.accepted_files])
+                weights: list[int] = []
+                for handle, num_examples in self.accepted_files:
+                    update = self._open_counted(rnd, handle)
+                    if update is not None:
+                        files.append(update)
+                        updates.append(self._bounded(update))
+                        weights.append(num_examples)
+                self.strategy.aggregate_all(updates, weights)
             return self.strategy.finish()
         except RoundSkipped as exc:
             log.warning("round.skipped", job=self.job, round=rnd, reason=str(exc), model="unchanged")
@@ -230,6 +241,22 @@ class RoundWork:
             for update in files:
                 update.close()
             self.accepted_files = []
+
+    def _open_counted(self, rnd: int, handle: ResultHandle) -> FileUpdate | None:
+        """The counted file, from its kept link if there is one; None (logged) if it changed."""
+        kept = self.kept.path_for(rnd, handle.path)
+        try:
+            return FileUpdate(kept if os.path.lexists(kept) else handle.path, handle.identity, handle.sha256)
+        except (ResultGone, OSError) as exc:
+            log.error(
+                "result.dropped",
+                job=self.job,
+                round=rnd,
+                path=str(handle.path),
+                reason=str(Reason.CHANGED_AFTER_COUNT),
+                detail=str(exc),
+            )
+            return None
 
     def _bounded(self, update: FileUpdate) -> Mapping[str, np.ndarray]:
         """In clip mode, clip a re-read result the way the intake clipped it when it arrived."""

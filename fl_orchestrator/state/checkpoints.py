@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.state import failpoints
+from fl_orchestrator.state.atomic import atomic_write
 from fl_orchestrator.wire.frames import FrameLimits, decode_arrays, decode_header, encode_frames
 from fl_orchestrator.wire.reasons import Rejection
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import structlog
 
-from fl_orchestrator.shell.atomic import fsync_dir
 from fl_orchestrator.state import failpoints
+from fl_orchestrator.state.jsonl import append_durably
 
 log = structlog.get_logger("fl_orchestrator.round_log")
 
@@ -51,6 +51,8 @@ class ResultRecord:
     path: str
     identity: tuple[int, int, int]
     at: float
+    # Of the bytes that were validated; None in logs written before it was recorded.
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class RoundLog:
 
     directory: Path
     round: int
-    _handle: Any = field(default=None, repr=False)
+    _checked: bool = field(default=False, repr=False)
 
     @property
     def path(self) -> Path:
@@ -80,29 +82,24 @@ class RoundLog:
         return self.directory / f"r{self.round:05d}.log"
 
     def append(self, record: Record) -> None:
-        """Append one record durably (flush + fsync) before returning."""
+        """Append one record durably (write + fsync) before returning.
+
+        A failed append leaves the log as it was (jsonl.append_durably), so
+        retrying it never records a decision twice.
+        """
         payload = {"type": _NAMES[type(record)], **record.__dict__}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         line = json.dumps({"crc": zlib.crc32(text.encode()), "rec": text}, separators=(",", ":")) + "\n"
-        if self._handle is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            created = not self.path.exists()
-            if not created:
+        if not self._checked:
+            if self.path.exists():
                 _drop_torn_tail(self.path)
-            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across appends
-            if created:
-                fsync_dir(self.directory)
+            self._checked = True
         failpoints.hit("round_log.before_append")
-        self._handle.write(line)
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        append_durably(self.path, line.encode())
         failpoints.hit("round_log.after_append")
 
     def close(self) -> None:
-        """Close the file handle."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Nothing stays open between appends; kept for callers that close logs."""
 
     def read(self) -> list[Record]:
         """Every intact record in order; a torn final line is dropped."""

@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fl_orchestrator.shell.atomic import atomic_write_text, fsync_dir
+from fl_orchestrator.state.atomic import atomic_write_text, fsync_dir
+from fl_orchestrator.state.lock import LOCK_FILE
 
 RUN_FILE = "run.json"
 ARCHIVE_DIR = "archive"
@@ -72,7 +73,7 @@ def archive_run(state_dir: Path, record: RunRecord) -> Path:
     target = state_dir / ARCHIVE_DIR / record.run_id
     target.mkdir(parents=True, exist_ok=True)
     for entry in state_dir.iterdir():
-        if entry.name == ARCHIVE_DIR:
+        if entry.name in (ARCHIVE_DIR, LOCK_FILE):  # the lock belongs to the running daemon
             continue
         os.replace(entry, target / entry.name)
     fsync_dir(state_dir)

@@ -26,10 +26,10 @@ import anyio
 import structlog
 from watchfiles import Change
 
-from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.intake import FileIdentity
 from fl_orchestrator.shell.quarantine import Quarantine
 from fl_orchestrator.shell.watcher import resilient_awatch, set_when_cancelled
+from fl_orchestrator.state.atomic import atomic_write
 from fl_orchestrator.syft_flwr.layout import REFUSED_SUFFIX, SyftFlwrKind, SyftFlwrLayout, first_link_below
 from fl_orchestrator.syft_flwr.publisher import SyftFlwrPublisher
 from fl_orchestrator.syft_flwr.replies import (

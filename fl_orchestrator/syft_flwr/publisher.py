@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.publisher import Broadcast, Publisher
+from fl_orchestrator.state.atomic import atomic_write
 from fl_orchestrator.syft_flwr import flower_codec
 from fl_orchestrator.syft_flwr.envelope import encode_request, node_id_of
 from fl_orchestrator.syft_flwr.layout import (

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from fl_orchestrator.shell.atomic import atomic_write
 from fl_orchestrator.shell.intake import read_below
+from fl_orchestrator.state.atomic import atomic_write
 from fl_orchestrator.syft_flwr.envelope import EnvelopeError, decode_response, node_id_of
 from fl_orchestrator.syft_flwr.flower_codec import NUM_EXAMPLES_KEY, FlowerReply, ReplyError, parse_reply
 from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, resend_ids

@@ -49,6 +49,8 @@ class Reason(StrEnum):
     NOT_SELECTED = "not_selected"
     REPLY_TO_MISMATCH = "reply_to_mismatch"
     DUPLICATE = "duplicate"
+    # A counted result whose file no longer holds the bytes validated when it was counted.
+    CHANGED_AFTER_COUNT = "changed_after_count"
     # The filesystem
     SYMLINK = "symlink"
     NOT_REGULAR_FILE = "not_regular_file"
