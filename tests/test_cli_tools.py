@@ -369,7 +369,9 @@ def test_report_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert tool_main(["report", "--config", str(job), "--out", str(out)]) == 0
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
-    assert "rounds 1..2" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "rounds 1..2" in printed.out
+    assert "metrics.jsonl:3: skipped a line that is not JSON" in printed.err
 
 
 @NEEDS_MATPLOTLIB

@@ -317,6 +317,13 @@ def test_a_second_daemon_on_the_same_state_folder_exits_75_naming_the_first(
             [str(TOOL), "status", "--config", str(job)], capture_output=True, text=True, check=False
         )
         assert status.returncode == 0, status.stderr
+        export = subprocess.run(
+            [str(TOOL), "export", "--config", str(job), "--round", "0", "--out", str(tmp_path / "r0.npz")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert export.returncode == 0, export.stderr
         federation_for(job)  # type: ignore[operator]
         assert first.wait(timeout=60) == 0, first.output()
     finally:

@@ -9,13 +9,14 @@ only here, so the daemon and the other tools never need it.
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fl_orchestrator.shell.reports import METRICS_FILE
+from fl_orchestrator.state.jsonl import read_json_lines
 
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
@@ -67,29 +68,31 @@ def _size(value: Any) -> int:
 def read_rounds(state_dir: Path) -> list[RoundRow]:
     """Parse metrics.jsonl into rows sorted by round (a torn or foreign line is skipped)."""
     path = state_dir / METRICS_FILE
+    if not path.exists():
+        raise ReportError(f"no metrics yet at {path}: has a round completed?", EX_NOINPUT)
+
+    def torn(number: int, excerpt: str) -> None:
+        print(f"warning: {path}:{number}: skipped a line that is not JSON: {excerpt!r}", file=sys.stderr)
+
+    rows: dict[int, RoundRow] = {}
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ReportError(f"no metrics yet at {path}: has a round completed?", EX_NOINPUT) from None
+        for item in read_json_lines(path, on_torn=torn):
+            try:
+                rnd = int(item["round"])
+                row = RoundRow(
+                    round=rnd,
+                    attempt=int(item.get("attempt") or 1),
+                    succeeded=_size(item.get("succeeded")),
+                    failed=_size(item.get("failed")),
+                    timed_out=_size(item.get("timed_out")),
+                    evaluate=_metrics(item.get("evaluate_metrics")),
+                    train=_metrics(item.get("train_metrics")),
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a line this tool cannot read
+            rows[rnd] = row
     except OSError as exc:
         raise ReportError(f"cannot read {path}: {exc.strerror}", EX_NOINPUT) from None
-    rows: dict[int, RoundRow] = {}
-    for line in text.splitlines():
-        try:
-            item = json.loads(line)
-            rnd = int(item["round"])
-            row = RoundRow(
-                round=rnd,
-                attempt=int(item.get("attempt") or 1),
-                succeeded=_size(item.get("succeeded")),
-                failed=_size(item.get("failed")),
-                timed_out=_size(item.get("timed_out")),
-                evaluate=_metrics(item.get("evaluate_metrics")),
-                train=_metrics(item.get("train_metrics")),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # the torn last line of a crash, or a line this tool cannot read
-        rows[rnd] = row
     if not rows:
         raise ReportError(f"no completed rounds in {path}", EX_NOINPUT)
     return [rows[r] for r in sorted(rows)]
