@@ -319,8 +319,9 @@ def test_reports_write_what_status_needs(tmp_path: Path) -> None:
     assert machine.current is not None
     task = machine.current.tasks[B]
     machine.handle(ResultReceived(NOW + 2, B, 1, task, ok=False, error_type="ValueError", error_message="x"))
-    Reports(tmp_path, "testjob").write_status(
-        machine, now=NOW + 3, state="running", extra={"quarantined": {}}
+    reports = Reports(tmp_path, "testjob")
+    reports.write_status_document(
+        reports.status_document(machine, now=NOW + 3, state="running", extra={"quarantined": {}})
     )
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["run_id"] == "r1" and status["dispatched_at"] == NOW + 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fl_orchestrator.aggregation.base import RoundSkipped, Strategy, StrategyBase, Weights
-from fl_orchestrator.aggregation.fedavg import FedAvg, make_strategy
+from fl_orchestrator.aggregation.fedavg import FedAvg, WeightedSum
 from fl_orchestrator.aggregation.krum import closest_mean
 from fl_orchestrator.aggregation.registry import STRATEGIES, build_strategy, check_params, min_results
 
@@ -254,8 +254,17 @@ def test_params_have_flower_names_defaults_and_specs(name: str) -> None:
 
 def test_registry_covers_every_strategy() -> None:
     assert set(STRATEGIES) == set(FLOWER_DEFAULTS) | {"dp_fixed_clipping"}
-    assert make_strategy("fedavg").name == "fedavg"
-    assert make_strategy("krum").streaming is False
+    assert build_strategy("fedavg").name == "fedavg"
+    assert build_strategy("krum").streaming is False
+
+
+def test_the_weighted_sum_multiplies_in_float64_not_in_the_update_dtype() -> None:
+    update = {"w": np.full(5, 1.1, dtype=np.float32)}
+    total = WeightedSum(update)
+    total.add(update, 3.0)
+    exact = np.float64(np.float32(1.1)) * 3.0  # 3.3000000715...; a float32 product is 3.3000001907
+    assert total.mean64()["w"][0] * 3.0 == exact
+    assert total.sums["w"][0] == exact
 
 
 @pytest.mark.parametrize(

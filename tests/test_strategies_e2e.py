@@ -69,3 +69,27 @@ async def test_strategy_from_job_toml_matches_the_strategy_run_by_hand(tmp_path:
     if name == "fedprox":
         tasks = list(daemon.layout.tasks_dir("ds0@example.org").glob("*.task"))
         assert tasks and all(b"proximal-mu" in t.read_bytes() for t in tasks)
+
+
+async def test_multikrum_picks_the_same_result_whatever_the_arrival_order(tmp_path: Path) -> None:
+    # Two results tie on every Krum score (k = 1): only a rule, not the upload order, may decide.
+    models = []
+    for slow in (0, 1):
+        folder = tmp_path / f"slow-ds{slow}"
+        table = job_table(
+            2,
+            job={"num_rounds": 1, "min_train_nodes": 2, "min_available_nodes": 2},
+            strategy={"name": "multikrum", "num_nodes_to_select": 1},
+        )
+        job = write_job(folder, table)
+        trains = [scripted_train(i, delay_seconds=0.4 if i == slow else 0.0) for i in range(2)]
+        daemon = await run_federation(job, trains)
+        assert daemon.exit_code == EXIT_DONE
+        models.append(daemon.store.load(1))
+    for name in models[0]:
+        assert np.array_equal(models[0][name], models[1][name]), name
+    # And the rule is the datasite order: ds0's update wins the tie.
+    config = load_config(tmp_path / "slow-ds0" / "job.toml")
+    want = scripted.scripted_update(initial_model(config.model), 0)
+    for name, value in want.items():
+        assert np.array_equal(models[0][name], value), name

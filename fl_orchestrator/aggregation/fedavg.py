@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_orchestrator.aggregation.base import RoundSkipped, Strategy, StrategyState, Weights
+from fl_orchestrator.aggregation.base import RoundSkipped, StrategyState, Weights
 
 # Elements per block: the float64 slice of the accumulator plus the incoming
 # float32 slice stay inside a typical L2 cache.
@@ -36,7 +36,8 @@ class WeightedSum:
             for start in range(0, flat.size, BLOCK_ELEMENTS):
                 stop = min(start + BLOCK_ELEMENTS, flat.size)
                 scratch = self._scratch[: stop - start]
-                np.multiply(flat[start:stop], weight, out=scratch, casting="unsafe")
+                # dtype: the product itself in float64, not a float32 product cast afterwards.
+                np.multiply(flat[start:stop], weight, out=scratch, casting="unsafe", dtype=np.float64)
                 total[start:stop] += scratch
         self.total_weight += weight
         self.count += 1
@@ -124,11 +125,3 @@ class FedProx(FedAvg):
     def round_config(self, rnd: int) -> dict[str, Any]:
         """Tell the clients the proximal term's weight, under Flower's key."""
         return {"proximal-mu": self.proximal_mu}
-
-
-def make_strategy(name: str) -> Strategy:
-    """The strategy named in job.toml, with default parameters (see registry.build_strategy)."""
-    # Imported here: the registry imports this module.
-    from fl_orchestrator.aggregation.registry import build_strategy
-
-    return build_strategy(name)

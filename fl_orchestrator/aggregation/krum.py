@@ -57,8 +57,9 @@ def select_multikrum(distances: np.ndarray, num_malicious_nodes: int, num_to_sel
 
     Equal scores are common, not a corner case: with k = 1 two mutually
     nearest results always tie. They are broken by the total distance to all
-    results, then by arrival order, so that the choice does not depend on
-    which datasite happened to upload first (Flower keeps arrival order).
+    results, then by position; the daemon passes results sorted by datasite,
+    so the choice never depends on which datasite uploaded first (Flower
+    keeps arrival order).
     """
     scores = krum_scores(distances, num_malicious_nodes)
     # Sorted before summing: the same bits whatever the order the results came in.

@@ -62,7 +62,6 @@ class RoundMachine:
         self.wait_until: float | None = None
         self.last_missing: tuple[str, ...] | None = None
         self.records = {d: DatasiteRecord() for d in rules.datasites}
-        self.history: list[RoundSummary] = []
         self.evaluation: EvaluationRound | None = None
 
     # ---- public --------------------------------------------------------------------------
@@ -284,7 +283,6 @@ class RoundMachine:
             self.records[d].timed_out += 1
             if self.rules.timeout_means_gone:
                 self.records[d].last_seen = None
-        self.history.append(summary)
         if len(summary.succeeded) >= self.rules.min_train_nodes:
             self.phase = Phase.AGGREGATING
             return [Aggregate(summary)]

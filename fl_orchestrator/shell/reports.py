@@ -51,12 +51,6 @@ class Reports:
         self._pid = os.getpid()
         self._pid_start_ticks = process_start_ticks(self._pid)
 
-    def write_status(
-        self, machine: RoundMachine, *, now: float, state: str, extra: dict[str, Any] | None = None
-    ) -> None:
-        """Snapshot the machine and write status.json (in the calling thread)."""
-        self.write_status_document(self.status_document(machine, now=now, state=state, extra=extra))
-
     def write_status_document(self, status: dict[str, Any]) -> None:
         """Write a snapshot taken by status_document; safe in a worker thread."""
         atomic_write_text(self.status_path, json.dumps(status, sort_keys=True), durable=False)

@@ -78,7 +78,7 @@ class RoundWork:
         self.broadcast: Broadcast | None = None
         self.last_evaluate: dict[str, float] = {}
         # Whole-set strategies: accepted results stay on disk until the round closes.
-        self.accepted_files: list[tuple[ResultHandle, int]] = []
+        self.accepted_files: list[tuple[str, ResultHandle, int]] = []
 
     async def dispatch(self, action: ev.Dispatch, *, begin: bool = True) -> None:
         """Write the round's model (once) and its tasks; start a fresh aggregate if ``begin``."""
@@ -192,7 +192,7 @@ class RoundWork:
             failpoints.hit("fold.after")
             fold_seconds = round(time.perf_counter() - started, 6)
         else:
-            self.accepted_files.append((handle, action.num_examples))
+            self.accepted_files.append((action.datasite, handle, action.num_examples))
         log.info(
             "result.accepted",
             job=self.job,
@@ -226,7 +226,9 @@ class RoundWork:
             if not self.strategy.streaming:
                 updates: list[Mapping[str, np.ndarray]] = []
                 weights: list[int] = []
-                for handle, num_examples in self.accepted_files:
+                # By datasite, not arrival: ties in a selection (Krum) and the order of
+                # float sums must not depend on which datasite uploaded first.
+                for _, handle, num_examples in sorted(self.accepted_files, key=lambda item: item[0]):
                     update = self._open_counted(rnd, handle)
                     if update is not None:
                         files.append(update)
