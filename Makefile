@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-syftbox test-syft-flwr compare-syft-flwr chaos fuzz bench lint typecheck check clean service-install ci-tools
+.PHONY: install demo test test-fast test-syftbox test-syft-flwr compare-syft-flwr chaos fuzz bench lint typecheck check clean service-install ci-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP) ci-tools
 	$(PY) -m pytest -q
+
+# The pure and unit tests (no daemon process, no federation): well under 30 s on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 # The unit-file checks need systemd-analyze; on CI (root, Debian) install it if missing.
 # Elsewhere those tests skip with a message saying so.
@@ -60,6 +64,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_orchestrator tests bench
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -24,9 +24,9 @@ import numpy as np
 from harness import GB, Outcome, Row, Sizes, fmt_rate, fmt_seconds, verdict
 from simulator import AGGREGATOR, JOB, site_emails, write_frames
 
-from fl_orchestrator.shell.models import model_message
-from fl_orchestrator.shell.publisher import Publisher
-from fl_orchestrator.state.atomic import atomic_write
+from fl_orchestrator.protocols.native import Publisher
+from fl_orchestrator.storage.atomic import atomic_write
+from fl_orchestrator.storage.models import model_message
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import encode_model_frames, sha256_of_frames
 

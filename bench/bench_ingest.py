@@ -37,12 +37,12 @@ import numpy as np
 from harness import GB, Outcome, Row, Sizes, fmt_rate, fmt_seconds, interleaved, verdict
 from simulator import AGGREGATOR, JOB, site_emails
 
-import fl_orchestrator.shell.intake as intake_module
+import fl_orchestrator.intake.reader as intake_module
 import fl_orchestrator.wire.messages as messages_module
 from fl_orchestrator.aggregation.fedavg import FedAvg
 from fl_orchestrator.config.schema import LimitsSection
-from fl_orchestrator.shell.intake import Inbound, InboundReader
-from fl_orchestrator.state.atomic import atomic_write
+from fl_orchestrator.intake.reader import Inbound, InboundReader
+from fl_orchestrator.storage.atomic import atomic_write
 from fl_orchestrator.wire.layout import FileKind, JobLayout
 from fl_orchestrator.wire.messages import Envelope, ResultMessage, encode_result_frames, model_spec
 

@@ -40,7 +40,7 @@ from simulator import (
     write_job,
 )
 
-from fl_orchestrator.state.atomic import fsync_dir, temp_name_for
+from fl_orchestrator.storage.atomic import fsync_dir, temp_name_for
 
 TARGETS_SECONDS = {100: 0.5, 1000: 3.0}
 

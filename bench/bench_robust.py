@@ -3,7 +3,7 @@
 Each strategy is built with ``fl_orchestrator.aggregation.registry.build_strategy``
 and runs in its own process, so its peak RSS (its own VmHWM) is its own.
 Its inputs are what the daemon hands whole-set strategies at the end of a
-round: one ``fl_orchestrator.shell.result_files.FileUpdate`` per result file
+round: one ``fl_orchestrator.intake.result_files.FileUpdate`` per result file
 (read block by block with ``os.pread``), passed to ``strategy.aggregate_all``
 and then ``strategy.finish()``, after ``begin_round(1, global_model)``. The
 timed part is what the daemon's round work does: open the FileUpdates (which
@@ -70,7 +70,7 @@ def _memmaps(spec: dict[str, Any]) -> list[Any]:
 
 def _identities(spec: dict[str, Any]) -> list[Any]:
     """Each file's FileIdentity, as the intake recorded it when it counted the result."""
-    from fl_orchestrator.shell.intake import FileIdentity
+    from fl_orchestrator.intake.reader import FileIdentity
 
     out = []
     for path, _ in spec["files"]:
@@ -81,7 +81,7 @@ def _identities(spec: dict[str, Any]) -> list[Any]:
 
 def _file_updates(spec: dict[str, Any], identities: list[Any]) -> list[Any]:
     """The daemon's inputs for a whole-set strategy: one FileUpdate per counted result."""
-    from fl_orchestrator.shell.result_files import FileUpdate
+    from fl_orchestrator.intake.result_files import FileUpdate
 
     return [
         FileUpdate(Path(path), identity)
@@ -180,7 +180,7 @@ def _importable() -> str | None:
         registry = importlib.import_module("fl_orchestrator.aggregation.registry")
         for name in STRATEGIES:
             registry.build_strategy(name)
-        result_files = importlib.import_module("fl_orchestrator.shell.result_files")
+        result_files = importlib.import_module("fl_orchestrator.intake.result_files")
         result_files.FileUpdate  # noqa: B018 - only checks that it exists
     except Exception as exc:  # a module half-written by someone else: skip, say why
         what = "build_strategy or result_files.FileUpdate"

@@ -27,7 +27,7 @@ import numpy as np
 import tomli_w
 from harness import REPO, RssSampler, proc_io, proc_status
 
-from fl_orchestrator.state.atomic import atomic_write, temp_name_for
+from fl_orchestrator.storage.atomic import atomic_write, temp_name_for
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (

@@ -48,7 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from fl_orchestrator.shell.models import ModelStore  # noqa: E402
+from fl_orchestrator.storage.models import ModelStore  # noqa: E402
 
 from syftflwr.harness import (  # noqa: E402 - tests/ goes on sys.path first
     SYFT_FLWR_VERSION,

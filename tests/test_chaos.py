@@ -22,9 +22,9 @@ import pytest
 
 from fl_orchestrator.config import load_config
 from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
-from fl_orchestrator.shell.models import ModelStore
-from fl_orchestrator.state.failpoints import ENV as FAILPOINTS_ENV
-from fl_orchestrator.state.round_log import ResultRecord, read_records
+from fl_orchestrator.storage.failpoints import ENV as FAILPOINTS_ENV
+from fl_orchestrator.storage.models import ModelStore
+from fl_orchestrator.storage.round_log import ResultRecord, read_records
 
 from support import scripted
 from support.jobs import job_table, site_emails, write_job

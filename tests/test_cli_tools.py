@@ -23,9 +23,9 @@ from fl_orchestrator.cli.tool_main import main as tool_main
 from fl_orchestrator.config import EX_CONFIG, load_config
 from fl_orchestrator.core.events import NodeSeen, ResultReceived, Started
 from fl_orchestrator.core.machine import RoundMachine, RoundRules
+from fl_orchestrator.daemon.lifecycle import EXIT_DONE, Daemon
+from fl_orchestrator.daemon.reports import Reports, process_start_ticks
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
-from fl_orchestrator.shell.daemon import EXIT_DONE, Daemon
-from fl_orchestrator.shell.reports import Reports, process_start_ticks
 from fl_orchestrator.wire.layout import JobLayout
 
 from support import scripted

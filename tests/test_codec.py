@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fl_orchestrator.core.reasons import Reason, Rejection
 from fl_orchestrator.wire.frames import WIRE_DTYPES, FrameLimits, encode_bytes, encode_frames, wire_dtype_name
 from fl_orchestrator.wire.layout import APP_NAME, Classified, FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import (
@@ -41,7 +42,6 @@ from fl_orchestrator.wire.permissions import (
     aggregator_permissions,
     datasite_permissions,
 )
-from fl_orchestrator.wire.reasons import Reason, Rejection
 
 JOB = "mnist-cnn"
 LIMITS = FrameLimits()

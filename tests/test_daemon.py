@@ -14,14 +14,15 @@ import pytest
 
 from fl_orchestrator.config import load_config
 from fl_orchestrator.config.render import config_to_table
+from fl_orchestrator.daemon.lifecycle import EXIT_DONE, EXIT_JOB_FAILED, Daemon
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
-from fl_orchestrator.shell.daemon import EXIT_DONE, EXIT_JOB_FAILED, Daemon
 from fl_orchestrator.wire.layout import JobLayout
 
 from support import scripted
 from support.jobs import AGGREGATOR, job_table, site_emails, write_job
 
-pytestmark = pytest.mark.anyio
+# In-process federations: left out of `make test-fast`.
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from fl_orchestrator.cli.tool_main import main as tool_main
 from fl_orchestrator.config import load_config
 from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
-from fl_orchestrator.shell.models import ModelStore, initial_model
+from fl_orchestrator.storage.models import ModelStore, initial_model
 
 from support import scripted
 from support.jobs import job_table, site_emails, write_job

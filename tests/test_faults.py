@@ -2,7 +2,7 @@
 
 Each test asserts the exit code, the events, and the final model against the
 hand-computed undisturbed run. Write faults are injected through the state
-layer's fault file (state/failpoints.py), and once through a real, small,
+layer's fault file (storage/failpoints.py), and once through a real, small,
 full tmpfs where the machine lets the test mount one.
 """
 
@@ -22,11 +22,11 @@ import pytest
 
 from fl_orchestrator.config import load_config
 from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
-from fl_orchestrator.shell.models import ModelStore, initial_model
-from fl_orchestrator.state.checkpoints import CheckpointStore
-from fl_orchestrator.state.failpoints import ENV as FAILPOINTS_ENV
-from fl_orchestrator.state.failpoints import FAULT_FILE_ENV
-from fl_orchestrator.state.round_log import DispatchRecord, read_records
+from fl_orchestrator.storage.checkpoints import CheckpointStore
+from fl_orchestrator.storage.failpoints import ENV as FAILPOINTS_ENV
+from fl_orchestrator.storage.failpoints import FAULT_FILE_ENV
+from fl_orchestrator.storage.models import ModelStore, initial_model
+from fl_orchestrator.storage.round_log import DispatchRecord, read_records
 from fl_orchestrator.wire.layout import JobLayout
 
 from support import scripted

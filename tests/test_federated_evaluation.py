@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from test_daemon import run_federation, scripted_train
 
-from fl_orchestrator.shell.daemon import EXIT_DONE, Daemon
+from fl_orchestrator.daemon.lifecycle import EXIT_DONE, Daemon
 
 from support import scripted
 from support.jobs import job_table, site_emails, write_job
 
-pytestmark = pytest.mark.anyio
+# In-process federations: left out of `make test-fast`.
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
 @pytest.fixture

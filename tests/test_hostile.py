@@ -31,17 +31,17 @@ from fl_orchestrator.config.loader import ConfigError, config_from_table
 from fl_orchestrator.config.schema import LimitsSection
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import RoundMachine, RoundRules
+from fl_orchestrator.core.reasons import MAX_DETAIL_CHARS, Reason, Rejection, printable
 from fl_orchestrator.core.selection import task_id
-from fl_orchestrator.shell import intake as intake_module
-from fl_orchestrator.shell import intake_loop as intake_loop_module
-from fl_orchestrator.shell import quarantine as quarantine_module
-from fl_orchestrator.shell.intake import Inbound, InboundReader, Refused, check_model_fits
-from fl_orchestrator.shell.intake_loop import IntakeLoop
-from fl_orchestrator.shell.quarantine import UNKNOWN_DATASITES, Quarantine
+from fl_orchestrator.intake import loop as intake_loop_module
+from fl_orchestrator.intake import quarantine as quarantine_module
+from fl_orchestrator.intake import reader as intake_module
+from fl_orchestrator.intake.loop import IntakeLoop
+from fl_orchestrator.intake.quarantine import UNKNOWN_DATASITES, Quarantine
+from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, check_model_fits
 from fl_orchestrator.wire.layout import FileKind, JobLayout
 from fl_orchestrator.wire.messages import ResultMessage, model_spec
 from fl_orchestrator.wire.norms import clip_update, update_norm
-from fl_orchestrator.wire.reasons import MAX_DETAIL_CHARS, Reason, Rejection, printable
 
 from hostile.corpus import (
     ANSWERED,

@@ -24,12 +24,12 @@ import pytest
 from structlog.testing import CapturingLogger
 
 from fl_orchestrator.config import load_config
+from fl_orchestrator.core.reasons import Reason, printable
+from fl_orchestrator.daemon.lifecycle import EXIT_DONE, Daemon
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
-from fl_orchestrator.shell import intake_loop as intake_loop_module
-from fl_orchestrator.shell.daemon import EXIT_DONE, Daemon
-from fl_orchestrator.shell.quarantine import UNKNOWN_DATASITES
+from fl_orchestrator.intake import loop as intake_loop_module
+from fl_orchestrator.intake.quarantine import UNKNOWN_DATASITES
 from fl_orchestrator.wire.layout import JobLayout
-from fl_orchestrator.wire.reasons import Reason, printable
 
 from hostile.corpus import (
     ANSWERED,
@@ -42,7 +42,8 @@ from hostile.corpus import (
 from support import scripted
 from support.jobs import AGGREGATOR, job_table, write_job
 
-pytestmark = pytest.mark.anyio
+# In-process federations: left out of `make test-fast`.
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 WAIT_SECONDS = 20.0
 
 

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fl_orchestrator.config.schema import LimitsSection
-from fl_orchestrator.shell.intake import Inbound, InboundReader, Refused
+from fl_orchestrator.core.reasons import MAX_DETAIL_CHARS, Reason, Rejection
+from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused
 from fl_orchestrator.wire.frames import encode_bytes
 from fl_orchestrator.wire.layout import FileKind, JobLayout
 from fl_orchestrator.wire.messages import (
@@ -38,7 +39,6 @@ from fl_orchestrator.wire.messages import (
     model_spec,
 )
 from fl_orchestrator.wire.norms import update_norm
-from fl_orchestrator.wire.reasons import MAX_DETAIL_CHARS, Reason, Rejection
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 LONG_RUN = "FUZZ_EXAMPLES" in os.environ

@@ -10,9 +10,9 @@ import numpy as np
 
 from fl_orchestrator.config.schema import LimitsSection
 from fl_orchestrator.core import events as ev
-from fl_orchestrator.shell.intake import InboundReader
-from fl_orchestrator.shell.intake_loop import IntakeLoop
-from fl_orchestrator.shell.quarantine import Quarantine
+from fl_orchestrator.intake.loop import IntakeLoop
+from fl_orchestrator.intake.quarantine import Quarantine
+from fl_orchestrator.intake.reader import InboundReader
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import Envelope, ResultMessage, encode_result_frames, model_spec
 

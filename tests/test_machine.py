@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import Phase, RoundMachine, RoundRules, weighted_metrics
+from fl_orchestrator.core.reasons import Reason
 from fl_orchestrator.core.selection import sample_size, select_datasites, task_id
-from fl_orchestrator.wire.reasons import Reason
 
 SITES = ("a@x.org", "b@x.org", "c@x.org", "d@x.org")
 

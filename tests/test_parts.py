@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from test_daemon import run_federation, scripted_train
 
 from fl_orchestrator.config import load_config
+from fl_orchestrator.core.reasons import Reason, Rejection
+from fl_orchestrator.daemon.lifecycle import EXIT_DONE
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
-from fl_orchestrator.shell.daemon import EXIT_DONE
 from fl_orchestrator.wire.parts import assemble, part_name, split_frames, whole_name
-from fl_orchestrator.wire.reasons import Reason, Rejection
 
 from support import scripted
 from support.jobs import AGGREGATOR, job_table, write_job
@@ -69,6 +69,7 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])
 async def test_a_job_whose_files_exceed_the_cap_runs_on_parts(tmp_path: Path, strategy: str) -> None:
     table = job_table(
@@ -110,9 +111,9 @@ async def test_a_job_whose_files_exceed_the_cap_runs_on_parts(tmp_path: Path, st
 def test_a_result_whose_last_part_syncs_late_is_taken_when_it_arrives(tmp_path: Path) -> None:
     from fl_orchestrator.config.schema import LimitsSection
     from fl_orchestrator.core import events as ev
-    from fl_orchestrator.shell.intake import InboundReader
-    from fl_orchestrator.shell.intake_loop import IntakeLoop
-    from fl_orchestrator.shell.quarantine import Quarantine
+    from fl_orchestrator.intake.loop import IntakeLoop
+    from fl_orchestrator.intake.quarantine import Quarantine
+    from fl_orchestrator.intake.reader import InboundReader
     from fl_orchestrator.wire.layout import JobLayout
     from fl_orchestrator.wire.messages import Envelope, ResultMessage, model_spec
 
@@ -150,9 +151,9 @@ def test_a_result_whose_last_part_syncs_late_is_taken_when_it_arrives(tmp_path: 
 
 def _parted_scene(tmp_path: Path, settle: float) -> tuple[Any, Path, list[Path], list[bytes]]:
     from fl_orchestrator.config.schema import LimitsSection
-    from fl_orchestrator.shell.intake import InboundReader
-    from fl_orchestrator.shell.intake_loop import IntakeLoop
-    from fl_orchestrator.shell.quarantine import Quarantine
+    from fl_orchestrator.intake.loop import IntakeLoop
+    from fl_orchestrator.intake.quarantine import Quarantine
+    from fl_orchestrator.intake.reader import InboundReader
     from fl_orchestrator.wire.layout import JobLayout
     from fl_orchestrator.wire.messages import Envelope, ResultMessage, encode_result_frames, model_spec
 

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
-from fl_orchestrator.shell.publisher import Publisher
+from fl_orchestrator.protocols.native import Publisher
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import ResultMessage, decode_message
 
-pytestmark = pytest.mark.anyio
+# In-process federations: left out of `make test-fast`.
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 AGG, SITE, JOB = "agg@example.org", "ds0@example.org", "job1"
 MODEL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, dtype=np.float32)}
 

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import CapturingLogger
 
-from fl_orchestrator.service import sdnotify
-from fl_orchestrator.service.sdnotify import SystemdNotifier
+from fl_orchestrator.daemon import sdnotify
+from fl_orchestrator.daemon.sdnotify import SystemdNotifier
 
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_UNIX_PATH = 107

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from fl_orchestrator.config import load_config
-from fl_orchestrator.shell.daemon import EXIT_DONE, Daemon
-from fl_orchestrator.shell.persistence import JobState, StartRefused, StateWriteError
-from fl_orchestrator.state.checkpoints import MAGIC, Checkpoint, CheckpointError, CheckpointStore
-from fl_orchestrator.state.round_log import CloseRecord, DispatchRecord, ResultRecord, RoundLog
-from fl_orchestrator.state.run_record import load_run
+from fl_orchestrator.daemon.lifecycle import EXIT_DONE, Daemon
+from fl_orchestrator.storage.checkpoints import MAGIC, Checkpoint, CheckpointError, CheckpointStore
+from fl_orchestrator.storage.job_state import JobState, StartRefused, StateWriteError
+from fl_orchestrator.storage.round_log import CloseRecord, DispatchRecord, ResultRecord, RoundLog
+from fl_orchestrator.storage.run_record import load_run
 
 from support.jobs import job_table, write_job
 
@@ -182,7 +182,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("fl_orchestrator.state.atomic.os.replace", broken_replace)
+    monkeypatch.setattr("fl_orchestrator.storage.atomic.os.replace", broken_replace)
     with pytest.raises(OSError, match="Read-only"):
         store.save(checkpoint(2, 2.0))
     monkeypatch.undo()
@@ -205,7 +205,7 @@ def test_restarting_a_finished_job_reports_it_complete(tmp_path: Path) -> None:
 
 
 def test_restarting_a_failed_job_reports_the_failure_and_exits_1(tmp_path: Path) -> None:
-    from fl_orchestrator.shell.daemon import EXIT_JOB_FAILED
+    from fl_orchestrator.daemon.lifecycle import EXIT_JOB_FAILED
 
     job = write_job(tmp_path, job_table(3))
     config = load_config(job)

@@ -12,14 +12,14 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from fl_orchestrator.shell.persistence import JobState
-from fl_orchestrator.state import failpoints
-from fl_orchestrator.state.atomic import atomic_write_text, remove_own_temps, temp_name_for
-from fl_orchestrator.state.jsonl import append_durably, append_json_line, read_json_lines, repair_tail
-from fl_orchestrator.state.kept import KeptResults
-from fl_orchestrator.state.lock import LockHeld, StateLock
-from fl_orchestrator.state.retry import StateWriteError, WriteRetry
-from fl_orchestrator.state.round_log import DispatchRecord, RoundLog, read_records
+from fl_orchestrator.storage import failpoints
+from fl_orchestrator.storage.atomic import atomic_write_text, remove_own_temps, temp_name_for
+from fl_orchestrator.storage.job_state import JobState
+from fl_orchestrator.storage.jsonl import append_durably, append_json_line, read_json_lines, repair_tail
+from fl_orchestrator.storage.kept import KeptResults
+from fl_orchestrator.storage.lock import LockHeld, StateLock
+from fl_orchestrator.storage.retry import StateWriteError, WriteRetry
+from fl_orchestrator.storage.round_log import DispatchRecord, RoundLog, read_records
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
@@ -81,7 +81,7 @@ def test_an_append_that_fails_part_way_is_cut_back_so_a_retry_writes_one_record(
             raise ENOSPC
         return real_write(fd, data)
 
-    monkeypatch.setattr("fl_orchestrator.state.jsonl.os.write", half_then_full)
+    monkeypatch.setattr("fl_orchestrator.storage.jsonl.os.write", half_then_full)
     record = DispatchRecord(2, {"a@x.org": "t2"}, 3.0, 4.0)
     anyio.run(lambda: WriteRetry(5.0).run(lambda: log.append(record), what="round log", path=log.path))
     assert [r.attempt for r in read_records(log.path)] == [1, 2]  # whole, once
@@ -110,7 +110,7 @@ def test_append_durably_cuts_back_when_fsync_fails(tmp_path: Path, monkeypatch: 
     def broken_fsync(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr("fl_orchestrator.state.jsonl.os.fsync", broken_fsync)
+    monkeypatch.setattr("fl_orchestrator.storage.jsonl.os.fsync", broken_fsync)
     with pytest.raises(OSError):
         append_durably(path, b"two\n")
     assert path.read_bytes() == b"one\n"
@@ -199,7 +199,7 @@ def test_without_links_nothing_is_kept_and_it_is_said_once(
     def cross_device(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr("fl_orchestrator.state.kept.os.link", cross_device)
+    monkeypatch.setattr("fl_orchestrator.storage.kept.os.link", cross_device)
     kept = KeptResults(tmp_path / "state", datasites)
     with capture_logs() as logs:
         assert not kept.keep(1, result, result.stat().st_ino)

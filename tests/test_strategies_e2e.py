@@ -11,13 +11,14 @@ from test_daemon import run_federation, scripted_train
 
 from fl_orchestrator.aggregation.registry import STRATEGIES, build_strategy
 from fl_orchestrator.config import load_config
-from fl_orchestrator.shell.daemon import EXIT_DONE
-from fl_orchestrator.shell.models import initial_model
+from fl_orchestrator.daemon.lifecycle import EXIT_DONE
+from fl_orchestrator.storage.models import initial_model
 
 from support import scripted
 from support.jobs import job_table, write_job
 
-pytestmark = pytest.mark.anyio
+# In-process federations: left out of `make test-fast`.
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 PARAMS: dict[str, dict[str, Any]] = {
     "fedprox": {"proximal_mu": 0.1},

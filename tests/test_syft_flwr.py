@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fl_orchestrator.shell.models import ModelStore, load_weights_file
+from fl_orchestrator.storage.models import ModelStore, load_weights_file
 
 from syftflwr.harness import (
     SYFT_FLWR_VERSION,

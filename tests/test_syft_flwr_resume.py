@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_orchestrator.shell.models import ModelStore
+from fl_orchestrator.storage.models import ModelStore
 
 from syftbox.harness import wait_until
 from syftflwr.harness import (

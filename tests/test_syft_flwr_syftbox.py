@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fl_orchestrator.shell.models import ModelStore
+from fl_orchestrator.storage.models import ModelStore
 
 from syftbox.harness import (
     SYFTBOX_VERSION,

@@ -18,13 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fl_orchestrator.config import ConfigError, config_from_table
-from fl_orchestrator.syft_flwr.envelope import (
+from fl_orchestrator.protocols.syft_flwr.envelope import (
     EnvelopeError,
     decode_response,
     encode_request,
     node_id_of,
 )
-from fl_orchestrator.syft_flwr.layout import (
+from fl_orchestrator.protocols.syft_flwr.layout import (
     SyftFlwrKind,
     SyftFlwrLayout,
     first_link_below,

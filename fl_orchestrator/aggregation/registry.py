@@ -21,7 +21,7 @@ from fl_orchestrator.aggregation.fedavg import FedAvg, FedProx
 from fl_orchestrator.aggregation.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fl_orchestrator.aggregation.krum import Bulyan, Krum, MultiKrum
 from fl_orchestrator.aggregation.robust import FedMedian, FedTrimmedAvg
-from fl_orchestrator.config.schema import ConfigScalar, spec
+from fl_orchestrator.core.fields import ConfigScalar, spec
 
 _MALICIOUS = spec("f, the number of Byzantine results to tolerate", minimum=0)
 

@@ -13,16 +13,16 @@ import anyio
 import structlog
 
 from fl_orchestrator import __version__
+from fl_orchestrator.cli.logs import LoggingSetupError, configure_logging, resolve_logging
 from fl_orchestrator.config import EX_CONFIG, ConfigError, load_config
+from fl_orchestrator.config.hooks import HookError
 from fl_orchestrator.config.render import config_to_table
-from fl_orchestrator.logs import LoggingSetupError, configure_logging, resolve_logging
-from fl_orchestrator.service.sdnotify import SystemdNotifier
-from fl_orchestrator.shell.daemon import EXIT_SOFTWARE, Daemon
-from fl_orchestrator.shell.hooks import HookError
-from fl_orchestrator.shell.models import ModelFileError
-from fl_orchestrator.shell.persistence import StartRefused
-from fl_orchestrator.state.lock import EX_TEMPFAIL, LockHeld
-from fl_orchestrator.state.retry import EX_IOERR, StateWriteError
+from fl_orchestrator.daemon.lifecycle import EXIT_SOFTWARE, Daemon
+from fl_orchestrator.daemon.sdnotify import SystemdNotifier
+from fl_orchestrator.storage.job_state import StartRefused
+from fl_orchestrator.storage.lock import EX_TEMPFAIL, LockHeld
+from fl_orchestrator.storage.models import ModelFileError
+from fl_orchestrator.storage.retry import EX_IOERR, StateWriteError
 
 EX_USAGE = 64
 

@@ -15,7 +15,7 @@ from typing import Any
 import tomli_w
 
 from fl_orchestrator.config import config_from_table
-from fl_orchestrator.state.atomic import atomic_write_text
+from fl_orchestrator.storage.atomic import atomic_write_text
 
 EX_CANTCREAT = 73
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_orchestrator.shell.reports import METRICS_FILE
-from fl_orchestrator.state.jsonl import read_json_lines
+from fl_orchestrator.daemon.reports import METRICS_FILE
+from fl_orchestrator.storage.jsonl import read_json_lines
 
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69

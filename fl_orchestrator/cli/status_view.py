@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fl_orchestrator.shell.reports import STATUS_FILE, process_start_ticks
+from fl_orchestrator.daemon.reports import STATUS_FILE, process_start_ticks
 
 FORMAT = "fl-orchestrator.status/1"
 EX_DATAERR = 65

@@ -13,14 +13,14 @@ import anyio
 from fl_orchestrator import __version__
 from fl_orchestrator.cli import init_job
 from fl_orchestrator.cli.daemon_main import EX_USAGE
+from fl_orchestrator.cli.logs import LoggingSetupError, configure_logging, resolve_logging
 from fl_orchestrator.cli.report import ReportError, make_report
 from fl_orchestrator.cli.status_view import show_status
 from fl_orchestrator.config import EX_CONFIG, ConfigError, load_config
+from fl_orchestrator.config.hooks import HookError
 from fl_orchestrator.config.loader import _EMAIL, _JOB_NAME
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
-from fl_orchestrator.logs import LoggingSetupError, configure_logging, resolve_logging
-from fl_orchestrator.shell.hooks import HookError
-from fl_orchestrator.shell.models import ModelFileError, ModelStore, export_npz
+from fl_orchestrator.storage.models import ModelFileError, ModelStore, export_npz
 
 EX_NOINPUT = 66
 

@@ -10,31 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-# Values a train-config table may carry to clients; lists must be homogeneous.
-ConfigScalar = int | float | str | bool | bytes
-ConfigValue = ConfigScalar | list[int] | list[float] | list[str] | list[bool] | list[bytes]
+from fl_orchestrator.core.fields import ConfigScalar, ConfigValue, spec
 
-
-def spec(
-    doc: str,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    exclusive_minimum: bool = False,
-    choices: tuple[str, ...] | None = None,
-    email: bool = False,
-    import_string: bool = False,
-) -> dict[str, Any]:
-    """Build the metadata the loader checks a field against."""
-    return {
-        "doc": doc,
-        "minimum": minimum,
-        "maximum": maximum,
-        "exclusive_minimum": exclusive_minimum,
-        "choices": choices,
-        "email": email,
-        "import_string": import_string,
-    }
+__all__ = ["ConfigScalar", "ConfigValue", "spec"]
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fl_orchestrator.core.events import EvaluationDone, Metrics, ResultReceived
+from fl_orchestrator.core.reasons import Reason
 from fl_orchestrator.core.selection import select_datasites, task_id
-from fl_orchestrator.wire.reasons import Reason
 
 # Training attempts count from 1, so attempt 0 never collides with them in task ids.
 EVALUATION_ATTEMPT = 0

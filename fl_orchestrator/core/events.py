@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fl_orchestrator.wire.reasons import Reason
+from fl_orchestrator.core.reasons import Reason
 
 Metrics = dict[str, int | float]
 

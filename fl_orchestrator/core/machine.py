@@ -31,9 +31,9 @@ from fl_orchestrator.core.events import (
     Tick,
 )
 from fl_orchestrator.core.metrics import weighted_metrics
+from fl_orchestrator.core.reasons import Reason
 from fl_orchestrator.core.records import Attempt, DatasiteRecord, RoundRules
 from fl_orchestrator.core.selection import select_datasites, task_id
-from fl_orchestrator.wire.reasons import Reason
 
 __all__ = ["Attempt", "DatasiteRecord", "Phase", "RoundMachine", "RoundRules", "weighted_metrics"]
 

@@ -23,9 +23,10 @@ import numpy as np
 import structlog
 from watchfiles import Change
 
-from fl_orchestrator.shell.hooks import load_callable
-from fl_orchestrator.shell.watcher import resilient_awatch, set_when_cancelled
-from fl_orchestrator.state.atomic import atomic_write, atomic_write_text
+from fl_orchestrator.config.hooks import load_callable
+from fl_orchestrator.core.reasons import Reason, Rejection
+from fl_orchestrator.intake.watcher import resilient_awatch, set_when_cancelled
+from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
@@ -44,7 +45,6 @@ from fl_orchestrator.wire.messages import (
 )
 from fl_orchestrator.wire.parts import assemble, part_name, split_frames
 from fl_orchestrator.wire.permissions import datasite_permissions
-from fl_orchestrator.wire.reasons import Reason, Rejection
 
 log = structlog.get_logger("fl_orchestrator.datasite")
 

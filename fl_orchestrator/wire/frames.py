@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fl_orchestrator.wire.reasons import Reason, Rejection, describe
+from fl_orchestrator.core.reasons import Reason, Rejection, describe
 
 Weights = dict[str, np.ndarray]
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fl_orchestrator.core.reasons import Reason, Rejection, describe
 from fl_orchestrator.wire.frames import (
     FrameLimits,
     Weights,
@@ -23,7 +24,6 @@ from fl_orchestrator.wire.frames import (
     encode_frames,
 )
 from fl_orchestrator.wire.parts import MAX_PARTS
-from fl_orchestrator.wire.reasons import Reason, Rejection, describe
 
 PROTOCOL_VERSION = 1
 # Defaults of the bounds a reader applies; the daemon passes its [limits] values.

@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from fl_orchestrator.wire.reasons import Reason, Rejection
+from fl_orchestrator.core.reasons import Reason, Rejection
 
 PART_SUFFIX = ".part-"
 MAX_PARTS = 100_000

@@ -31,9 +31,9 @@ import msgpack
 import numpy as np
 
 from fl_orchestrator.config.schema import LimitsSection
+from fl_orchestrator.core.reasons import Reason
 from fl_orchestrator.wire.frames import encode_bytes
 from fl_orchestrator.wire.layout import JobLayout
-from fl_orchestrator.wire.reasons import Reason
 
 from support import scripted
 

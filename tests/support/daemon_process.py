@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fl_orchestrator.config import JobConfig
-from fl_orchestrator.shell.models import initial_model
+from fl_orchestrator.storage.models import initial_model
 
 from support import scripted
 

@@ -18,11 +18,16 @@ from syft_core.url import SyftBoxURL
 from syft_flwr.fl_orchestrator.flower_client import MessageHandler, RequestProcessor
 from syft_rpc.protocol import SyftRequest, SyftResponse
 
-from fl_orchestrator.shell.quarantine import Quarantine
-from fl_orchestrator.syft_flwr.bridge import Bridge
-from fl_orchestrator.syft_flwr.layout import MAX_RESENDS, SyftFlwrLayout, request_id_for_task, resend_ids
-from fl_orchestrator.syft_flwr.publisher import SyftFlwrPublisher
-from fl_orchestrator.syft_flwr.replies import ReplyTranslator, SyftFlwrState
+from fl_orchestrator.intake.quarantine import Quarantine
+from fl_orchestrator.protocols.syft_flwr.bridge import Bridge
+from fl_orchestrator.protocols.syft_flwr.layout import (
+    MAX_RESENDS,
+    SyftFlwrLayout,
+    request_id_for_task,
+    resend_ids,
+)
+from fl_orchestrator.protocols.syft_flwr.publisher import SyftFlwrPublisher
+from fl_orchestrator.protocols.syft_flwr.replies import ReplyTranslator, SyftFlwrState
 from fl_orchestrator.wire.layout import JobLayout
 
 pytestmark = pytest.mark.anyio

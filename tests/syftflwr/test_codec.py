@@ -26,11 +26,12 @@ from syft_flwr.serde import bytes_to_flower_message
 from syft_rpc.protocol import SyftRequest, SyftResponse
 
 from fl_orchestrator.config.schema import LimitsSection
-from fl_orchestrator.shell.intake import InboundReader
-from fl_orchestrator.shell.publisher import Broadcast
-from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, request_id_for_task
-from fl_orchestrator.syft_flwr.publisher import SyftFlwrPublisher
-from fl_orchestrator.syft_flwr.replies import (
+from fl_orchestrator.core.reasons import Reason
+from fl_orchestrator.intake.reader import InboundReader
+from fl_orchestrator.protocols.native import Broadcast
+from fl_orchestrator.protocols.syft_flwr.layout import SyftFlwrLayout, request_id_for_task
+from fl_orchestrator.protocols.syft_flwr.publisher import SyftFlwrPublisher
+from fl_orchestrator.protocols.syft_flwr.replies import (
     ENCRYPTION_HINT,
     NotYet,
     ReplyTranslator,
@@ -42,7 +43,6 @@ from fl_orchestrator.syft_flwr.replies import (
 )
 from fl_orchestrator.wire.layout import FileKind, JobLayout
 from fl_orchestrator.wire.messages import ResultMessage, model_spec
-from fl_orchestrator.wire.reasons import Reason
 
 AGG = "agg@example.org"
 OWNERS = ("do1@example.org", "do2@example.org")

@@ -1,4 +1,4 @@
-"""The daemon's syft-flwr codec (fl_orchestrator.syft_flwr) against the real syft-rpc and DO handler.
+"""The daemon's syft-flwr codec (protocols/syft_flwr) against the real syft-rpc and DO handler.
 
 What the daemon writes must parse as syft-rpc parses it, and what a real DO answers must
 decode with the daemon's reader. Runs in the syft-flwr environment (see conftest.py), with
@@ -22,7 +22,7 @@ from syft_flwr.serde import bytes_to_flower_message
 from syft_flwr.utils import str_to_int
 from syft_rpc.protocol import SyftRequest, SyftResponse, SyftStatus
 
-from fl_orchestrator.syft_flwr import envelope, flower_codec
+from fl_orchestrator.protocols.syft_flwr import envelope, flower_codec
 
 MODEL = {
     "w0": np.arange(12, dtype=np.float32).reshape(4, 3),

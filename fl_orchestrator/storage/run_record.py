@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fl_orchestrator.state.atomic import atomic_write_text, fsync_dir
-from fl_orchestrator.state.lock import LOCK_FILE
+from fl_orchestrator.storage.atomic import atomic_write_text, fsync_dir
+from fl_orchestrator.storage.lock import LOCK_FILE
 
 RUN_FILE = "run.json"
 ARCHIVE_DIR = "archive"

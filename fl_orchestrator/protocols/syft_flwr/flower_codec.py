@@ -19,7 +19,7 @@ from flwr.common.constant import MessageType
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from fl_orchestrator.syft_flwr.envelope import AGGREGATOR_NODE_ID
+from fl_orchestrator.protocols.syft_flwr.envelope import AGGREGATOR_NODE_ID
 
 # The key names syft-flwr's (and Flower's) message API uses.
 ARRAYS_KEY = "arrays"

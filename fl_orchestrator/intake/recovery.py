@@ -1,7 +1,7 @@
 """After a restart: read a counted result again, and make sure it is still the bytes validated.
 
 The round log holds each counted result's path, file identity and the
-sha256 of its validated bytes. The kept link (state/kept.py) is tried first,
+sha256 of its validated bytes. The kept link (storage/kept.py) is tried first,
 then the datasite's own file. Either must hash to the recorded sha256; a
 kept link that does not (the file was rewritten in place) is dropped, so the
 datasite's next answer is not refused as a second link.
@@ -13,12 +13,12 @@ import contextlib
 import os
 from pathlib import Path
 
-from fl_orchestrator.shell.intake import InboundReader
-from fl_orchestrator.state.kept import KeptResults
-from fl_orchestrator.state.round_log import ResultRecord
+from fl_orchestrator.core.reasons import Rejection
+from fl_orchestrator.intake.reader import InboundReader
+from fl_orchestrator.storage.kept import KeptResults
+from fl_orchestrator.storage.round_log import ResultRecord
 from fl_orchestrator.wire.messages import ResultMessage
 from fl_orchestrator.wire.parts import PART_SUFFIX
-from fl_orchestrator.wire.reasons import Rejection
 
 
 def recover_counted(

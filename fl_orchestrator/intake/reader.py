@@ -24,6 +24,7 @@ import numpy as np
 import structlog
 
 from fl_orchestrator.config.schema import LimitsSection
+from fl_orchestrator.core.reasons import Reason, Rejection, describe, printable
 from fl_orchestrator.wire.frames import FrameLimits, Weights, decode_header
 from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import (
@@ -37,7 +38,6 @@ from fl_orchestrator.wire.messages import (
 )
 from fl_orchestrator.wire.norms import clip_update, update_norm
 from fl_orchestrator.wire.parts import assemble, part_name
-from fl_orchestrator.wire.reasons import Reason, Rejection, describe, printable
 
 log = structlog.get_logger("fl_orchestrator.intake")
 
@@ -192,7 +192,7 @@ class InboundReader:
         """Read a result counted before a restart, from under ``root``; raise Rejection if it changed.
 
         ``root`` is the datasites folder, or the state folder's copy of the
-        counted files (state/kept.py), whose files have a second link: ours.
+        counted files (storage/kept.py), whose files have a second link: ours.
         """
         data, _ = read_below(root, path, self.limits.max_file_bytes, max_links=2)
         data = self._join_parts(root, path, data, self.limits.max_file_bytes, max_links=2)

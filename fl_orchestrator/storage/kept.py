@@ -22,11 +22,11 @@ from pathlib import Path
 
 import structlog
 
-from fl_orchestrator.state import failpoints
-from fl_orchestrator.state.atomic import temp_name_for
+from fl_orchestrator.storage import failpoints
+from fl_orchestrator.storage.atomic import temp_name_for
 from fl_orchestrator.wire.parts import PART_SUFFIX
 
-log = structlog.get_logger("fl_orchestrator.state")
+log = structlog.get_logger("fl_orchestrator.storage")
 
 KEPT_DIR = "kept"
 

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import structlog
 
-from fl_orchestrator.state.atomic import atomic_write_text
-from fl_orchestrator.state.retry import StateWriteError, WriteRetry
-from fl_orchestrator.wire.reasons import Reason, printable
+from fl_orchestrator.core.reasons import Reason, printable
+from fl_orchestrator.storage.atomic import atomic_write_text
+from fl_orchestrator.storage.retry import StateWriteError, WriteRetry
 
 log = structlog.get_logger("fl_orchestrator.quarantine")
 

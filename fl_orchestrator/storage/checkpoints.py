@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import structlog
 
-from fl_orchestrator.state import failpoints
-from fl_orchestrator.state.atomic import atomic_write
+from fl_orchestrator.core.reasons import Rejection
+from fl_orchestrator.storage import failpoints
+from fl_orchestrator.storage.atomic import atomic_write
 from fl_orchestrator.wire.frames import FrameLimits, decode_arrays, decode_header, encode_frames
-from fl_orchestrator.wire.reasons import Rejection
 
 log = structlog.get_logger("fl_orchestrator.checkpoints")
 

@@ -22,14 +22,14 @@ from fl_orchestrator.aggregation.base import RoundSkipped, Strategy
 from fl_orchestrator.config.loader import ConfigError, check_config_value
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
-from fl_orchestrator.shell.intake import ResultHandle
-from fl_orchestrator.shell.models import ModelStore
-from fl_orchestrator.shell.publisher import Broadcast, Publisher
-from fl_orchestrator.shell.result_files import FileUpdate, ResultGone, ScaledUpdate, update_norm_of
-from fl_orchestrator.state import failpoints
-from fl_orchestrator.state.kept import KeptResults
-from fl_orchestrator.state.retry import WriteRetry
-from fl_orchestrator.wire.reasons import Reason
+from fl_orchestrator.core.reasons import Reason
+from fl_orchestrator.intake.reader import ResultHandle
+from fl_orchestrator.intake.result_files import FileUpdate, ResultGone, ScaledUpdate, update_norm_of
+from fl_orchestrator.protocols.native import Broadcast, Publisher
+from fl_orchestrator.storage import failpoints
+from fl_orchestrator.storage.kept import KeptResults
+from fl_orchestrator.storage.models import ModelStore
+from fl_orchestrator.storage.retry import WriteRetry
 
 log = structlog.get_logger("fl_orchestrator.rounds")
 

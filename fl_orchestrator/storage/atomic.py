@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fl_orchestrator.state import failpoints
+from fl_orchestrator.storage import failpoints
 
 # The temp names this module (and the publisher's model writer) gives files:
 # '.', the final name, '.', 12 hex digits, '.tmp'. Leftovers of a crash match it.

@@ -20,8 +20,8 @@ from typing import Any
 
 import structlog
 
-from fl_orchestrator.state import failpoints
-from fl_orchestrator.state.jsonl import append_durably
+from fl_orchestrator.storage import failpoints
+from fl_orchestrator.storage.jsonl import append_durably
 
 log = structlog.get_logger("fl_orchestrator.round_log")
 

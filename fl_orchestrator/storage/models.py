@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from fl_orchestrator.config.schema import ModelSection
-from fl_orchestrator.state.atomic import atomic_write
+from fl_orchestrator.core.reasons import Rejection
+from fl_orchestrator.storage.atomic import atomic_write
 from fl_orchestrator.wire.frames import FrameLimits, Weights, wire_dtype_name
 from fl_orchestrator.wire.messages import (
     Envelope,
@@ -18,7 +19,6 @@ from fl_orchestrator.wire.messages import (
     decode_message,
     encode_model_frames,
 )
-from fl_orchestrator.wire.reasons import Rejection
 
 _ROUND_FILE = re.compile(r"^global-r(\d{5})\.msgpack$")
 _MODEL_LIMITS = FrameLimits(max_header_bytes=16 * 1024 * 1024, max_elements=2**34)

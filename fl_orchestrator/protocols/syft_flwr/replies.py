@@ -25,11 +25,17 @@ from typing import Any
 import numpy as np
 import structlog
 
-from fl_orchestrator.shell.intake import read_below
-from fl_orchestrator.state.atomic import atomic_write
-from fl_orchestrator.syft_flwr.envelope import EnvelopeError, decode_response, node_id_of
-from fl_orchestrator.syft_flwr.flower_codec import NUM_EXAMPLES_KEY, FlowerReply, ReplyError, parse_reply
-from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout, resend_ids
+from fl_orchestrator.core.reasons import Reason, Rejection, printable
+from fl_orchestrator.intake.reader import read_below
+from fl_orchestrator.protocols.syft_flwr.envelope import EnvelopeError, decode_response, node_id_of
+from fl_orchestrator.protocols.syft_flwr.flower_codec import (
+    NUM_EXAMPLES_KEY,
+    FlowerReply,
+    ReplyError,
+    parse_reply,
+)
+from fl_orchestrator.protocols.syft_flwr.layout import SyftFlwrLayout, resend_ids
+from fl_orchestrator.storage.atomic import atomic_write
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
     Envelope,
@@ -38,9 +44,8 @@ from fl_orchestrator.wire.messages import (
     check_weights_match,
     encode_result_frames,
 )
-from fl_orchestrator.wire.reasons import Reason, Rejection, printable
 
-log = structlog.get_logger("fl_orchestrator.syft_flwr")
+log = structlog.get_logger("fl_orchestrator.protocols.syft_flwr")
 
 # What syft-event answers when it cannot load a request file: its handler never ran.
 TORN_REQUEST_PREFIX = "Error loading request"

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from fl_orchestrator.aggregation.chunks import CHUNK_ELEMENTS, LazyUpdate
-from fl_orchestrator.shell.intake import FileIdentity
+from fl_orchestrator.core.reasons import Rejection
+from fl_orchestrator.intake.reader import FileIdentity
 from fl_orchestrator.wire.frames import WIRE_DTYPES, FrameLimits, decode_header
 from fl_orchestrator.wire.parts import part_name
-from fl_orchestrator.wire.reasons import Rejection
 
 _HEADER_LIMITS = FrameLimits(max_header_bytes=64 * 1024 * 1024, max_elements=2**34)
 

@@ -19,22 +19,22 @@ from typing import Any
 import numpy as np
 import structlog
 
-from fl_orchestrator.shell.publisher import Broadcast, Publisher
-from fl_orchestrator.state.atomic import atomic_write
-from fl_orchestrator.syft_flwr import flower_codec
-from fl_orchestrator.syft_flwr.envelope import encode_request, node_id_of
-from fl_orchestrator.syft_flwr.layout import (
+from fl_orchestrator.protocols.native import Broadcast, Publisher
+from fl_orchestrator.protocols.syft_flwr import flower_codec
+from fl_orchestrator.protocols.syft_flwr.envelope import encode_request, node_id_of
+from fl_orchestrator.protocols.syft_flwr.layout import (
     SyftFlwrLayout,
     first_link_below,
     request_id_for_task,
     resend_ids,
     task_id_for_request,
 )
-from fl_orchestrator.syft_flwr.replies import SyftFlwrState, TaskInfo
+from fl_orchestrator.protocols.syft_flwr.replies import SyftFlwrState, TaskInfo
+from fl_orchestrator.storage.atomic import atomic_write
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import model_spec
 
-log = structlog.get_logger("fl_orchestrator.syft_flwr")
+log = structlog.get_logger("fl_orchestrator.protocols.syft_flwr")
 
 STOP_EXPIRY_SECONDS = 300.0
 _STOP_NAMESPACE = uuid.UUID("6f1c1a52-64a4-4d3e-9a53-0a4be6f0c7d1")

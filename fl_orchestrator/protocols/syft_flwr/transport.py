@@ -6,11 +6,11 @@ import time
 from collections.abc import Callable
 
 from fl_orchestrator.config.schema import JobConfig
-from fl_orchestrator.shell.quarantine import Quarantine
-from fl_orchestrator.syft_flwr.bridge import Bridge
-from fl_orchestrator.syft_flwr.layout import SyftFlwrLayout
-from fl_orchestrator.syft_flwr.publisher import SyftFlwrPublisher
-from fl_orchestrator.syft_flwr.replies import ReplyTranslator, SyftFlwrState
+from fl_orchestrator.intake.quarantine import Quarantine
+from fl_orchestrator.protocols.syft_flwr.bridge import Bridge
+from fl_orchestrator.protocols.syft_flwr.layout import SyftFlwrLayout
+from fl_orchestrator.protocols.syft_flwr.publisher import SyftFlwrPublisher
+from fl_orchestrator.protocols.syft_flwr.replies import ReplyTranslator, SyftFlwrState
 from fl_orchestrator.wire.layout import JobLayout
 
 

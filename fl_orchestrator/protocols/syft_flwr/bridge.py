@@ -26,13 +26,18 @@ import anyio
 import structlog
 from watchfiles import Change
 
-from fl_orchestrator.shell.intake import FileIdentity
-from fl_orchestrator.shell.quarantine import Quarantine
-from fl_orchestrator.shell.watcher import resilient_awatch, set_when_cancelled
-from fl_orchestrator.state.atomic import atomic_write
-from fl_orchestrator.syft_flwr.layout import REFUSED_SUFFIX, SyftFlwrKind, SyftFlwrLayout, first_link_below
-from fl_orchestrator.syft_flwr.publisher import SyftFlwrPublisher
-from fl_orchestrator.syft_flwr.replies import (
+from fl_orchestrator.core.reasons import Reason, printable
+from fl_orchestrator.intake.quarantine import Quarantine
+from fl_orchestrator.intake.reader import FileIdentity
+from fl_orchestrator.intake.watcher import resilient_awatch, set_when_cancelled
+from fl_orchestrator.protocols.syft_flwr.layout import (
+    REFUSED_SUFFIX,
+    SyftFlwrKind,
+    SyftFlwrLayout,
+    first_link_below,
+)
+from fl_orchestrator.protocols.syft_flwr.publisher import SyftFlwrPublisher
+from fl_orchestrator.protocols.syft_flwr.replies import (
     NotYet,
     Outcome,
     ReplyTranslator,
@@ -42,11 +47,11 @@ from fl_orchestrator.syft_flwr.replies import (
     Translated,
     Unusable,
 )
+from fl_orchestrator.storage.atomic import atomic_write
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import Envelope, HeartbeatMessage, encode_heartbeat
-from fl_orchestrator.wire.reasons import Reason, printable
 
-log = structlog.get_logger("fl_orchestrator.syft_flwr")
+log = structlog.get_logger("fl_orchestrator.protocols.syft_flwr")
 
 NEVER_SEEN_HINT = (
     "no rpc.schema.json of theirs reached this folder: check that each runs the project's main.py"

@@ -25,37 +25,37 @@ from anyio.abc import ObjectReceiveStream
 
 from fl_orchestrator.aggregation.base import Strategy
 from fl_orchestrator.aggregation.registry import build_strategy
+from fl_orchestrator.config.hooks import load_callable
 from fl_orchestrator.config.render import config_to_toml
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import Phase, RoundMachine, RoundRules
-from fl_orchestrator.service.sdnotify import SystemdNotifier
-from fl_orchestrator.shell.action_log import log_action, log_round_completed
-from fl_orchestrator.shell.hooks import load_callable
-from fl_orchestrator.shell.intake import FileIdentity, InboundReader
-from fl_orchestrator.shell.intake_loop import IntakeLoop
-from fl_orchestrator.shell.models import ModelStore, initial_model
-from fl_orchestrator.shell.persistence import JobState
-from fl_orchestrator.shell.publisher import Publisher
-from fl_orchestrator.shell.quarantine import Quarantine
-from fl_orchestrator.shell.recording import event_for_record, records_for
-from fl_orchestrator.shell.recovery import recover_counted
-from fl_orchestrator.shell.reports import Reports
-from fl_orchestrator.shell.round_work import HookFailed, RoundWork
-from fl_orchestrator.shell.watcher import PathBatch, watch_job_files
-from fl_orchestrator.state import failpoints
-from fl_orchestrator.state.atomic import atomic_write_text, remove_own_temps
-from fl_orchestrator.state.checkpoints import Checkpoint
-from fl_orchestrator.state.jsonl import repair_tail
-from fl_orchestrator.state.kept import KeptResults
-from fl_orchestrator.state.lock import StateLock
-from fl_orchestrator.state.retry import StateWriteError
-from fl_orchestrator.state.round_log import DispatchRecord, Record, ResultRecord
+from fl_orchestrator.daemon.action_log import log_action, log_round_completed
+from fl_orchestrator.daemon.recording import event_for_record, records_for
+from fl_orchestrator.daemon.reports import Reports
+from fl_orchestrator.daemon.round_work import HookFailed, RoundWork
+from fl_orchestrator.daemon.sdnotify import SystemdNotifier
+from fl_orchestrator.intake.loop import IntakeLoop
+from fl_orchestrator.intake.quarantine import Quarantine
+from fl_orchestrator.intake.reader import FileIdentity, InboundReader
+from fl_orchestrator.intake.recovery import recover_counted
+from fl_orchestrator.intake.watcher import PathBatch, watch_job_files
+from fl_orchestrator.protocols.native import Publisher
+from fl_orchestrator.storage import failpoints
+from fl_orchestrator.storage.atomic import atomic_write_text, remove_own_temps
+from fl_orchestrator.storage.checkpoints import Checkpoint
+from fl_orchestrator.storage.job_state import JobState
+from fl_orchestrator.storage.jsonl import repair_tail
+from fl_orchestrator.storage.kept import KeptResults
+from fl_orchestrator.storage.lock import StateLock
+from fl_orchestrator.storage.models import ModelStore, initial_model
+from fl_orchestrator.storage.retry import StateWriteError
+from fl_orchestrator.storage.round_log import DispatchRecord, Record, ResultRecord
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import model_spec
 
 if TYPE_CHECKING:
-    from fl_orchestrator.syft_flwr.bridge import Bridge
+    from fl_orchestrator.protocols.syft_flwr.bridge import Bridge
 
 log = structlog.get_logger("fl_orchestrator.daemon")
 
@@ -129,7 +129,7 @@ class Daemon:
         self.bridge: Bridge | None = None
         publisher: Publisher
         if config.job.protocol == "syft-flwr":
-            from fl_orchestrator.syft_flwr.transport import SyftFlwrTransport
+            from fl_orchestrator.protocols.syft_flwr.transport import SyftFlwrTransport
 
             self.layout = JobLayout(self.state_dir / "spool", self.job, config.syftbox.aggregator_email)
             transport = SyftFlwrTransport(config, self.layout, self.quarantine, clock)

@@ -26,13 +26,13 @@ import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from fl_orchestrator.core import events as ev
-from fl_orchestrator.shell.intake import FileIdentity, Inbound, InboundReader, Refused, ResultHandle
-from fl_orchestrator.shell.quarantine import Quarantine
-from fl_orchestrator.shell.watcher import PathBatch
+from fl_orchestrator.core.reasons import Reason, printable
+from fl_orchestrator.intake.quarantine import Quarantine
+from fl_orchestrator.intake.reader import FileIdentity, Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.watcher import PathBatch
 from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import HeartbeatMessage, ResultMessage
 from fl_orchestrator.wire.parts import PART_SUFFIX, whole_name
-from fl_orchestrator.wire.reasons import Reason, printable
 
 log = structlog.get_logger("fl_orchestrator.intake")
 

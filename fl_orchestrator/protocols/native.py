@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from fl_orchestrator.shell.models import model_message
-from fl_orchestrator.state.atomic import atomic_write, atomic_write_text, fsync_dir, write_durably
+from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text, fsync_dir, write_durably
+from fl_orchestrator.storage.models import model_message
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
     Envelope,

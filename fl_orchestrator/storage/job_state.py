@@ -2,7 +2,7 @@
 
 Every write here is atomic and fsynced. A write that fails (disk full,
 permission denied) leaves the previous state intact, is logged with its path,
-and is retried with backoff (state/retry.py); if it still fails the daemon
+and is retried with backoff (storage/retry.py); if it still fails the daemon
 stops with EX_IOERR rather than running on with state it cannot keep.
 """
 
@@ -16,12 +16,12 @@ from typing import TypeVar
 
 import structlog
 
-from fl_orchestrator.state.atomic import remove_own_temps
-from fl_orchestrator.state.checkpoints import Checkpoint, CheckpointStore
-from fl_orchestrator.state.lock import LOCK_FILE
-from fl_orchestrator.state.retry import EX_IOERR, StateWriteError, WriteRetry
-from fl_orchestrator.state.round_log import Record, ResultRecord, RoundLog, read_records
-from fl_orchestrator.state.run_record import (
+from fl_orchestrator.storage.atomic import remove_own_temps
+from fl_orchestrator.storage.checkpoints import Checkpoint, CheckpointStore
+from fl_orchestrator.storage.lock import LOCK_FILE
+from fl_orchestrator.storage.retry import EX_IOERR, StateWriteError, WriteRetry
+from fl_orchestrator.storage.round_log import Record, ResultRecord, RoundLog, read_records
+from fl_orchestrator.storage.run_record import (
     ARCHIVE_DIR,
     RunRecord,
     RunRecordError,

@@ -20,7 +20,7 @@ from typing import TypeVar
 import anyio
 import structlog
 
-log = structlog.get_logger("fl_orchestrator.state")
+log = structlog.get_logger("fl_orchestrator.storage")
 
 EX_IOERR = 74
 T = TypeVar("T")

@@ -18,10 +18,10 @@ from typing import Any
 
 import structlog
 
-from fl_orchestrator.state import failpoints
-from fl_orchestrator.state.atomic import fsync_dir
+from fl_orchestrator.storage import failpoints
+from fl_orchestrator.storage.atomic import fsync_dir
 
-log = structlog.get_logger("fl_orchestrator.state")
+log = structlog.get_logger("fl_orchestrator.storage")
 
 _TAIL_BLOCK = 64 * 1024
 

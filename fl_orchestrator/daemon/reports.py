@@ -12,8 +12,8 @@ from typing import Any
 
 from fl_orchestrator.core.events import RoundSummary
 from fl_orchestrator.core.machine import RoundMachine
-from fl_orchestrator.state.atomic import atomic_write_text
-from fl_orchestrator.state.jsonl import append_json_line, read_json_lines
+from fl_orchestrator.storage.atomic import atomic_write_text
+from fl_orchestrator.storage.jsonl import append_json_line, read_json_lines
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
