@@ -19,9 +19,32 @@ Metrics = dict[str, int | float]
 
 @dataclass(frozen=True)
 class Started:
-    """The service is up and watching."""
+    """The service is up and watching.
+
+    ``fresh_deadline``: a restart grants the open attempt a full
+    ``round_timeout_seconds`` from now (``daemon.restart_grants_fresh_timeout``).
+    """
 
     now: float
+    fresh_deadline: bool = False
+
+
+@dataclass(frozen=True)
+class AttemptReplayed:
+    """After a restart: an attempt the round log says was dispatched, exactly as it was."""
+
+    attempt: int
+    tasks: dict[str, str]
+    dispatched_at: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """Something outside the round (a user hook) failed the job; ``reason`` says what."""
+
+    now: float
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -83,7 +106,16 @@ class AggregationFailed:
     error: str
 
 
-Event = Started | NodeSeen | ResultReceived | Tick | RoundAggregated | AggregationFailed
+Event = (
+    Started
+    | AttemptReplayed
+    | Aborted
+    | NodeSeen
+    | ResultReceived
+    | Tick
+    | RoundAggregated
+    | AggregationFailed
+)
 
 
 # ---- actions ----------------------------------------------------------------------------

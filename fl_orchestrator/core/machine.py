@@ -11,10 +11,12 @@ from enum import StrEnum
 from fl_orchestrator.core.evaluation import EVALUATION_ATTEMPT, EvaluationRound, start_evaluation
 from fl_orchestrator.core.events import (
     AbandonAttempt,
+    Aborted,
     Accept,
     Action,
     Aggregate,
     AggregationFailed,
+    AttemptReplayed,
     AwaitNodes,
     Dispatch,
     EvaluationSkipped,
@@ -53,7 +55,14 @@ class Phase(StrEnum):
 class RoundMachine:
     """Drives one job through its rounds; see the module docstring."""
 
-    def __init__(self, rules: RoundRules, *, first_round: int = 1) -> None:
+    def __init__(
+        self,
+        rules: RoundRules,
+        *,
+        first_round: int = 1,
+        records: dict[str, dict[str, float | int | None]] | None = None,
+    ) -> None:
+        """Start at ``first_round``, with per-datasite accounting from a checkpoint if resuming."""
         self.rules = rules
         self.phase = Phase.STARTING
         self.round = first_round
@@ -63,6 +72,8 @@ class RoundMachine:
         self.last_missing: tuple[str, ...] | None = None
         self.records = {d: DatasiteRecord() for d in rules.datasites}
         self.evaluation: EvaluationRound | None = None
+        if records:
+            self._restore_records(records)
 
     # ---- public --------------------------------------------------------------------------
 
@@ -74,11 +85,18 @@ class RoundMachine:
             return self._on_result(event)
         if self.phase in (Phase.DONE, Phase.FAILED):
             return []
+        if isinstance(event, AttemptReplayed):
+            self._replay_attempt(event)
+            return []
+        if isinstance(event, Aborted):
+            return self._fail(event.reason)
         if isinstance(event, Started):
             if self.round > self.rules.num_rounds:
                 self.phase = Phase.DONE
                 return [JobFinished(self.rules.num_rounds)]
             if self.phase in (Phase.TRAINING, Phase.AGGREGATING):
+                if event.fresh_deadline and self.phase == Phase.TRAINING and self.current is not None:
+                    self.current.deadline = event.now + self.rules.round_timeout_seconds
                 return []  # resumed mid-round: nothing to start
             return self._enter_waiting(event.now)
         if isinstance(event, Tick):
@@ -103,7 +121,7 @@ class RoundMachine:
         """Per-datasite accounting as plain data, for checkpoints."""
         return {name: dict(vars(record)) for name, record in self.records.items()}
 
-    def restore_records(self, snapshot: dict[str, dict[str, float | int | None]]) -> None:
+    def _restore_records(self, snapshot: dict[str, dict[str, float | int | None]]) -> None:
         """Load accounting saved by records_snapshot (unknown datasites are dropped)."""
         for name, values in snapshot.items():
             if name in self.records:
@@ -111,16 +129,17 @@ class RoundMachine:
                     if key != "last_seen" and hasattr(self.records[name], key):
                         setattr(self.records[name], key, value)
 
-    def replay_dispatch(
-        self, attempt: int, tasks: dict[str, str], dispatched_at: float, deadline: float
-    ) -> None:
+    def _replay_attempt(self, event: AttemptReplayed) -> None:
         """Re-enter an attempt recorded before a restart, exactly as it was dispatched."""
-        self.attempt_number = attempt
-        self.current = Attempt(self.round, attempt, dict(tasks), dispatched_at, deadline)
-        for d in tasks:
+        self.attempt_number = event.attempt
+        self.current = Attempt(
+            self.round, event.attempt, dict(event.tasks), event.dispatched_at, event.deadline
+        )
+        for d in event.tasks:
             if d in self.records:
                 self.records[d].selected += 1
         self.phase = Phase.TRAINING
+        self.evaluation = None  # an evaluation is best effort and never replayed
         self.wait_until = None
         self.last_missing = None
 

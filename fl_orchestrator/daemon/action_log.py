@@ -11,12 +11,11 @@ from fl_orchestrator.core import events as ev
 log = structlog.get_logger("fl_orchestrator.daemon")
 
 
-def log_action(job: str, action: ev.Action, clock: Callable[[], float]) -> None:
+def log_action(action: ev.Action, clock: Callable[[], float]) -> None:
     """Report RecordFailure, AwaitNodes and AbandonAttempt."""
     if isinstance(action, ev.RecordFailure):
         log.warning(
             "result.failed",
-            job=job,
             round=action.round,
             datasite=action.datasite,
             error_type=action.error_type,
@@ -25,7 +24,6 @@ def log_action(job: str, action: ev.Action, clock: Callable[[], float]) -> None:
     elif isinstance(action, ev.AwaitNodes):
         log.warning(
             "round.waiting_for_nodes",
-            job=job,
             round=action.round,
             available=len(action.available),
             needed=action.needed,
@@ -36,7 +34,6 @@ def log_action(job: str, action: ev.Action, clock: Callable[[], float]) -> None:
     elif isinstance(action, ev.AbandonAttempt):
         log.warning(
             "round.attempt_failed",
-            job=job,
             round=action.summary.round,
             attempt=action.summary.attempt,
             reason=action.reason,
@@ -48,7 +45,6 @@ def log_action(job: str, action: ev.Action, clock: Callable[[], float]) -> None:
 
 
 def log_round_completed(
-    job: str,
     summary: ev.RoundSummary,
     *,
     evaluate: dict[str, float],
@@ -59,7 +55,6 @@ def log_round_completed(
     """The per-round summary line operators tail."""
     log.info(
         "round.completed",
-        job=job,
         round=summary.round,
         phase="aggregate",
         sent=len(summary.selected),

@@ -64,7 +64,6 @@ class RoundWork:
         self.config = config
         self.retry = retry
         self.kept = kept
-        self.job = config.job.name
         self.publisher = publisher
         self.store = store
         self.strategy = strategy
@@ -115,7 +114,6 @@ class RoundWork:
         failpoints.hit("dispatch.after_tasks")
         log.info(
             "round.dispatched",
-            job=self.job,
             round=action.round,
             attempt=action.attempt,
             phase=action.purpose,
@@ -161,7 +159,6 @@ class RoundWork:
         except Exception as exc:  # user code: keep the default aggregate, say why
             log.error(
                 "metrics_aggregation.failed",
-                job=self.job,
                 round=summary.round,
                 error=f"{type(exc).__name__}: {exc}",
             )
@@ -195,7 +192,6 @@ class RoundWork:
             self.accepted_files.append((action.datasite, handle, action.num_examples))
         log.info(
             "result.accepted",
-            job=self.job,
             round=action.round,
             datasite=action.datasite,
             num_examples=action.num_examples,
@@ -237,7 +233,7 @@ class RoundWork:
                 self.strategy.aggregate_all(updates, weights)
             return self.strategy.finish()
         except RoundSkipped as exc:
-            log.warning("round.skipped", job=self.job, round=rnd, reason=str(exc), model="unchanged")
+            log.warning("round.skipped", round=rnd, reason=str(exc), model="unchanged")
             return self.global_model
         finally:
             for update in files:
@@ -252,7 +248,6 @@ class RoundWork:
         except (ResultGone, OSError) as exc:
             log.error(
                 "result.dropped",
-                job=self.job,
                 round=rnd,
                 path=str(handle.path),
                 reason=str(Reason.CHANGED_AFTER_COUNT),
@@ -281,7 +276,6 @@ class RoundWork:
         if scope.cancelled_caught:
             log.error(
                 "evaluate.timeout",
-                job=self.job,
                 round=rnd,
                 timeout_seconds=self.config.evaluate.timeout_seconds,
             )
@@ -297,11 +291,10 @@ class RoundWork:
             raw = self.evaluate_hook({k: v.copy() for k, v in self.global_model.items()})
             metrics = {str(k): float(v) for k, v in dict(raw).items()}
         except Exception as exc:  # user code
-            log.error("evaluate.failed", job=self.job, round=rnd, error=f"{type(exc).__name__}: {exc}")
+            log.error("evaluate.failed", round=rnd, error=f"{type(exc).__name__}: {exc}")
             return {}
         log.info(
             "evaluate.done",
-            job=self.job,
             round=rnd,
             phase="evaluate",
             metrics=metrics,

@@ -120,7 +120,6 @@ class IntakeLoop:
             message = outcome.message
             log.warning(
                 "result.clipped",
-                job=self.layout.job,
                 datasite=outcome.datasite,
                 round=message.envelope.round,
                 path=printable(str(path), 4096),
@@ -199,9 +198,7 @@ class IntakeLoop:
         sit at the same path, and it must still be read.
         """
         moved = await anyio.to_thread.run_sync(
-            lambda: self.quarantine.refuse(
-                path, datasite, reason, detail, root=self.layout.datasites_dir, job=self.layout.job
-            )
+            lambda: self.quarantine.refuse(path, datasite, reason, detail, root=self.layout.datasites_dir)
         )
         keep = identity or self.seen.get(path)
         stays = moved is None or self.quarantine.keep_originals

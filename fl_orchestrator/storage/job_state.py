@@ -79,7 +79,7 @@ class JobState:
             raise StartRefused(str(exc)) from None
         if run is not None and rerun:
             archived = archive_run(self.state_dir, run)
-            log.warning("run.archived", job=self.job, run_id=run.run_id, to=str(archived))
+            log.warning("run.archived", run_id=run.run_id, to=str(archived))
             run = None
         if run is None:
             if any(p.name not in _NOT_RUN_CONTENT for p in self.state_dir.iterdir()):

@@ -304,7 +304,6 @@ class Bridge:
                     outcome.reason,
                     outcome.detail,
                     root=self.target.datasites_dir,
-                    job=self.spool.job,
                 )
             )
             if moved is None or self.quarantine.keep_originals:
