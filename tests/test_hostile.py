@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from structlog.testing import CapturingLogger
 
+from fl_orchestrator.aggregation.clipping import clip_update, update_norm
 from fl_orchestrator.aggregation.fedavg import FedAvg
 from fl_orchestrator.config.loader import ConfigError, config_from_table
 from fl_orchestrator.config.schema import LimitsSection
@@ -41,7 +42,6 @@ from fl_orchestrator.intake.quarantine import UNKNOWN_DATASITES, Quarantine
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, check_model_fits
 from fl_orchestrator.wire.layout import FileKind, JobLayout
 from fl_orchestrator.wire.messages import ResultMessage, model_spec
-from fl_orchestrator.wire.norms import clip_update, update_norm
 
 from hostile.corpus import (
     ANSWERED,

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fl_orchestrator.aggregation.clipping import update_norm
 from fl_orchestrator.config.schema import LimitsSection
 from fl_orchestrator.core.reasons import MAX_DETAIL_CHARS, Reason, Rejection
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused
@@ -38,7 +39,6 @@ from fl_orchestrator.wire.messages import (
     encode_heartbeat,
     model_spec,
 )
-from fl_orchestrator.wire.norms import update_norm
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 LONG_RUN = "FUZZ_EXAMPLES" in os.environ

@@ -353,3 +353,16 @@ def test_example_custom_strategies_run() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main()
+
+
+def test_an_integer_array_is_clipped_the_same_way_at_the_intake_and_on_a_re_read() -> None:
+    from fl_orchestrator.aggregation.clipping import ClippedUpdate, clip_update
+
+    model = {"i": np.array([0, 10, -7, 3], dtype=np.int64), "f": np.zeros(3, dtype=np.float32)}
+    result = {"i": np.array([5, -3, 8, 4], dtype=np.int64), "f": np.ones(3, dtype=np.float32)}
+    kept = clip_update(result, model, 0.3)  # what the intake keeps for streaming strategies
+    view = ClippedUpdate(result, model, 0.3)  # what whole-set strategies and DP read
+    assert kept["i"].tolist() == [2, 6, -2, 3]  # 10 + 0.3·(-13) = 6.1 -> 6, -7 + 4.5 = -2.5 -> -2
+    assert view.read_block("i", 0, 4).tolist() == kept["i"].astype(np.float64).tolist()
+    assert view["i"].tolist() == kept["i"].astype(np.float64).tolist()
+    assert np.allclose(view.read_block("f", 0, 3), kept["f"])

@@ -10,78 +10,14 @@ same noise stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from fl_orchestrator.aggregation.base import Strategy, StrategyState, Weights
-from fl_orchestrator.aggregation.chunks import (
-    CHUNK_ELEMENTS,
-    LazyUpdate,
-    flat,
-    ranges,
-    read_block,
-    shape_of,
-    to_dtype,
-)
-
-
-def update_norm(
-    update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], chunk_elements: int = CHUNK_ELEMENTS
-) -> float:
-    """||update - base||₂ over every array of the model, accumulated in float64 chunks."""
-    total = 0.0
-    for name, reference in base.items():
-        if name not in update:
-            raise ValueError(f"update has no array {name!r}")
-        if shape_of(update, name) != np.shape(reference):
-            shape = shape_of(update, name)
-            raise ValueError(f"array {name!r} has shape {shape}, expected {np.shape(reference)}")
-        base_flat = flat(reference)
-        for start, stop in ranges(base_flat.size, chunk_elements):
-            diff = read_block(update, name, start, stop).astype(np.float64) - base_flat[start:stop]
-            total += float(np.dot(diff, diff))
-    return float(np.sqrt(total))
-
-
-class ClippedUpdate(LazyUpdate):
-    """x_t + scale·(x_k - x_t), computed per array (indexing) or per slice (chunked readers)."""
-
-    def __init__(
-        self, update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], scale: float
-    ) -> None:
-        self.update = update
-        self.base = base
-        self.scale = scale
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if self.scale >= 1.0:
-            return self.update[name]
-        base = np.asarray(self.base[name], dtype=np.float64)
-        return base + self.scale * (np.asarray(self.update[name], dtype=np.float64) - base)
-
-    def __contains__(self, name: object) -> bool:
-        # Mapping's default would compute the whole clipped array just to test membership.
-        return name in self.base
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def read_block(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Elements [start, stop) of the clipped flattened array."""
-        raw = read_block(self.update, name, start, stop)
-        if self.scale >= 1.0:
-            return raw
-        base = flat(self.base[name])[start:stop].astype(np.float64)
-        return base + self.scale * (raw.astype(np.float64) - base)
-
-    def shape_of(self, name: str) -> tuple[int, ...]:
-        """The wrapped update's shape."""
-        return shape_of(self.update, name)
+from fl_orchestrator.aggregation.chunks import CHUNK_ELEMENTS, check_updates, layout_of, to_dtype
+from fl_orchestrator.aggregation.clipping import ClippedUpdate, clip_factor, update_norm
 
 
 def encode_rng(generator: np.random.Generator) -> dict[str, Any]:
@@ -156,9 +92,9 @@ class DifferentialPrivacyFixedClipping:
     def _clip(self, update: Mapping[str, np.ndarray]) -> ClippedUpdate:
         if self._base is None:
             raise RuntimeError("fold before begin_round")
-        norm = update_norm(update, self._base, self.chunk_elements)
-        scale = 1.0 if norm <= self.clipping_norm else self.clipping_norm / norm
-        return ClippedUpdate(update, self._base, scale)
+        check_updates([update], layout_of(self._base))
+        norm = update_norm(update, self._base, block=self.chunk_elements)
+        return ClippedUpdate(update, self._base, clip_factor(norm, self.clipping_norm))
 
     def fold(self, update: Mapping[str, np.ndarray], num_examples: int) -> None:
         """Clip one result and fold it into the wrapped strategy."""

@@ -6,12 +6,12 @@ of datasites: each result is folded in as it arrives and then released.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from fl_orchestrator.aggregation.base import RoundSkipped, StrategyState, Weights
+from fl_orchestrator.aggregation.base import RoundSkipped, StrategyBase, Weights
 
 # Elements per block: the float64 slice of the accumulator plus the incoming
 # float32 slice stay inside a typical L2 cache.
@@ -66,7 +66,7 @@ class WeightedSum:
         return out
 
 
-class FedAvg:
+class FedAvg(StrategyBase):
     """Flower's FedAvg: the num_examples-weighted mean of the results."""
 
     name = "fedavg"
@@ -85,11 +85,6 @@ class FedAvg:
             raise RuntimeError("fold before begin_round")
         self._sum.add(update, float(num_examples))
 
-    def aggregate_all(self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int]) -> None:
-        """Fold a whole set at once (same result as folding one by one)."""
-        for update, n in zip(updates, num_examples, strict=True):
-            self.fold(update, n)
-
     def finish(self) -> Weights:
         """Return the weighted mean."""
         if self._sum is None:
@@ -97,17 +92,6 @@ class FedAvg:
         result = self._sum.mean()
         self._sum = None
         return result
-
-    def round_config(self, rnd: int) -> dict[str, Any]:
-        """FedAvg sends nothing extra."""
-        return {}
-
-    def state_dict(self) -> StrategyState:
-        """FedAvg keeps no state across rounds."""
-        return {}
-
-    def load_state_dict(self, state: StrategyState) -> None:
-        """Nothing to restore."""
 
 
 class FedProx(FedAvg):

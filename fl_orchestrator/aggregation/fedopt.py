@@ -10,14 +10,14 @@ Flower departs from Reddi et al. 2021).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from fl_orchestrator.aggregation.base import StrategyState, Weights
 from fl_orchestrator.aggregation.chunks import flat, to_dtype
-from fl_orchestrator.aggregation.fedavg import WeightedSum
+from fl_orchestrator.aggregation.fedavg import FedAvg
 
 Moments = dict[str, np.ndarray]
 
@@ -40,33 +40,21 @@ def _previous(moments: Moments | None, name: str, size: int) -> np.ndarray | Non
     return moments[name]
 
 
-class _ServerOptimizer:
+class _ServerOptimizer(FedAvg):
     """Streaming FedAvg, then a per-array step from x_t; subclasses define the step."""
 
     name = "server-optimizer"
-    streaming = True
 
     def __init__(self) -> None:
-        self._sum: WeightedSum | None = None
+        super().__init__()
         self._current: Mapping[str, np.ndarray] | None = None
         self._round = 0
 
     def begin_round(self, rnd: int, global_model: Mapping[str, np.ndarray]) -> None:
         """Start a fresh mean; keep a reference to x_t, which the shell must not mutate."""
-        self._sum = WeightedSum(global_model)
+        super().begin_round(rnd, global_model)
         self._current = global_model
         self._round = rnd
-
-    def fold(self, update: Mapping[str, np.ndarray], num_examples: int) -> None:
-        """Add one accepted result to the weighted mean."""
-        if self._sum is None:
-            raise RuntimeError("fold before begin_round")
-        self._sum.add(update, float(num_examples))
-
-    def aggregate_all(self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int]) -> None:
-        """Fold a whole set at once (same result as folding one by one)."""
-        for update, n in zip(updates, num_examples, strict=True):
-            self.fold(update, n)
 
     def finish(self) -> Weights:
         """Step from x_t along the round's mean; commit optimizer state only on success."""

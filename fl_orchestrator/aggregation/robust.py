@@ -9,11 +9,10 @@ so updates may be ``np.memmap`` views over the result files.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
-from fl_orchestrator.aggregation.base import RoundSkipped, StrategyState, Weights
+from fl_orchestrator.aggregation.base import RoundSkipped, StrategyBase, Weights
 from fl_orchestrator.aggregation.chunks import (
     CHUNK_ELEMENTS,
     Layout,
@@ -27,7 +26,7 @@ from fl_orchestrator.aggregation.chunks import (
 )
 
 
-class WholeSetStrategy:
+class WholeSetStrategy(StrategyBase):
     """Collects the round's updates, then aggregates them all in ``finish``.
 
     The shell's memory-frugal path is ``aggregate_all`` with updates that are
@@ -75,17 +74,6 @@ class WholeSetStrategy:
         result = self._aggregate(self._updates, self._num_examples, self._layout)
         self._updates, self._num_examples = [], []
         return result
-
-    def round_config(self, rnd: int) -> dict[str, Any]:
-        """Nothing extra is sent."""
-        return {}
-
-    def state_dict(self) -> StrategyState:
-        """No state survives a round."""
-        return {}
-
-    def load_state_dict(self, state: StrategyState) -> None:
-        """Nothing to restore."""
 
     def _aggregate(
         self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int], layout: Layout

@@ -19,12 +19,13 @@ import numpy as np
 import structlog
 
 from fl_orchestrator.aggregation.base import RoundSkipped, Strategy
+from fl_orchestrator.aggregation.clipping import ClippedUpdate, clip_factor, update_norm
 from fl_orchestrator.config.loader import ConfigError, check_config_value
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.reasons import Reason
 from fl_orchestrator.intake.reader import ResultHandle
-from fl_orchestrator.intake.result_files import FileUpdate, ResultGone, ScaledUpdate, update_norm_of
+from fl_orchestrator.intake.result_files import FileUpdate, ResultGone
 from fl_orchestrator.protocols.native import Broadcast, Publisher
 from fl_orchestrator.storage import failpoints
 from fl_orchestrator.storage.kept import KeptResults
@@ -260,10 +261,10 @@ class RoundWork:
         limits = self.config.limits
         if limits.max_update_norm <= 0 or limits.update_norm_action != "clip":
             return update  # anything over the bound was refused on arrival
-        norm = update_norm_of(update, self.global_model)
+        norm = update_norm(update, self.global_model)
         if norm <= limits.max_update_norm or not math.isfinite(norm):
             return update
-        return ScaledUpdate(update, self.global_model, limits.max_update_norm / norm)
+        return ClippedUpdate(update, self.global_model, clip_factor(norm, limits.max_update_norm))
 
     async def evaluate(self, rnd: int) -> dict[str, float]:
         """Central evaluation of the current global model, bounded by its timeout."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from fl_orchestrator.aggregation.clipping import clip_factor, clip_update, update_norm
 from fl_orchestrator.config.schema import LimitsSection
 from fl_orchestrator.core.reasons import Reason, Rejection, describe, printable
 from fl_orchestrator.wire.frames import FrameLimits, Weights, decode_header
@@ -36,7 +37,6 @@ from fl_orchestrator.wire.messages import (
     decode_message,
     model_spec,
 )
-from fl_orchestrator.wire.norms import clip_update, update_norm
 from fl_orchestrator.wire.parts import assemble, part_name
 
 log = structlog.get_logger("fl_orchestrator.intake")
@@ -277,7 +277,7 @@ class InboundReader:
             return result, norm, False
         # A norm that overflowed float64 cannot be scaled meaningfully: refuse it.
         if self.limits.update_norm_action == "clip" and math.isfinite(norm):
-            clipped = clip_update(result.arrays, model, bound / norm)
+            clipped = clip_update(result.arrays, model, clip_factor(norm, bound))
             return dataclasses.replace(result, arrays=clipped), norm, True
         raise Rejection(Reason.NORM_EXCEEDED, f"update norm {norm:.6g} is over max_update_norm {bound:g}")
 

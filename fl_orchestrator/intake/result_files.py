@@ -13,7 +13,7 @@ import bisect
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,36 +167,6 @@ class FileUpdate(LazyUpdate):
         self._file.close()
 
 
-class ScaledUpdate(LazyUpdate):
-    """x_t + scale * (x - x_t): a result clipped to the update-norm bound, block by block."""
-
-    def __init__(self, base: FileUpdate, model: Mapping[str, np.ndarray], scale: float) -> None:
-        self.base = base
-        self.model = model
-        self.scale = scale
-
-    def read_block(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Elements [start, stop) of the clipped array, as float64."""
-        reference = np.asarray(self.model[name]).reshape(-1)[start:stop].astype(np.float64)
-        return reference + self.scale * (self.base.read_block(name, start, stop) - reference)
-
-    def shape_of(self, name: str) -> tuple[int, ...]:
-        """The array's shape."""
-        return self.base.shape_of(name)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return _whole(self, name, np.asarray(self.model[name]).dtype, self.shape_of(name))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-
 def _parts_of(head: bytes) -> tuple[int, str]:
     """How many parts a result file stands for (0: it is the result itself), and their sha256."""
     try:
@@ -216,15 +186,3 @@ def _whole(update: LazyUpdate, name: str, dtype: np.dtype[Any], shape: tuple[int
         stop = min(start + CHUNK_ELEMENTS, out.size)
         out[start:stop] = update.read_block(name, start, stop)
     return out.reshape(shape)
-
-
-def update_norm_of(update: FileUpdate, model: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of (result - global model) over every array, read block by block."""
-    total = 0.0
-    for name, reference in model.items():
-        flat = np.asarray(reference).reshape(-1)
-        for start in range(0, flat.size, CHUNK_ELEMENTS):
-            stop = min(start + CHUNK_ELEMENTS, flat.size)
-            delta = update.read_block(name, start, stop) - flat[start:stop].astype(np.float64)
-            total += float(np.dot(delta, delta))
-    return math.sqrt(total)
