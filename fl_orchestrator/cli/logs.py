@@ -14,6 +14,8 @@ from typing import TextIO
 
 import structlog
 
+from fl_orchestrator.storage.jsonl import json_text
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("auto", "json", "console")
 ENV_FORMAT = "FL_ORCHESTRATOR_LOG_FORMAT"
@@ -44,7 +46,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         fmt = "console" if out.isatty() else "json"
     renderer: structlog.typing.Processor
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        # Strict JSON: a NaN or inf in an event (a metric, a norm) must not make the line unparsable.
+        renderer = structlog.processors.JSONRenderer(serializer=json_text, sort_keys=False)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     structlog.configure(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -13,7 +12,7 @@ from typing import Any
 from fl_orchestrator.core.events import RoundSummary
 from fl_orchestrator.core.machine import RoundMachine
 from fl_orchestrator.storage.atomic import atomic_write_text
-from fl_orchestrator.storage.jsonl import append_json_line, read_json_lines
+from fl_orchestrator.storage.jsonl import append_json_line, json_text, read_json_lines
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
@@ -53,7 +52,7 @@ class Reports:
 
     def write_status_document(self, status: dict[str, Any]) -> None:
         """Write a snapshot taken by status_document; safe in a worker thread."""
-        atomic_write_text(self.status_path, json.dumps(status, sort_keys=True), durable=False)
+        atomic_write_text(self.status_path, json_text(status, sort_keys=True), durable=False)
 
     def status_document(
         self, machine: RoundMachine, *, now: float, state: str, extra: dict[str, Any] | None = None

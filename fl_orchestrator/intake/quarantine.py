@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 import re
 import secrets
@@ -37,6 +36,7 @@ import structlog
 
 from fl_orchestrator.core.reasons import Reason, printable
 from fl_orchestrator.storage.atomic import atomic_write_text
+from fl_orchestrator.storage.jsonl import json_text
 from fl_orchestrator.storage.retry import StateWriteError, WriteRetry
 
 log = structlog.get_logger("fl_orchestrator.quarantine")
@@ -127,7 +127,7 @@ class Quarantine:
         }
         record_path = folder / f"{stem}.reason.json"
         record_error = None
-        text = json.dumps(record, sort_keys=True)
+        text = json_text(record, sort_keys=True)
         try:
             if self.retry is None:
                 atomic_write_text(record_path, text, durable=False)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,39 @@ def _end_of_last_line(fd: int, size: int) -> int:
     return 0
 
 
+RAW_SUFFIX = "_raw"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN and ±inf made JSON: null, and its raw text beside it.
+
+    Python writes non-finite floats as bare ``NaN`` and ``Infinity``, which
+    no JSON parser accepts. In a mapping, ``"loss": inf`` becomes
+    ``"loss": null, "loss_raw": "inf"``; in a list the value becomes null.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        safe: dict[str, Any] = {}
+        for key, item in value.items():
+            safe[str(key)] = json_safe(item)
+            if isinstance(item, float) and not math.isfinite(item):
+                safe[f"{key}{RAW_SUFFIX}"] = repr(item)
+        return safe
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """Strict JSON for files and logs others read: non-finite numbers via ``json_safe``."""
+    return json.dumps(json_safe(value), allow_nan=False, **options)
+
+
 def append_json_line(path: Path, value: dict[str, Any]) -> None:
     """Append one JSON object as a line, durably, after cutting any torn tail."""
     repair_tail(path)
-    append_durably(path, (json.dumps(value, sort_keys=True) + "\n").encode())
+    append_durably(path, (json_text(value, sort_keys=True) + "\n").encode())
 
 
 def read_json_lines(
