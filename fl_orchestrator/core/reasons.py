@@ -39,6 +39,7 @@ class Reason(StrEnum):
     DTYPE_MISMATCH = "dtype_mismatch"
     SHAPE_MISMATCH = "shape_mismatch"
     NON_FINITE = "non_finite"
+    OVERFLOW = "overflow"
     BAD_NUM_EXAMPLES = "bad_num_examples"
     BAD_METRICS = "bad_metrics"
     NORM_EXCEEDED = "norm_exceeded"

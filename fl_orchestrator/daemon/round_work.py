@@ -20,6 +20,7 @@ import structlog
 
 from fl_orchestrator.aggregation.base import RoundSkipped, Strategy
 from fl_orchestrator.aggregation.clipping import ClippedUpdate, clip_factor, update_norm
+from fl_orchestrator.aggregation.guard import finish_finite
 from fl_orchestrator.config.loader import ConfigError, check_config_value
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
@@ -232,7 +233,7 @@ class RoundWork:
                         updates.append(self._bounded(update))
                         weights.append(num_examples)
                 self.strategy.aggregate_all(updates, weights)
-            return self.strategy.finish()
+            return finish_finite(self.strategy)
         except RoundSkipped as exc:
             log.warning("round.skipped", round=rnd, reason=str(exc), model="unchanged")
             return self.global_model

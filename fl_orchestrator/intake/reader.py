@@ -24,6 +24,7 @@ import numpy as np
 import structlog
 
 from fl_orchestrator.aggregation.clipping import clip_factor, clip_update, update_norm
+from fl_orchestrator.aggregation.guard import largest_magnitude, magnitude_limit
 from fl_orchestrator.config.schema import LimitsSection
 from fl_orchestrator.core.reasons import Reason, Rejection, describe, printable
 from fl_orchestrator.wire.frames import FrameLimits, Weights, decode_header
@@ -268,6 +269,14 @@ class InboundReader:
         if not result.ok or result.action == "evaluate":
             return result, None, False  # no weights to check
         check_weights_match(result.arrays, spec)
+        largest = largest_magnitude(result.arrays)
+        limit = magnitude_limit(result.num_examples, len(self.datasites))
+        if largest >= limit:
+            raise Rejection(
+                Reason.OVERFLOW,
+                f"a value of magnitude {largest:.3g} with num_examples {result.num_examples} could overflow"
+                f" the round's float64 sum (limit {limit:.3g} for {len(self.datasites)} datasites)",
+            )
         bound = self.limits.max_update_norm
         if bound <= 0 or (model_round is not None and result.envelope.round != model_round):
             return result, None, False
