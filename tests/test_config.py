@@ -319,7 +319,7 @@ def test_valid_import_string_accepted(tmp_path: Path) -> None:
         ),
         ({"limits.max_header_bytes": 63}, "limits.max_header_bytes", "63", "a value >= 64"),
         ({"limits.max_metrics": -1}, "limits.max_metrics", "-1", "a value >= 0"),
-        ({"limits.max_file_bytes": 0}, "limits.max_file_bytes", "0", "a value >= 1"),
+        ({"limits.max_file_bytes": -1}, "limits.max_file_bytes", "-1", "a value >= 0"),
         ({"limits.max_num_examples": 0}, "limits.max_num_examples", "0", "a value >= 1"),
         ({"model.arrays.w.shape": [3, 0]}, "model.arrays.w.shape[1]", "0", "a value >= 1"),
         ({"model.arrays.w.scale": -0.5}, "model.arrays.w.scale", "-0.5", "a value >= 0"),

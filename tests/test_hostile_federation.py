@@ -35,6 +35,7 @@ from hostile.corpus import (
     ANSWERED,
     CORPUS,
     HOSTILE,
+    LIMITS,
     MAX_UPDATE_NORM,
     REFUSED,
     Case,
@@ -210,7 +211,7 @@ async def test_hostile_corpus_is_refused_and_the_model_is_honest_fedavg(tmp_path
             "quarantine_mode": "move",
             "partial_file_settle_seconds": 0.0,
         },
-        limits={"max_update_norm": MAX_UPDATE_NORM},
+        limits={"max_update_norm": MAX_UPDATE_NORM, "max_file_bytes": LIMITS.max_file_bytes},
     )
     job = write_job(tmp_path, table)
     config = load_config(job)
@@ -284,7 +285,11 @@ async def test_clip_mode_counts_the_clipped_update(
         3,
         job={"num_rounds": 1, "min_train_nodes": 3},
         strategy=strategy,
-        limits={"max_update_norm": MAX_UPDATE_NORM, "update_norm_action": "clip"},
+        limits={
+            "max_update_norm": MAX_UPDATE_NORM,
+            "update_norm_action": "clip",
+            "max_file_bytes": LIMITS.max_file_bytes,
+        },
     )
     job = write_job(tmp_path, table)
     config = load_config(job)

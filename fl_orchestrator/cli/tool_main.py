@@ -21,6 +21,7 @@ from fl_orchestrator.config.hooks import HookError
 from fl_orchestrator.config.loader import _EMAIL, _JOB_NAME
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
 from fl_orchestrator.storage.models import ModelFileError, ModelStore, export_npz
+from fl_orchestrator.wire.parts import MIN_PART_BYTES
 
 EX_NOINPUT = 66
 
@@ -49,6 +50,15 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected 0 (never split) or a positive size in bytes")
+    return value
+
+
+def _part_size(text: str) -> int:
+    value = _non_negative_int(text)
+    if 0 < value < MIN_PART_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{value}: expected 0 (never split) or at least {MIN_PART_BYTES} bytes"
+        )
     return value
 
 
@@ -82,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--heartbeat-interval-seconds", type=_positive_float, default=2.0)
     site.add_argument(
         "--part-bytes",
-        type=_non_negative_int,
+        type=_part_size,
         default=8 * 1024 * 1024,
         help="results larger than this are written as parts (0: never); SyftBox 0.4.0 refuses > 10 MB",
     )

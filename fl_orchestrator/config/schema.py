@@ -198,6 +198,14 @@ class DaemonSection:
             choices=("copy", "move"),
         ),
     )
+    quarantine_max_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=spec(
+            "disk the kept copies of refused files may take in all, shared equally by the datasites"
+            " (past a datasite's share only its .reason.json records are written; 0: no copies at all)",
+            minimum=0,
+        ),
+    )
     partial_file_settle_seconds: float = field(
         default=2.0,
         metadata=spec(
@@ -218,7 +226,21 @@ class DaemonSection:
 class LimitsSection:
     """Bounds on what an inbound file may carry."""
 
-    max_file_bytes: int = field(default=2 * 1024**3, metadata=spec("largest result file read", minimum=1))
+    max_file_bytes: int = field(
+        default=0,
+        metadata=spec(
+            "largest result file read; 0: the model's arrays plus max_header_bytes, which is what an"
+            " honest result takes (a larger file is refused from its size, before any read)",
+            minimum=0,
+        ),
+    )
+    refuse_sparse_files: bool = field(
+        default=True,
+        metadata=spec(
+            "refuse, before reading it, a result of 1 MiB or more with under 1/8 of its size on disk"
+            " (a sparse file); turn off on a compressing filesystem if honest results are refused"
+        ),
+    )
     max_header_bytes: int = field(default=1024 * 1024, metadata=spec("largest message header", minimum=64))
     max_num_examples: int = field(default=10**12, metadata=spec("largest num_examples accepted", minimum=1))
     max_metrics: int = field(default=256, metadata=spec("most metric entries", minimum=0))

@@ -21,6 +21,7 @@ class Reason(StrEnum):
     # The file as bytes
     EMPTY_FILE = "empty_file"
     FILE_TOO_LARGE = "file_too_large"
+    SPARSE_FILE = "sparse_file"
     UNREADABLE = "unreadable"
     MALFORMED = "malformed"
     HEADER_TOO_LARGE = "header_too_large"

@@ -90,6 +90,8 @@ class Daemon:
             flag_after=config.limits.flag_after_rejections,
             keep_originals=config.daemon.quarantine_mode == "copy",
             retry=self.state.retry,
+            max_bytes=config.daemon.quarantine_max_bytes,
+            shares=len(config.syftbox.datasites) + 1,  # and one for files from strangers' folders
         )
         # With syft-flwr the native pipeline runs on a private spool; the bridge translates.
         self.bridge: Bridge | None = None

@@ -260,6 +260,7 @@ class RoundDriver:
         extra: dict[str, Any] = {
             "quarantined": self.quarantine.snapshot_counts(),
             "flagged": self.quarantine.flagged_datasites(),
+            "quarantine_dropped": self.quarantine.snapshot_dropped(),
             "last_evaluate": dict(self.work.last_evaluate),
         }
         if self.failure_reason:

@@ -77,6 +77,12 @@ class Quarantine:
     keep_originals: bool = False
     # Record writes are retried like every state write; None: one try (tools, tests).
     retry: WriteRetry | None = None
+    # Disk the kept files may take, in equal shares of ``shares`` (datasites + strangers).
+    max_bytes: int = 256 * 1024 * 1024
+    shares: int = 1
+    used: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    _usage_loaded: bool = field(default=False, repr=False, compare=False)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     streaks: dict[str, int] = field(default_factory=dict)
     flagged: set[str] = field(default_factory=set)
@@ -175,6 +181,28 @@ class Quarantine:
         if was_flagged:
             log.info("datasite.unflagged", datasite=datasite)
 
+    @property
+    def share_bytes(self) -> int:
+        """What one datasite's refused files may take."""
+        return self.max_bytes // max(self.shares, 1)
+
+    def _reserve(self, bucket: str, cost: int) -> bool:
+        """Count ``cost`` bytes against a bucket's share; False (and a drop counted) if over it."""
+        with self._lock:
+            if not self._usage_loaded:
+                self.used = _usage_on_disk(self.directory)
+                self._usage_loaded = True
+            if self.used.get(bucket, 0) + cost > self.share_bytes:
+                self.dropped[bucket] = self.dropped.get(bucket, 0) + 1
+                return False
+            self.used[bucket] = self.used.get(bucket, 0) + cost
+            return True
+
+    def snapshot_dropped(self) -> dict[str, int]:
+        """Refused files not kept because their datasite's share was used up, per bucket."""
+        with self._lock:
+            return dict(self.dropped)
+
     def snapshot_counts(self) -> dict[str, dict[str, int]]:
         """A copy of the per-datasite, per-reason counts, safe to serialise in another thread."""
         with self._lock:
@@ -219,6 +247,12 @@ class Quarantine:
                 return dataclasses.replace(done, error="not a datasite of this job: its folder is left alone")
             if stat.S_ISDIR(info.st_mode):
                 return dataclasses.replace(done, error="a directory is recorded, not moved")
+            if not self._reserve(folder.name, _disk_cost(info, copying=self.keep_originals)):
+                return dataclasses.replace(
+                    done,
+                    error=f"this datasite's share of quarantine_max_bytes ({self.share_bytes} bytes) is"
+                    " used up: recorded, not kept",
+                )
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / stem
             while os.path.lexists(target):
@@ -236,6 +270,29 @@ class Quarantine:
             return dataclasses.replace(done, to=target)
         finally:
             os.close(parent_fd)
+
+
+def _disk_cost(info: os.stat_result, *, copying: bool) -> int:
+    """What keeping a file takes: a copy writes every byte (a sparse file too); a move, its blocks."""
+    if copying:
+        return min(info.st_size, COPY_MAX_BYTES)
+    return info.st_blocks * 512
+
+
+def _usage_on_disk(directory: Path) -> dict[str, int]:
+    """Bytes the kept files under quarantine/<bucket>/ take now (the records are not counted)."""
+    used: dict[str, int] = {}
+    try:
+        buckets = [entry for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return used
+    for bucket in buckets:
+        total = 0
+        for entry in os.scandir(bucket.path):
+            if not entry.name.endswith(".reason.json") and entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+        used[bucket.name] = total
+    return used
 
 
 def _copy_across(parent_fd: int, name: str, info: os.stat_result, target: Path) -> str | None:

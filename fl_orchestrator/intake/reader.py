@@ -38,11 +38,14 @@ from fl_orchestrator.wire.messages import (
     decode_message,
     model_spec,
 )
-from fl_orchestrator.wire.parts import assemble, part_name
+from fl_orchestrator.wire.parts import MIN_PART_BYTES, assemble, part_name
 
 log = structlog.get_logger("fl_orchestrator.intake")
 
 HEARTBEAT_MAX_BYTES = 64 * 1024
+# Sparse-file rule: a file this big that has under 1/8 of its size allocated on disk.
+SPARSE_MIN_BYTES = 1 << 20
+SPARSE_MAX_HOLES = 8
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after the lstat must not block the thread.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -144,6 +147,11 @@ class InboundReader:
             self.set_global_model(global_model, global_model_round)
 
     @property
+    def result_limit(self) -> int:
+        """The largest result file this model allows (``result_size_limit``)."""
+        return result_size_limit(self._model[1], self.limits)
+
+    @property
     def spec(self) -> ModelSpec:
         """Names, dtypes and shapes every ok result must have."""
         return self._model[1]
@@ -170,8 +178,10 @@ class InboundReader:
             if datasite not in self.datasites:
                 raise Rejection(Reason.UNKNOWN_DATASITE, f"{datasite!r} is not in this job")
             self._check_name(path, kind, datasite)
-            limit = HEARTBEAT_MAX_BYTES if kind == FileKind.HEARTBEAT else self.limits.max_file_bytes
-            data, identity = read_below(self.layout.datasites_dir, path, limit)
+            limit = HEARTBEAT_MAX_BYTES if kind == FileKind.HEARTBEAT else self.result_limit
+            data, identity = read_below(
+                self.layout.datasites_dir, path, limit, refuse_sparse=self.limits.refuse_sparse_files
+            )
             if kind == FileKind.HEARTBEAT:
                 beat = decode_message(
                     data, expect_kind="heartbeat", expect_job=self.layout.job, limits=self.frame_limits
@@ -195,8 +205,8 @@ class InboundReader:
         ``root`` is the datasites folder, or the state folder's copy of the
         counted files (storage/kept.py), whose files have a second link: ours.
         """
-        data, _ = read_below(root, path, self.limits.max_file_bytes, max_links=2)
-        data = self._join_parts(root, path, data, self.limits.max_file_bytes, max_links=2)
+        data, _ = read_below(root, path, self.result_limit, max_links=2)
+        data = self._join_parts(root, path, data, self.result_limit, max_links=2)
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             raise Rejection(Reason.CHANGED_AFTER_COUNT, "its bytes are not the ones validated when counted")
         result, _, _ = self.check_result(data, task_id_of_result(path))
@@ -219,6 +229,11 @@ class InboundReader:
         if manifest.nbytes > limit:
             raise Rejection(
                 Reason.FILE_TOO_LARGE, f"its parts hold {manifest.nbytes} bytes; the limit is {limit}"
+            )
+        if manifest.parts > manifest.nbytes // MIN_PART_BYTES + 1:
+            raise Rejection(
+                Reason.BAD_FIELD,
+                f"{manifest.parts} parts for {manifest.nbytes} bytes: a part holds at least {MIN_PART_BYTES}",
             )
         # Stat every part before reading any: waiting costs no reads, and the sizes
         # must add up before memory is spent on them.
@@ -298,6 +313,20 @@ class InboundReader:
             raise Rejection(Reason.BAD_NAME, "expected results/<1-64 letters or digits>.result")
 
 
+def result_size_limit(spec: ModelSpec, limits: LimitsSection) -> int:
+    """The largest result an honest datasite writes for this model: its arrays plus a header.
+
+    A msgpack header of at most ``max_header_bytes``, then one bin per array
+    (a 5-byte prefix and the array's bytes). ``max_file_bytes``, when set,
+    is used instead. Anything larger is refused from its size alone.
+    """
+    if limits.max_file_bytes:
+        return limits.max_file_bytes
+    return limits.max_header_bytes + sum(
+        math.prod(shape) * dtype.itemsize + 5 for dtype, shape in spec.values()
+    )
+
+
 def check_model_fits(spec: ModelSpec, limits: LimitsSection) -> None:
     """Raise ValueError if honest results for this model would break ``[limits]``.
 
@@ -315,13 +344,15 @@ def check_model_fits(spec: ModelSpec, limits: LimitsSection) -> None:
         if elements > limits.max_array_elements:
             problems.append(f"max_array_elements = {limits.max_array_elements} but {name!r} has {elements}")
         payload += math.prod(shape) * dtype.itemsize
-    if payload > limits.max_file_bytes:
+    if 0 < limits.max_file_bytes < payload:
         problems.append(f"max_file_bytes = {limits.max_file_bytes} but the model's arrays take {payload}")
     if problems:
         raise ValueError("[limits] refuse every result for this model: " + "; ".join(problems))
 
 
-def read_below(root: Path, path: Path, limit: int, *, max_links: int = 1) -> tuple[memoryview, FileIdentity]:
+def read_below(
+    root: Path, path: Path, limit: int, *, max_links: int = 1, refuse_sparse: bool = False
+) -> tuple[memoryview, FileIdentity]:
     """Read the regular file ``path`` under ``root`` without following any link below root.
 
     ``root`` itself is opened normally: it is the operator's configured
@@ -344,7 +375,7 @@ def read_below(root: Path, path: Path, limit: int, *, max_links: int = 1) -> tup
             next_fd = _open_folder(dir_fd, part)
             os.close(dir_fd)
             dir_fd = next_fd
-        return _read_entry(dir_fd, parts[-1], limit, max_links)
+        return _read_entry(dir_fd, parts[-1], limit, max_links, refuse_sparse)
     finally:
         os.close(dir_fd)
 
@@ -367,7 +398,7 @@ def _open_folder(dir_fd: int, name: str) -> int:
         raise Rejection(Reason.UNREADABLE, f"cannot open folder {describe(name)}: {exc.strerror}") from None
 
 
-def _check_info(info: os.stat_result, limit: int, max_links: int) -> None:
+def _check_info(info: os.stat_result, limit: int, max_links: int, refuse_sparse: bool = False) -> None:
     if stat.S_ISLNK(info.st_mode):
         raise Rejection(Reason.SYMLINK, "the file is a symbolic link")
     if not stat.S_ISREG(info.st_mode):
@@ -378,12 +409,20 @@ def _check_info(info: os.stat_result, limit: int, max_links: int) -> None:
         raise Rejection(Reason.EMPTY_FILE, "the file is empty")
     if info.st_size > limit:
         raise Rejection(Reason.FILE_TOO_LARGE, f"{info.st_size} bytes; the limit is {limit}")
+    allocated = info.st_blocks * 512
+    if refuse_sparse and info.st_size >= SPARSE_MIN_BYTES and allocated * SPARSE_MAX_HOLES < info.st_size:
+        raise Rejection(
+            Reason.SPARSE_FILE,
+            f"{info.st_size} bytes long but {allocated} on disk: mostly holes, not read",
+        )
 
 
-def _read_entry(dir_fd: int, name: str, limit: int, max_links: int) -> tuple[memoryview, FileIdentity]:
+def _read_entry(
+    dir_fd: int, name: str, limit: int, max_links: int, refuse_sparse: bool
+) -> tuple[memoryview, FileIdentity]:
     # lstat first, so a FIFO or device is refused without ever being opened.
     try:
-        _check_info(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), limit, max_links)
+        _check_info(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), limit, max_links, refuse_sparse)
         fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
@@ -394,7 +433,7 @@ def _read_entry(dir_fd: int, name: str, limit: int, max_links: int) -> tuple[mem
     try:
         # fstat is the check that counts: it describes what was opened.
         info = os.fstat(fd)
-        _check_info(info, limit, max_links)
+        _check_info(info, limit, max_links, refuse_sparse)
         identity = FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)
         # Not bytearray: it zero-fills while holding the GIL, which cost a third of
         # ingest time. Every byte is overwritten below or the read is refused.

@@ -24,6 +24,9 @@ from fl_orchestrator.core.reasons import Reason, Rejection
 
 PART_SUFFIX = ".part-"
 MAX_PARTS = 100_000
+# Every part but the last holds at least this much: a manifest claiming more parts than
+# its bytes allow is refused before any part is looked at.
+MIN_PART_BYTES = 64
 
 
 def part_name(name: str, index: int) -> str:

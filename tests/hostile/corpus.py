@@ -49,8 +49,9 @@ HONEST = (0, 1, 2)  # indices of the datasites that train and answer
 # scripted datasites stay well under it (about 12 at most), the forged one
 # is about 390.
 MAX_UPDATE_NORM = 50.0
-LIMITS = LimitsSection(max_update_norm=MAX_UPDATE_NORM)
-SPARSE_BYTES = 2 * 1024**3 + 1  # one byte over the default max_file_bytes
+# max_file_bytes set: the corpus's tiny model would otherwise refuse every 2 MiB file by size.
+LIMITS = LimitsSection(max_update_norm=MAX_UPDATE_NORM, max_file_bytes=64 * 1024**2)
+SPARSE_BYTES = 2 * 1024**3 + 1  # over any limit
 
 
 class Scene(Protocol):
@@ -249,15 +250,18 @@ def _directory(scene: Scene) -> Path:
     return place(result_path(scene, fresh("directory_named_result")), make)
 
 
-def _sparse(scene: Scene) -> Path:
-    def make(temp: Path) -> None:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.ftruncate(fd, SPARSE_BYTES)  # sparse: no block is written
-        finally:
-            os.close(fd)
+def _sparse_file(name: str, size: int) -> Callable[[Scene], Path]:
+    def build(scene: Scene) -> Path:
+        def make(temp: Path) -> None:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.ftruncate(fd, size)  # sparse: no block is written
+            finally:
+                os.close(fd)
 
-    return place(result_path(scene, fresh("sparse_2gib")), make)
+        return place(result_path(scene, fresh(name)), make)
+
+    return build
 
 
 def _prepare_linked(scene: Scene) -> None:
@@ -415,7 +419,10 @@ CORPUS: tuple[Case, ...] = (
     ),
     file_case("oversized_header", Reason.HEADER_TOO_LARGE, _oversized_header),
     file_case("trailing_bytes", Reason.TRAILING_BYTES, lambda s, n: ok_result(s, n) + b"\x00"),
-    Case("sparse_2gib", Reason.FILE_TOO_LARGE, _sparse),
+    # Over the model's size: refused from fstat before anything else.
+    Case("sparse_2gib", Reason.FILE_TOO_LARGE, _sparse_file("sparse_2gib", SPARSE_BYTES)),
+    # Within max_file_bytes, but mostly holes: refused before it is read.
+    Case("sparse_under_limit", Reason.SPARSE_FILE, _sparse_file("sparse_under_limit", 2 * 1024**2)),
     # ---- the header ----
     file_case("unsupported_version", Reason.UNSUPPORTED_VERSION, lambda s, n: ok_result(s, n, version=2)),
     file_case("wrong_kind", Reason.WRONG_KIND, lambda s, n: ok_result(s, n, kind="model")),

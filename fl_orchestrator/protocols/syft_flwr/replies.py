@@ -15,6 +15,7 @@ Runs in a worker thread. Every outcome is a value, never an exception:
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import threading
 import time
@@ -179,6 +180,17 @@ class ReplyTranslator:
         self.state = state
         self.max_file_bytes = max_file_bytes
 
+    def reply_limit(self) -> int:
+        """The largest response read: ``max_file_bytes``, or (0) what a reply to this model takes.
+
+        A reply carries the arrays as a Flower message in base64: about 4/3 of their
+        bytes, plus each array's header and the envelope.
+        """
+        if self.max_file_bytes:
+            return self.max_file_bytes
+        payload = sum(math.prod(shape) * dtype.itemsize + 1024 for dtype, shape in self.state.spec.values())
+        return payload * 4 // 3 + 1024 * 1024
+
     def translate(self, path: Path, owner: str, request_id_hex: str) -> Outcome:
         """Look at one response file; never raises for anything the file contains."""
         try:
@@ -189,7 +201,7 @@ class ReplyTranslator:
 
     def _translate(self, path: Path, owner: str, request_id_hex: str) -> Outcome:
         try:
-            data, _ = read_below(self.layout.datasites_dir, path, self.max_file_bytes)
+            data, _ = read_below(self.layout.datasites_dir, path, self.reply_limit())
         except Rejection as exc:
             if exc.reason == Reason.EMPTY_FILE:
                 return NotYet(exc.detail)
