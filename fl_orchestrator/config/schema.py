@@ -242,7 +242,31 @@ class LimitsSection:
         ),
     )
     max_header_bytes: int = field(default=1024 * 1024, metadata=spec("largest message header", minimum=64))
-    max_num_examples: int = field(default=10**12, metadata=spec("largest num_examples accepted", minimum=1))
+    max_num_examples: int = field(
+        default=10**8,
+        metadata=spec(
+            "largest num_examples a result may claim (a datasite's weight in FedAvg); raise it only"
+            " for a datasite that really holds more",
+            minimum=1,
+        ),
+    )
+    max_num_examples_growth: float = field(
+        default=4.0,
+        metadata=spec(
+            "a datasite's num_examples may grow at most this factor over its first counted claim"
+            " (0: no limit)",
+            minimum=0,
+        ),
+    )
+    max_weight_share: float = field(
+        default=0.0,
+        metadata=spec(
+            "largest share of a round's total weight one datasite may have; the excess is spread"
+            " over the others (docs/STRATEGIES.md). 0: off",
+            minimum=0,
+            maximum=1,
+        ),
+    )
     max_metrics: int = field(default=256, metadata=spec("most metric entries", minimum=0))
     max_arrays: int = field(default=4096, metadata=spec("most arrays in one result", minimum=1))
     max_array_dims: int = field(

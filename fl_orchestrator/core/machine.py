@@ -221,6 +221,8 @@ class RoundMachine:
             current.metrics[event.datasite] = dict(event.metrics)
             record.succeeded += 1
             record.train_seconds_total += elapsed
+            if record.first_num_examples is None:
+                record.first_num_examples = event.num_examples
             actions.append(
                 Accept(current.round, current.attempt, event.datasite, event.num_examples, event.payload)
             )
@@ -253,6 +255,12 @@ class RoundMachine:
             return Reason.REPLY_TO_MISMATCH, f"reply_to {event.reply_to!r} is not this attempt's task"
         if event.datasite in current.answered():
             return Reason.DUPLICATE, f"already answered round {self.round}"
+        first = self.records[event.datasite].first_num_examples
+        growth = self.rules.max_num_examples_growth
+        if event.ok and growth > 0 and first is not None and event.num_examples > growth * first:
+            return Reason.NUM_EXAMPLES_JUMP, (
+                f"claims {event.num_examples} examples, over {growth:g} x its first claim of {first}"
+            )
         return None
 
     def _on_tick(self, now: float) -> list[Action]:

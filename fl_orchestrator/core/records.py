@@ -27,6 +27,9 @@ class RoundRules:
     # True where presence is not proof of life (syft-flwr: a published schema file):
     # a datasite that let a round time out is unavailable until it is seen again.
     timeout_means_gone: bool = False
+    # A datasite's claimed num_examples may grow at most this factor over its first counted
+    # claim (0: no limit): a datasite cannot earn trust and then take the aggregate over.
+    max_num_examples_growth: float = 0.0
 
 
 @dataclass
@@ -40,6 +43,8 @@ class DatasiteRecord:
     timed_out: int = 0
     rejected: int = 0
     train_seconds_total: float = 0.0
+    # num_examples of its first counted training result: what later claims are held to.
+    first_num_examples: int | None = None
 
 
 @dataclass

@@ -21,6 +21,7 @@ import structlog
 from fl_orchestrator.aggregation.base import RoundSkipped, Strategy
 from fl_orchestrator.aggregation.clipping import ClippedUpdate, clip_factor, update_norm
 from fl_orchestrator.aggregation.guard import finish_finite
+from fl_orchestrator.aggregation.weights import as_num_examples, capped_weights
 from fl_orchestrator.config.loader import ConfigError, check_config_value
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
@@ -66,6 +67,9 @@ class RoundWork:
         self.config = config
         self.retry = retry
         self.kept = kept
+        # With a cap on one datasite's share the weights are known only at the round's end:
+        # results are then folded from their files there, like a whole-set strategy's.
+        self.deferred = config.limits.max_weight_share > 0
         self.publisher = publisher
         self.store = store
         self.strategy = strategy
@@ -181,7 +185,7 @@ class RoundWork:
             path=self.kept.path_for(action.round, handle.path),
         )
         message = handle.message
-        if self.strategy.streaming:
+        if self.strategy.streaming and not self.deferred:
             assert message is not None, "a replayed result is read again before it is folded"
             with anyio.fail_after(self.config.daemon.aggregation_timeout_seconds):
                 # Abandoned on shutdown: the fold is in memory only, the round log has the result.
@@ -221,7 +225,7 @@ class RoundWork:
         """The next global model; the current one if the strategy skips the round."""
         files: list[FileUpdate] = []
         try:
-            if not self.strategy.streaming:
+            if not self.strategy.streaming or self.deferred:
                 updates: list[Mapping[str, np.ndarray]] = []
                 weights: list[int] = []
                 # By datasite, not arrival: ties in a selection (Krum) and the order of
@@ -232,6 +236,9 @@ class RoundWork:
                         files.append(update)
                         updates.append(self._bounded(update))
                         weights.append(num_examples)
+                share = self.config.limits.max_weight_share
+                if share > 0:
+                    weights = as_num_examples(capped_weights(weights, share))
                 self.strategy.aggregate_all(updates, weights)
             return finish_finite(self.strategy)
         except RoundSkipped as exc:
