@@ -2,13 +2,28 @@
 
 The watcher only says "look at this path"; deduplication and decoding happen
 downstream, so an event seen twice (by inotify and by the rescan) is harmless.
+
+Only the folders on the way to each datasite's job folder are watched, one
+level each, never a whole tree: what a datasite keeps elsewhere in its
+folder (an unreadable folder, a link to /etc, a name that is not UTF-8, a
+deep tree) cannot slow or break the watch. A folder on the way that is a
+link, not a folder or unreadable is not watched, and is reported once
+(``watcher.folder_refused``); when a name inside a watched folder breaks the
+watcher itself (watchfiles cannot decode a name that is not UTF-8), that
+datasite's folders are dropped from the watch for good and the watch goes
+on for everyone else (``watcher.datasite_unwatched``). The rescan still
+covers every datasite.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import stat
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +32,16 @@ import structlog
 from anyio.abc import ObjectSendStream
 from watchfiles import Change, awatch
 
-from fl_orchestrator.wire.layout import JobLayout
+from fl_orchestrator.core.reasons import Reason, printable
+from fl_orchestrator.wire.layout import TEMP_SUFFIX, JobLayout
 
 log = structlog.get_logger("fl_orchestrator.watcher")
 
 PathBatch = list[Path]
+# After a failure the watcher did not attribute to a datasite: wait, then longer each time.
+_FIRST_BACKOFF_SECONDS = 0.1
+_MAX_BACKOFF_SECONDS = 10.0
+_QUOTED_PATH = re.compile(r'"([^"]+)"')
 
 
 def scan_job_files(layout: JobLayout, datasites: tuple[str, ...]) -> Iterator[Path]:
@@ -40,13 +60,117 @@ def scan_job_files(layout: JobLayout, datasites: tuple[str, ...]) -> Iterator[Pa
                 yield Path(entry.path)
 
 
-def _job_filter(layout: JobLayout) -> Callable[[Change, str], bool]:
+def folders_on_the_way(layout: JobLayout, datasite: str) -> list[Path]:
+    """datasites/<email>, its app_data, the app's folder, the job's folder, its results folder."""
+    job = layout.app_dir(datasite)
+    return [job.parent.parent.parent, job.parent.parent, job.parent, job, layout.results_dir(datasite)]
+
+
+# Bounds on what is watched beyond the job's own folders: folders of parties that are not
+# in the job (their files are refused as unknown_datasite), and folders inside results/
+# (their files are refused as bad_name).
+MAX_UNLISTED_FOLDERS = 256
+MAX_RESULT_SUBFOLDERS = 16
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """The folders to watch (one level each) and every folder whose coming or going changes the plan."""
+
+    folders: tuple[Path, ...]
+    on_the_way: frozenset[str]
+    results_dirs: frozenset[str]
+    members: frozenset[str]
+    refused: dict[str, tuple[Reason, str]]
+    unlisted_skipped: int = 0
+
+
+def plan_watch(layout: JobLayout, datasites: tuple[str, ...], dropped: set[str]) -> WatchPlan:
+    """Which folders to watch now: each existing, real, readable folder on the way, per party."""
+    unlisted = _unlisted_folders(layout, set(datasites))
+    members = [d for d in (*datasites, *unlisted[:MAX_UNLISTED_FOLDERS]) if d not in dropped]
+    folders = [layout.datasites_dir]
+    on_the_way: set[str] = set()
+    results_dirs: set[str] = set()
+    refused: dict[str, tuple[Reason, str]] = {}
+    for member in members:
+        chain = folders_on_the_way(layout, member)
+        on_the_way.update(str(folder) for folder in chain)
+        results_dirs.add(str(chain[-1]))
+        for folder in chain:
+            if not os.path.lexists(folder):
+                break  # the folder above is watched: its appearance changes the plan
+            problem = _unwatchable(folder)
+            if problem is not None:
+                refused[member] = problem
+                break
+            folders.append(folder)
+        else:
+            for sub in _subfolders(chain[-1])[:MAX_RESULT_SUBFOLDERS]:
+                on_the_way.add(str(sub))
+                if _unwatchable(sub) is None:
+                    folders.append(sub)
+    return WatchPlan(
+        tuple(folders),
+        frozenset(on_the_way),
+        frozenset(results_dirs),
+        frozenset(members),
+        refused,
+        max(0, len(unlisted) - MAX_UNLISTED_FOLDERS),
+    )
+
+
+def _unwatchable(folder: Path) -> tuple[Reason, str] | None:
+    """Why an existing folder cannot be watched, or None."""
+    try:
+        info = os.lstat(folder)
+    except OSError as exc:
+        return Reason.UNREADABLE, f"{folder}: {exc.strerror}"
+    if stat.S_ISLNK(info.st_mode):
+        return Reason.SYMLINK, f"{folder} is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return Reason.NOT_REGULAR_FILE, f"{folder} is not a folder"
+    if not os.access(folder, os.R_OK | os.X_OK):
+        return Reason.UNREADABLE, f"{folder} cannot be read"
+    return None
+
+
+def _unlisted_folders(layout: JobLayout, listed: set[str]) -> list[str]:
+    """Folders under datasites/ of parties that are not in the job, sorted."""
+    try:
+        names = [e.name for e in os.scandir(layout.datasites_dir) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    return sorted(name for name in names if name not in listed and name.isprintable())
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def _job_filter(layout: JobLayout, plan: WatchPlan) -> Callable[[Change, str], bool]:
     marker = os.sep + os.path.join("app_data", "fl_orchestrator", layout.job) + os.sep
+    datasites_dir = str(layout.datasites_dir)
 
     def accept(change: Change, path: str) -> bool:
-        return change != Change.deleted and marker in path and not path.endswith(".tmp")
+        if path in plan.on_the_way or os.path.dirname(path) == datasites_dir:
+            return True  # a folder on the way, or a party's folder, came or went: plan again
+        return change != Change.deleted and marker in path and not path.endswith(TEMP_SUFFIX)
 
     return accept
+
+
+def _changes_plan(plan: WatchPlan, path: str, datasites_dir: str) -> bool:
+    """True if this path's coming or going means other folders must be watched."""
+    if path in plan.on_the_way:
+        return True
+    parent = os.path.dirname(path)
+    if parent == datasites_dir:
+        return os.path.basename(path) not in plan.members
+    return parent in plan.results_dirs and os.path.isdir(path) and not os.path.islink(path)
 
 
 async def watch_job_files(
@@ -63,38 +187,125 @@ async def watch_job_files(
     async with anyio.create_task_group() as group:
         group.start_soon(set_when_cancelled, stop)
         group.start_soon(_rescan_forever, layout, datasites, send, rescan_interval_seconds)
-        step = max(1, min(debounce_milliseconds, math.ceil(debounce_milliseconds / 4)))
-        async for changes in resilient_awatch(
-            layout.datasites_dir,
-            stop_event=stop,
-            watch_filter=_job_filter(layout),
-            debounce=debounce_milliseconds,
-            step=step,
-        ):
-            await send.send(sorted({Path(path) for _, path in changes}))
+        await JobWatch(layout, datasites, debounce_milliseconds).run(send, stop)
         group.cancel_scope.cancel()
+
+
+class JobWatch:
+    """The watch over the folders on the way to every datasite's job folder; see the module docstring."""
+
+    def __init__(self, layout: JobLayout, datasites: tuple[str, ...], debounce_milliseconds: int) -> None:
+        self.layout = layout
+        self.datasites = datasites
+        self.debounce = debounce_milliseconds
+        self.step = max(1, min(debounce_milliseconds, math.ceil(debounce_milliseconds / 4)))
+        self.dropped: set[str] = set()
+        self.reported: set[tuple[str, str]] = set()
+        self.restarts = 0
+
+    async def run(self, send: ObjectSendStream[PathBatch], stop: anyio.Event) -> None:
+        """Watch until ``stop`` is set, planning again whenever a folder on the way changes."""
+        backoff = _FIRST_BACKOFF_SECONDS
+        while not stop.is_set():
+            plan = await anyio.to_thread.run_sync(plan_watch, self.layout, self.datasites, self.dropped)
+            for refused, (reason, detail) in plan.refused.items():
+                self._report("watcher.folder_refused", refused, reason, detail)
+            if plan.unlisted_skipped:
+                detail = f"{plan.unlisted_skipped} folders of parties not in the job beyond the first"
+                self._report(
+                    "watcher.folder_ignored",
+                    "_unknown",
+                    Reason.UNKNOWN_DATASITE,
+                    f"{detail} {MAX_UNLISTED_FOLDERS}",
+                )
+            try:
+                await self._watch(plan, send, stop)
+                backoff = _FIRST_BACKOFF_SECONDS
+            except* (RuntimeError, OSError) as group:
+                error = group.exceptions[0]
+                datasite = self._datasite_of(str(error))
+                self.restarts += 1
+                if datasite is not None and isinstance(error, RuntimeError):
+                    self.dropped.add(datasite)
+                    self._report("watcher.datasite_unwatched", datasite, Reason.BAD_NAME, str(error))
+                elif datasite is None:
+                    log.warning(
+                        "watcher.restarted", error=printable(repr(error), 300), retry_in_seconds=backoff
+                    )
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+
+    async def _watch(self, plan: WatchPlan, send: ObjectSendStream[PathBatch], stop: anyio.Event) -> None:
+        """One watch over ``plan``; returns when the plan must change, or on ``stop``."""
+        changes_of = awatch(
+            *plan.folders,
+            stop_event=stop,
+            watch_filter=_job_filter(self.layout, plan),
+            debounce=self.debounce,
+            step=self.step,
+            recursive=False,
+            ignore_permission_denied=True,
+        )
+        datasites_dir = str(self.layout.datasites_dir)
+        async with aclosing(changes_of) as batches:
+            async for changes in batches:
+                paths = {path for _, path in changes}
+                files = sorted(Path(p) for p in paths if p not in plan.on_the_way)
+                if files:
+                    await send.send(files)
+                if any(_changes_plan(plan, p, datasites_dir) for p in paths):
+                    return
+
+    def _datasite_of(self, message: str) -> str | None:
+        """The datasite whose folder a watcher error names, if any."""
+        prefix = str(self.layout.datasites_dir) + os.sep
+        for quoted in _QUOTED_PATH.findall(message):
+            if isinstance(quoted, str) and quoted.startswith(prefix):
+                email = str(quoted[len(prefix) :].split(os.sep, 1)[0])
+                if email in self.datasites:
+                    return email
+        return None
+
+    def _report(self, event: str, datasite: str, reason: Reason, detail: str) -> None:
+        if (datasite, str(reason)) in self.reported:
+            return
+        self.reported.add((datasite, str(reason)))
+        log.warning(
+            event,
+            datasite=datasite,
+            reason=str(reason),
+            detail=printable(detail, 300),
+            hint="its files are still found by the rescan, every rescan_interval_seconds",
+        )
 
 
 async def resilient_awatch(
     root: Path, *, stop_event: anyio.Event, **options: Any
 ) -> AsyncIterator[set[tuple[Change, str]]]:
-    """``awatch`` over root, recursive, restarted when the watcher itself fails.
+    """``awatch`` over root, recursive, restarted (with backoff) when the watcher itself fails.
 
     watchfiles raises a RuntimeError (inside an exception group) when it meets
-    a path it cannot decode as UTF-8, and any datasite can sync such a name
-    into the tree. Restarting loses the events of that moment only; the
-    periodic rescan finds whatever they were about.
+    a path it cannot decode as UTF-8. Restarting loses the events of that
+    moment only; the periodic rescan finds whatever they were about.
     """
+    backoff = _FIRST_BACKOFF_SECONDS
     while not stop_event.is_set():
         try:
             async for changes in awatch(
                 root, stop_event=stop_event, recursive=True, ignore_permission_denied=True, **options
             ):
+                backoff = _FIRST_BACKOFF_SECONDS
                 yield changes
             return
         except* RuntimeError as errors:
-            log.warning("watcher.restarted", root=str(root), error=repr(errors.exceptions[0])[:300])
-        await anyio.sleep(0.1)
+            log.warning(
+                "watcher.restarted",
+                root=str(root),
+                error=repr(errors.exceptions[0])[:300],
+                retry_in_seconds=backoff,
+            )
+        await anyio.sleep(backoff)
+        backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
 
 
 async def set_when_cancelled(stop: anyio.Event) -> None:

@@ -1,0 +1,73 @@
+"""Nothing in the synced tree can blind or stall the watcher (watched as the daemon does)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from fl_orchestrator.intake.watcher import PathBatch, plan_watch, watch_job_files
+from fl_orchestrator.wire.layout import JobLayout
+
+pytestmark = pytest.mark.anyio
+SITES = ("good@x.org", "evil@x.org", "odd@x.org")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _hostile_tree(layout: JobLayout) -> None:
+    evil = layout.datasites_dir / "evil@x.org"
+    (evil / "app_data" / "other").mkdir(parents=True)
+    deep = evil / "app_data" / "other"
+    for level in range(200):
+        deep = deep / f"d{level}"
+    deep.mkdir(parents=True)
+    locked = evil / "app_data" / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0)
+    os.mkfifo(evil / "app_data" / "fifo")
+    os.mkdir(os.fsencode(evil / "app_data") + b"/\xff\xfe")
+    job = layout.app_dir("evil@x.org")
+    job.mkdir(parents=True)
+    os.symlink("/etc", layout.results_dir("evil@x.org"))
+    for site in ("good@x.org", "odd@x.org"):
+        layout.results_dir(site).mkdir(parents=True)
+
+
+async def test_hostile_folders_are_reported_once_and_honest_events_keep_flowing(tmp_path: Path) -> None:
+    layout = JobLayout(tmp_path / "syftbox", "job", "agg@x.org")
+    _hostile_tree(layout)
+    plan = plan_watch(layout, SITES, set())
+    assert "evil@x.org" in plan.refused and plan.refused["evil@x.org"][0] == "symlink"
+    send, receive = anyio.create_memory_object_stream[PathBatch](100)
+    honest = layout.results_dir("good@x.org") / ("a" * 32 + ".result")
+    seen: list[Path] = []
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: watch_job_files(
+                    layout, SITES, send, debounce_milliseconds=5, rescan_interval_seconds=3600.0
+                )
+            )
+            await anyio.sleep(0.3)  # the watch is set up (the start-up scan found nothing to send)
+            # A name watchfiles cannot decode, inside a watched folder: only odd@x.org goes blind.
+            os.mkdir(os.fsencode(layout.results_dir("odd@x.org")) + b"/\xff\xfe")
+            await anyio.sleep(0.3)
+            honest.write_bytes(b"x")
+            with anyio.fail_after(5):  # events only: the next rescan is an hour away
+                while honest not in seen:
+                    seen.extend(await receive.receive())
+            group.cancel_scope.cancel()
+    events = [
+        (e["event"], e.get("datasite"), e.get("reason")) for e in logs if e["event"].startswith("watcher.")
+    ]
+    assert ("watcher.folder_refused", "evil@x.org", "symlink") in events
+    assert ("watcher.datasite_unwatched", "odd@x.org", "bad_name") in events
+    assert len(events) == len(set(events)), events  # each reported once
+    assert not [e for e in events if e[0] == "watcher.restarted"], events
