@@ -266,6 +266,7 @@ def test_a_kill_9_at_every_write_of_the_first_start_leaves_a_startable_folder(
             assert_same_model(store.load(0), initial_model(config.model))
             assert CheckpointStore(config.state.state_dir, config.job.name, 3).load(0).round == 0
             assert not list(config.state.state_dir.rglob("*.tmp")), "a leftover temp file survived"
+    print(f"\nfirst start: {crashes} write points crashed, each restarted cleanly")
     assert crashes >= 6  # run.json, config, permissions, model, checkpoint: each a write point
     # And one of those folders runs to the end with the undisturbed model.
     federation_for(job)  # type: ignore[operator]
