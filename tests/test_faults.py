@@ -114,6 +114,9 @@ def test_a_write_fault_of_three_seconds_mid_collection_is_survived(
     assert daemon.events("state.write_recovered")
     assert not daemon.events("state.write_gave_up")
     assert [e["round"] for e in daemon.events("round.completed")] == [1, 2, 3]
+    # job and run are bound once for the whole run (structlog contextvars), never passed by hand.
+    run_id = json.loads((load_config(job).state.state_dir / "run.json").read_text())["run_id"]
+    assert {(e["job"], e["run"]) for e in daemon.events("state.write_failed")} == {("testjob", run_id)}
     assert _run_status(job) == "done"
     _final_model_matches(job)
 

@@ -167,6 +167,8 @@ class Daemon:
     async def _run(self) -> int:
         # ---- start-up
         start, machine = await anyio.to_thread.run_sync(lambda: self.startup.prepare(rerun=self.rerun))
+        # Bound here too: what prepare bound lived in its worker thread's copy of the context.
+        structlog.contextvars.bind_contextvars(run=start.run.run_id)
         # Everything allocated so far lives for the whole run: keep the collector
         # from scanning it again in every full collection (20 ms pauses measured).
         gc.freeze()

@@ -198,6 +198,7 @@ class Startup:
                 await driver.feed(
                     ev.AttemptReplayed(record.attempt, record.tasks, record.dispatched_at, record.deadline)
                 )
+                structlog.contextvars.bind_contextvars(attempt=record.attempt)
                 self.work.strategy.begin_round(machine.round, self.work.global_model)
                 self.work.accepted_files = []
                 continue
