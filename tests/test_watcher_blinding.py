@@ -38,6 +38,8 @@ def _hostile_tree(layout: JobLayout) -> None:
     os.symlink("/etc", layout.results_dir("evil@x.org"))
     for site in ("good@x.org", "odd@x.org"):
         layout.results_dir(site).mkdir(parents=True)
+    (layout.results_dir("good@x.org") / "sub").mkdir()
+    (layout.datasites_dir / "mallory@x.org").mkdir()
 
 
 async def test_hostile_folders_are_reported_once_and_honest_events_keep_flowing(tmp_path: Path) -> None:
@@ -69,5 +71,7 @@ async def test_hostile_folders_are_reported_once_and_honest_events_keep_flowing(
     ]
     assert ("watcher.folder_refused", "evil@x.org", "symlink") in events
     assert ("watcher.datasite_unwatched", "odd@x.org", "bad_name") in events
+    assert ("watcher.folder_unexpected", "good@x.org", "subfolder") in events
+    assert ("watcher.folder_unexpected", "mallory@x.org", "unlisted_folder") in events
     assert len(events) == len(set(events)), events  # each reported once
     assert not [e for e in events if e[0] == "watcher.restarted"], events

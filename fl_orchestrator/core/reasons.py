@@ -59,6 +59,9 @@ class Reason(StrEnum):
     NOT_REGULAR_FILE = "not_regular_file"
     HARD_LINK = "hard_link"
     BAD_NAME = "bad_name"
+    # Folders the watcher found where no folder belongs (reported, never refused as files)
+    UNLISTED_FOLDER = "unlisted_folder"
+    SUBFOLDER = "subfolder"
     # The daemon itself
     INTERNAL_ERROR = "internal_error"
 

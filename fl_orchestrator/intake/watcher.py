@@ -83,6 +83,8 @@ class WatchPlan:
     members: frozenset[str]
     refused: dict[str, tuple[Reason, str]]
     unlisted_skipped: int = 0
+    # Folders where none belongs: a party not in the job, a folder inside results/.
+    unexpected: tuple[tuple[str, Reason, str], ...] = ()
 
 
 def plan_watch(layout: JobLayout, datasites: tuple[str, ...], dropped: set[str]) -> WatchPlan:
@@ -93,6 +95,10 @@ def plan_watch(layout: JobLayout, datasites: tuple[str, ...], dropped: set[str])
     on_the_way: set[str] = set()
     results_dirs: set[str] = set()
     refused: dict[str, tuple[Reason, str]] = {}
+    unexpected = [
+        (name, Reason.UNLISTED_FOLDER, f"{layout.datasites_dir / name}: not a datasite of this job")
+        for name in unlisted[:MAX_UNLISTED_FOLDERS]
+    ]
     for member in members:
         chain = folders_on_the_way(layout, member)
         on_the_way.update(str(folder) for folder in chain)
@@ -107,6 +113,9 @@ def plan_watch(layout: JobLayout, datasites: tuple[str, ...], dropped: set[str])
             folders.append(folder)
         else:
             for sub in _subfolders(chain[-1])[:MAX_RESULT_SUBFOLDERS]:
+                unexpected.append(
+                    (member, Reason.SUBFOLDER, f"{sub}: results are files directly in results/")
+                )
                 on_the_way.add(str(sub))
                 if _unwatchable(sub) is None:
                     folders.append(sub)
@@ -117,6 +126,7 @@ def plan_watch(layout: JobLayout, datasites: tuple[str, ...], dropped: set[str])
         frozenset(members),
         refused,
         max(0, len(unlisted) - MAX_UNLISTED_FOLDERS),
+        tuple(unexpected),
     )
 
 
@@ -210,6 +220,8 @@ class JobWatch:
             plan = await anyio.to_thread.run_sync(plan_watch, self.layout, self.datasites, self.dropped)
             for refused, (reason, detail) in plan.refused.items():
                 self._report("watcher.folder_refused", refused, reason, detail)
+            for party, reason, detail in plan.unexpected:
+                self._report("watcher.folder_unexpected", party, reason, detail)
             if plan.unlisted_skipped:
                 detail = f"{plan.unlisted_skipped} folders of parties not in the job beyond the first"
                 self._report(
