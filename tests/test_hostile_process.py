@@ -1,0 +1,63 @@
+"""A hostile datasite against the installed daemon: junk cannot fill the disk, and the job ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from fl_orchestrator.config import load_config
+from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
+from fl_orchestrator.storage.models import ModelStore
+from fl_orchestrator.wire.layout import JobLayout
+
+from support import scripted
+from support.daemon_process import TESTS_DIR, DaemonProcess, assert_same_model, expected_model
+from support.jobs import job_table, site_emails, write_job
+
+pytestmark = pytest.mark.slow
+JUNK_FILES = 20
+JUNK_BYTES = 2 * 1024**2  # over the tiny test model's result limit, and over a quarantine share
+
+
+def test_a_flood_of_oversized_junk_keeps_the_quarantine_within_its_bound(tmp_path: Path) -> None:
+    table = job_table(
+        4,
+        job={"num_rounds": 2, "min_train_nodes": 3, "min_available_nodes": 3, "round_timeout_seconds": 30.0},
+        daemon={"quarantine_max_bytes": 8 * 1024**2},
+    )
+    job = write_job(tmp_path, table)
+    config = load_config(job)
+    layout = JobLayout(config.syftbox.root, config.job.name, config.syftbox.aggregator_email)
+    hostile = site_emails(4)[3]
+    results = layout.results_dir(hostile)
+    results.mkdir(parents=True)
+    for _ in range(JUNK_FILES):
+        (results / f"{secrets.token_hex(16)}.result").write_bytes(os.urandom(JUNK_BYTES))
+    federation = LocalFederation(job, tmp_path / "logs", extra_pythonpath=[TESTS_DIR])
+    federation.start_datasites(
+        [
+            DatasiteSpec(email, "support.scripted:train", {scripted.ENV_INDEX: str(i)})
+            for i, email in enumerate(site_emails(3))
+        ],
+        heartbeat_interval_seconds=0.2,
+    )
+    daemon = DaemonProcess(job)
+    try:
+        assert daemon.wait(timeout=90) == 0, daemon.output()
+    finally:
+        daemon.kill()
+        federation.stop()
+    refused = [e for e in daemon.events("file.rejected") if e["datasite"] == hostile]
+    assert len(refused) == JUNK_FILES and {e["reason"] for e in refused} == {"file_too_large"}
+    quarantine = config.state.state_dir / "quarantine"
+    kept = sum(p.stat().st_blocks * 512 for p in quarantine.rglob("*") if p.is_file())
+    assert kept <= 8 * 1024**2  # 20 x 2 MiB of junk, and the quarantine holds its bound
+    assert len(list(quarantine.rglob("*.reason.json"))) == JUNK_FILES  # every refusal recorded
+    status = json.loads((config.state.state_dir / "status.json").read_text())
+    assert status["quarantine_dropped"] == {hostile: JUNK_FILES}
+    store = ModelStore(config.state.state_dir, config.job.name)
+    assert_same_model(store.load(2), expected_model(config, 2, [0, 1, 2]))
