@@ -61,3 +61,42 @@ def test_a_flood_of_oversized_junk_keeps_the_quarantine_within_its_bound(tmp_pat
     assert status["quarantine_dropped"] == {hostile: JUNK_FILES}
     store = ModelStore(config.state.state_dir, config.job.name)
     assert_same_model(store.load(2), expected_model(config, 2, [0, 1, 2]))
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """VmHWM of a live process, in MiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def test_a_2_gb_sparse_result_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    table = job_table(
+        4,
+        job={"num_rounds": 1, "min_train_nodes": 3, "min_available_nodes": 3},
+        limits={"max_file_bytes": 4 * 1024**3},  # the size alone lets it through: only holes do not
+        daemon={"rescan_interval_seconds": 0.5},
+    )
+    job = write_job(tmp_path, table)
+    config = load_config(job)
+    layout = JobLayout(config.syftbox.root, config.job.name, config.syftbox.aggregator_email)
+    hostile = site_emails(4)[3]
+    layout.results_dir(hostile).mkdir(parents=True)
+    sparse = layout.results_dir(hostile) / f"{secrets.token_hex(16)}.result"
+    with open(sparse, "wb") as handle:
+        handle.truncate(2 * 1024**3)
+    if sparse.stat().st_blocks * 512 * 8 >= sparse.stat().st_size:
+        pytest.skip("this filesystem does not keep holes")
+    daemon = DaemonProcess(job)
+    try:
+        refusal = daemon.wait_for("file.rejected", lambda e: e["datasite"] == hostile, timeout=30)
+        peak = _peak_rss_mib(daemon.pid)
+    finally:
+        daemon.kill()
+    assert refusal["reason"] == "sparse_file"
+    print(f"\nsparse 2 GB result: daemon peak RSS {peak:.0f} MiB when it was refused")
+    assert 0 < peak < 400  # reading it would have taken 2 GB
