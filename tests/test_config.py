@@ -725,7 +725,7 @@ def test_example_loads_with_its_checkpoint_present(tmp_path: Path) -> None:
     assert config.model.checkpoint_path == tmp_path.resolve() / "initial.npz"
     assert config.evaluate.global_evaluate == "my_project.validation:evaluate"
     assert config.state.state_dir == Path("/var/lib/fl-orchestrator/mnist-cnn")
-    assert config.limits.max_file_bytes == 2 * 1024**3
+    assert config.limits.max_file_bytes == 0  # derived from the model
 
 
 def test_example_with_random_arrays_loads(tmp_path: Path) -> None:
