@@ -9,7 +9,13 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from fl_orchestrator.intake.watcher import PathBatch, plan_watch, watch_job_files
+from fl_orchestrator.intake.watcher import (
+    MAX_RESULT_SUBFOLDERS,
+    PathBatch,
+    plan_watch,
+    scan_job_files,
+    watch_job_files,
+)
 from fl_orchestrator.wire.layout import JobLayout
 
 pytestmark = pytest.mark.anyio
@@ -75,3 +81,23 @@ async def test_hostile_folders_are_reported_once_and_honest_events_keep_flowing(
     assert ("watcher.folder_unexpected", "mallory@x.org", "unlisted_folder") in events
     assert len(events) == len(set(events)), events  # each reported once
     assert not [e for e in events if e[0] == "watcher.restarted"], events
+
+
+def test_the_rescan_finds_results_one_folder_down_but_no_deeper_and_in_few_folders(tmp_path: Path) -> None:
+    # A file put inside results/<sub>/ while the watcher was re-planning must still be refused
+    # (bad_name), so the rescan looks one level down, in at most MAX_RESULT_SUBFOLDERS folders.
+    layout = JobLayout(tmp_path / "syftbox", "job", "agg@x.org")
+    results = layout.results_dir("good@x.org")
+    nested = results / "sub" / ("b" * 32 + ".result")
+    deeper = results / "sub" / "deeper" / ("c" * 32 + ".result")
+    deeper.parent.mkdir(parents=True)
+    nested.write_bytes(b"x")
+    deeper.write_bytes(b"x")
+    for index in range(MAX_RESULT_SUBFOLDERS + 5):
+        folder = results / f"z{index:03d}"
+        folder.mkdir()
+        (folder / ("d" * 32 + ".result")).write_bytes(b"x")
+    found = list(scan_job_files(layout, ("good@x.org",)))
+    assert nested in found
+    assert deeper not in found
+    assert len(found) == MAX_RESULT_SUBFOLDERS  # "sub" and the first 15 z folders (sorted), one file each

@@ -44,6 +44,13 @@ _MAX_BACKOFF_SECONDS = 10.0
 _QUOTED_PATH = re.compile(r'"([^"]+)"')
 
 
+# Bounds on what is watched beyond the job's own folders: folders of parties that are not
+# in the job (their files are refused as unknown_datasite), and folders inside results/
+# (their files are refused as bad_name).
+MAX_UNLISTED_FOLDERS = 256
+MAX_RESULT_SUBFOLDERS = 16
+
+
 def scan_job_files(layout: JobLayout, datasites: tuple[str, ...]) -> Iterator[Path]:
     """Every heartbeat and result file currently present, for all datasites."""
     for datasite in datasites:
@@ -55,22 +62,32 @@ def scan_job_files(layout: JobLayout, datasites: tuple[str, ...]) -> Iterator[Pa
             entries = list(os.scandir(results))
         except OSError:
             continue
+        subfolders: list[str] = []
         for entry in entries:
             if entry.name.endswith(".result"):
                 yield Path(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                subfolders.append(entry.path)
+        # Nothing belongs in a folder inside results/, but what is put there is refused
+        # (bad_name), not left unseen when it landed while the watcher was re-planning.
+        for subfolder in sorted(subfolders)[:MAX_RESULT_SUBFOLDERS]:
+            yield from _result_files_in(Path(subfolder))
+
+
+def _result_files_in(folder: Path) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.endswith(".result"):
+            yield Path(entry.path)
 
 
 def folders_on_the_way(layout: JobLayout, datasite: str) -> list[Path]:
     """datasites/<email>, its app_data, the app's folder, the job's folder, its results folder."""
     job = layout.app_dir(datasite)
     return [job.parent.parent.parent, job.parent.parent, job.parent, job, layout.results_dir(datasite)]
-
-
-# Bounds on what is watched beyond the job's own folders: folders of parties that are not
-# in the job (their files are refused as unknown_datasite), and folders inside results/
-# (their files are refused as bad_name).
-MAX_UNLISTED_FOLDERS = 256
-MAX_RESULT_SUBFOLDERS = 16
 
 
 @dataclass(frozen=True)
