@@ -40,6 +40,7 @@ from fl_orchestrator.intake import reader as intake_module
 from fl_orchestrator.intake.loop import IntakeLoop
 from fl_orchestrator.intake.quarantine import UNKNOWN_DATASITES, Quarantine
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, check_model_fits
+from fl_orchestrator.protocols.native import NativeWire
 from fl_orchestrator.wire.layout import FileKind, JobLayout
 from fl_orchestrator.wire.messages import ResultMessage, model_spec
 
@@ -98,7 +99,7 @@ class UnitScene:
             global_model_round=self.round,
         )
         self.quarantine = Quarantine(tmp_path / "state" / "quarantine")
-        self.intake = IntakeLoop(self.layout, self.reader, self.quarantine, clock=lambda: NOW)
+        self.intake = IntakeLoop(NativeWire(self.layout), self.reader, self.quarantine, clock=lambda: NOW)
         self.machine = RoundMachine(RULES, first_round=2)
         self.machine.handle(ev.Started(NOW))
         for datasite in DATASITES[:3]:
@@ -613,8 +614,8 @@ async def test_a_file_left_in_place_is_refused_once_not_at_every_rescan(tmp_path
     folder.mkdir(parents=True)
     stranger = put(scene.layout.results_dir(STRANGER) / "0123abcd.result", b"x")
     for _ in range(3):
-        assert await scene.intake.take(folder) is None
-        assert await scene.intake.take(stranger) is None
+        assert await scene.intake.take(folder) == []
+        assert await scene.intake.take(stranger) == []
     assert scene.quarantine.counts == {
         HOSTILE: {"not_regular_file": 1},
         UNKNOWN_DATASITES: {"unknown_datasite": 1},
@@ -629,10 +630,10 @@ async def test_an_honest_answer_replacing_a_refused_file_is_still_read(tmp_path:
     scene = UnitScene(tmp_path)
     path = scene.layout.result_path(HOSTILE, scene.tasks[HOSTILE])
     put(path, b"\xc1 garbage under the live task's name")
-    assert await scene.intake.take(path) is None
+    assert await scene.intake.take(path) == []
     assert not path.exists()
     scene.write_honest(HOSTILE)
-    event = await scene.intake.take(path)
+    [event] = await scene.intake.take(path)
     assert isinstance(event, ev.ResultReceived) and event.ok and event.datasite == HOSTILE
     assert scene.quarantine.counts == {HOSTILE: {"malformed": 1}}
 
@@ -654,7 +655,7 @@ async def test_a_clipped_result_is_logged(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(intake_loop_module, "log", captured)
     scene = UnitScene(tmp_path, dataclasses.replace(LIMITS, update_norm_action="clip"))
     path = scene.write_honest(HOSTILE, _scaled(scene, 40.0))
-    event = await scene.intake.take(path)
+    [event] = await scene.intake.take(path)
     assert isinstance(event, ev.ResultReceived) and event.ok
     (call,) = captured.calls
     assert call.args[0] == "result.clipped"

@@ -231,7 +231,14 @@ async def test_hostile_corpus_is_refused_and_the_model_is_honest_fedavg(tmp_path
     assert_close(model1, scripted.expected_fedavg(model0, [0, 1, 2]))
     assert_close(daemon.store.load(2), scripted.expected_fedavg(model1, [0, 1, 2]))
 
-    assert daemon.quarantine.snapshot_counts() == expected_counts()
+    got, want = daemon.quarantine.snapshot_counts(), expected_counts()
+    differing = [
+        (site, reason, got.get(site, {}).get(reason), want.get(site, {}).get(reason))
+        for site in set(got) | set(want)
+        for reason in set(got.get(site, {})) | set(want.get(site, {}))
+        if got.get(site, {}).get(reason) != want.get(site, {}).get(reason)
+    ]
+    assert differing == [], "(datasite, reason, refused, expected)"
     # Several cases may share a path (ds0's round-1 task file is first a symlink,
     # then the honest answer, then replayed in round 2): one record per refusal.
     records: dict[tuple[str, str], dict[str, Any]] = {}

@@ -13,6 +13,7 @@ from fl_orchestrator.core import events as ev
 from fl_orchestrator.intake.loop import IntakeLoop
 from fl_orchestrator.intake.quarantine import Quarantine
 from fl_orchestrator.intake.reader import InboundReader
+from fl_orchestrator.protocols.native import NativeWire
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import Envelope, ResultMessage, encode_result_frames, model_spec
 
@@ -24,7 +25,7 @@ def scene(tmp_path: Path, settle: float) -> tuple[IntakeLoop, Path, bytes]:
     layout = JobLayout(tmp_path / "root", "job", "agg@example.org")
     reader = InboundReader(layout, frozenset({SITE}), model_spec(MODEL), LimitsSection())
     quarantine = Quarantine(tmp_path / "quarantine", keep_originals=True)
-    loop = IntakeLoop(layout, reader, quarantine, time.time, settle_seconds=settle)
+    loop = IntakeLoop(NativeWire(layout), reader, quarantine, time.time, settle_seconds=settle)
     path = layout.result_path(SITE, "abc123")
     path.parent.mkdir(parents=True)
     result = ResultMessage(Envelope("job", 1, "m1", "abc123", 0.0, None), True, 5, {}, arrays=MODEL)
@@ -35,11 +36,11 @@ def scene(tmp_path: Path, settle: float) -> tuple[IntakeLoop, Path, bytes]:
 def test_an_empty_then_complete_file_is_read_once_complete(tmp_path: Path) -> None:
     loop, path, data = scene(tmp_path, settle=5.0)
     path.write_bytes(b"")
-    assert anyio.run(loop.take, path) is None
+    assert anyio.run(loop.take, path) == []
     path.write_bytes(data[: len(data) // 2])  # the sync client is still writing
-    assert anyio.run(loop.take, path) is None
+    assert anyio.run(loop.take, path) == []
     path.write_bytes(data)
-    event = anyio.run(loop.take, path)
+    [event] = anyio.run(loop.take, path)
     assert isinstance(event, ev.ResultReceived) and event.num_examples == 5
     assert loop.quarantine.counts == {} and loop.unsettled == {}
 
@@ -47,10 +48,10 @@ def test_an_empty_then_complete_file_is_read_once_complete(tmp_path: Path) -> No
 def test_a_file_that_stays_truncated_is_refused_after_it_settles(tmp_path: Path) -> None:
     loop, path, data = scene(tmp_path, settle=0.2)
     path.write_bytes(data[:10])
-    assert anyio.run(loop.take, path) is None
+    assert anyio.run(loop.take, path) == []
     assert loop.quarantine.counts == {}
     time.sleep(0.25)
-    assert anyio.run(loop.take, path) is None
+    assert anyio.run(loop.take, path) == []
     assert loop.quarantine.counts == {SITE: {"truncated": 1}}
     assert path.exists()  # copied, not moved
 

@@ -114,6 +114,7 @@ def test_a_result_whose_last_part_syncs_late_is_taken_when_it_arrives(tmp_path: 
     from fl_orchestrator.intake.loop import IntakeLoop
     from fl_orchestrator.intake.quarantine import Quarantine
     from fl_orchestrator.intake.reader import InboundReader
+    from fl_orchestrator.protocols.native import NativeWire
     from fl_orchestrator.wire.layout import JobLayout
     from fl_orchestrator.wire.messages import Envelope, ResultMessage, model_spec
 
@@ -121,7 +122,11 @@ def test_a_result_whose_last_part_syncs_late_is_taken_when_it_arrives(tmp_path: 
     layout = JobLayout(tmp_path / "root", "job", AGGREGATOR)
     reader = InboundReader(layout, frozenset({"ds0@example.org"}), model_spec(model), LimitsSection())
     loop = IntakeLoop(
-        layout, reader, Quarantine(tmp_path / "q", keep_originals=True), time.time, settle_seconds=5
+        NativeWire(layout),
+        reader,
+        Quarantine(tmp_path / "q", keep_originals=True),
+        time.time,
+        settle_seconds=5,
     )
     settings_ = RunnerSettings(
         root=layout.root,
@@ -142,10 +147,10 @@ def test_a_result_whose_last_part_syncs_late_is_taken_when_it_arrives(tmp_path: 
     assert len(parts) > 2
     held = parts[-1].read_bytes()
     parts[-1].unlink()  # the sync has not brought the last part yet
-    assert anyio.run(loop.take, path) is None
+    assert anyio.run(loop.take, path) == []
     assert loop.quarantine.counts == {}
     parts[-1].write_bytes(held)
-    event = anyio.run(loop.take, parts[-1])  # the part's own event leads to its result
+    [event] = anyio.run(loop.take, parts[-1])  # the part's own event leads to its result
     assert isinstance(event, ev.ResultReceived) and event.num_examples == 5
 
 
@@ -154,6 +159,7 @@ def _parted_scene(tmp_path: Path, settle: float) -> tuple[Any, Path, list[Path],
     from fl_orchestrator.intake.loop import IntakeLoop
     from fl_orchestrator.intake.quarantine import Quarantine
     from fl_orchestrator.intake.reader import InboundReader
+    from fl_orchestrator.protocols.native import NativeWire
     from fl_orchestrator.wire.layout import JobLayout
     from fl_orchestrator.wire.messages import Envelope, ResultMessage, encode_result_frames, model_spec
 
@@ -161,7 +167,11 @@ def _parted_scene(tmp_path: Path, settle: float) -> tuple[Any, Path, list[Path],
     layout = JobLayout(tmp_path / "root", "job", AGGREGATOR)
     reader = InboundReader(layout, frozenset({"ds0@example.org"}), model_spec(model), LimitsSection())
     loop = IntakeLoop(
-        layout, reader, Quarantine(tmp_path / "q", keep_originals=True), time.time, settle_seconds=settle
+        NativeWire(layout),
+        reader,
+        Quarantine(tmp_path / "q", keep_originals=True),
+        time.time,
+        settle_seconds=settle,
     )
     settings_ = RunnerSettings(
         root=layout.root,
@@ -190,25 +200,25 @@ def test_parts_arriving_slowly_restart_the_settle_time_and_a_refused_result_is_r
     from fl_orchestrator.core import events as ev
 
     loop, path, parts, held = _parted_scene(tmp_path, settle=0.2)
-    assert anyio.run(loop.take, path) is None
+    assert anyio.run(loop.take, path) == []
     for part, data in zip(parts[1:-1], held[1:-1], strict=True):
         time.sleep(0.15)
         part.write_bytes(data)  # each arrival is progress: no refusal yet
-        assert anyio.run(loop.take, part) is None
+        assert anyio.run(loop.take, part) == []
     assert loop.quarantine.counts == {}
     time.sleep(0.3)
-    assert anyio.run(loop.take, path) is None
+    assert anyio.run(loop.take, path) == []
     assert loop.quarantine.counts == {"ds0@example.org": {"truncated": 1}}  # settled while incomplete
     parts[-1].write_bytes(held[-1])  # ...and then the last part still comes
-    event = anyio.run(loop.take, parts[-1])
+    [event] = anyio.run(loop.take, parts[-1])
     assert isinstance(event, ev.ResultReceived) and event.num_examples == 5
 
 
 def test_a_partial_file_that_disappears_is_forgotten(tmp_path: Path) -> None:
     loop, path, parts, _ = _parted_scene(tmp_path, settle=5.0)
-    assert anyio.run(loop.take, path) is None and path in loop.unsettled
+    assert anyio.run(loop.take, path) == [] and path in loop.unsettled
     path.unlink()
     for part in parts[:1]:
         part.unlink()
-    assert anyio.run(loop.take, path) is None
+    assert anyio.run(loop.take, path) == []
     assert loop.unsettled == {}

@@ -9,13 +9,8 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from fl_orchestrator.intake.watcher import (
-    MAX_RESULT_SUBFOLDERS,
-    PathBatch,
-    plan_watch,
-    scan_job_files,
-    watch_job_files,
-)
+from fl_orchestrator.intake.watcher import MAX_RESULT_SUBFOLDERS, PathBatch, plan_watch, watch_job_files
+from fl_orchestrator.protocols.native import NativeWire
 from fl_orchestrator.wire.layout import JobLayout
 
 pytestmark = pytest.mark.anyio
@@ -51,7 +46,7 @@ def _hostile_tree(layout: JobLayout) -> None:
 async def test_hostile_folders_are_reported_once_and_honest_events_keep_flowing(tmp_path: Path) -> None:
     layout = JobLayout(tmp_path / "syftbox", "job", "agg@x.org")
     _hostile_tree(layout)
-    plan = plan_watch(layout, SITES, set())
+    plan = plan_watch(NativeWire(layout), SITES, set())
     assert "evil@x.org" in plan.refused and plan.refused["evil@x.org"][0] == "symlink"
     send, receive = anyio.create_memory_object_stream[PathBatch](100)
     honest = layout.results_dir("good@x.org") / ("a" * 32 + ".result")
@@ -60,7 +55,7 @@ async def test_hostile_folders_are_reported_once_and_honest_events_keep_flowing(
         async with anyio.create_task_group() as group:
             group.start_soon(
                 lambda: watch_job_files(
-                    layout, SITES, send, debounce_milliseconds=5, rescan_interval_seconds=3600.0
+                    NativeWire(layout), SITES, send, debounce_milliseconds=5, rescan_interval_seconds=3600.0
                 )
             )
             await anyio.sleep(0.3)  # the watch is set up (the start-up scan found nothing to send)
@@ -97,7 +92,7 @@ def test_the_rescan_finds_results_one_folder_down_but_no_deeper_and_in_few_folde
         folder = results / f"z{index:03d}"
         folder.mkdir()
         (folder / ("d" * 32 + ".result")).write_bytes(b"x")
-    found = list(scan_job_files(layout, ("good@x.org",)))
+    found = list(NativeWire(layout).scan(("good@x.org",)))
     assert nested in found
     assert deeper not in found
     assert len(found) == MAX_RESULT_SUBFOLDERS  # "sub" and the first 15 z folders (sorted), one file each

@@ -305,12 +305,6 @@ def _check_syft_flwr(config: JobConfig) -> None:
             "syft-flwr",
             "the [syft-flwr] extra installed (pip install 'fl-orchestrator[syft-flwr]'): flwr is missing",
         )
-    if config.syftbox.presence_ttl_seconds <= config.syft_flwr.heartbeat_interval_seconds:
-        raise ConfigError(
-            "syft_flwr.heartbeat_interval_seconds",
-            config.syft_flwr.heartbeat_interval_seconds,
-            f"less than syftbox.presence_ttl_seconds ({config.syftbox.presence_ttl_seconds:g})",
-        )
 
 
 def _min_results(config: JobConfig) -> int:

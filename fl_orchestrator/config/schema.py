@@ -339,8 +339,8 @@ class SyftFlwrSection:
     heartbeat_interval_seconds: float = field(
         default=10.0,
         metadata=spec(
-            "how often a data owner that has published its rpc.schema.json and has not missed"
-            " a deadline is marked present again",
+            "no longer used, accepted so that older job files load: a data owner is present from"
+            " its rpc.schema.json (or any answer) until it misses a deadline",
             minimum=0,
             exclusive_minimum=True,
         ),

@@ -29,11 +29,14 @@ from fl_orchestrator.daemon.rounds import EXIT_DONE, EXIT_JOB_FAILED, RoundDrive
 from fl_orchestrator.daemon.sdnotify import SystemdNotifier
 from fl_orchestrator.daemon.signals import StopSignals
 from fl_orchestrator.daemon.startup import Startup, rules_from_config
+from fl_orchestrator.intake.adapter import WireAdapter
 from fl_orchestrator.intake.loop import IntakeLoop
 from fl_orchestrator.intake.quarantine import Quarantine
 from fl_orchestrator.intake.reader import InboundReader
 from fl_orchestrator.intake.watcher import PathBatch, watch_job_files
-from fl_orchestrator.protocols.native import Publisher
+from fl_orchestrator.protocols.contract import Publisher
+from fl_orchestrator.protocols.native import NativeWire
+from fl_orchestrator.protocols.native import Publisher as NativePublisher
 from fl_orchestrator.storage.job_state import JobState
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.storage.lock import StateLock
@@ -42,7 +45,7 @@ from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import model_spec
 
 if TYPE_CHECKING:
-    from fl_orchestrator.protocols.syft_flwr.bridge import Bridge
+    from fl_orchestrator.protocols.syft_flwr.wire import SyftFlwrWire
 
 __all__ = ["EXIT_DONE", "EXIT_JOB_FAILED", "EXIT_SOFTWARE", "Daemon", "rules_from_config"]
 
@@ -93,22 +96,25 @@ class Daemon:
             max_bytes=config.daemon.quarantine_max_bytes,
             shares=len(config.syftbox.datasites) + 1,  # and one for files from strangers' folders
         )
-        # With syft-flwr the native pipeline runs on a private spool; the bridge translates.
-        self.bridge: Bridge | None = None
+        # One intake for every protocol: the protocol is an adapter (intake/adapter.py).
+        self.layout = JobLayout(config.syftbox.root, job, config.syftbox.aggregator_email)
+        self.syft_flwr: SyftFlwrWire | None = None
+        self.wire: WireAdapter
         publisher: Publisher
         if config.job.protocol == "syft-flwr":
             from fl_orchestrator.protocols.syft_flwr.transport import SyftFlwrTransport
 
-            self.layout = JobLayout(self.state_dir / "spool", job, config.syftbox.aggregator_email)
-            transport = SyftFlwrTransport(config, self.layout, self.quarantine, clock)
-            publisher, self.bridge = transport.publisher, transport.bridge
+            transport = SyftFlwrTransport(config)
+            publisher, self.wire = transport.publisher, transport.wire
+            self.syft_flwr = transport.wire
         else:
-            self.layout = JobLayout(config.syftbox.root, job, config.syftbox.aggregator_email)
-            publisher = Publisher(self.layout, config.syftbox.datasites, config.syftbox.part_bytes)
+            publisher = NativePublisher(self.layout, config.syftbox.datasites, config.syftbox.part_bytes)
+            self.wire = NativeWire(self.layout)
         self.kept = KeptResults(self.state_dir, self.layout.datasites_dir)
         self.work = RoundWork(
             config,
             publisher=publisher,
+            wire=self.wire,
             store=self.store,
             strategy=build_strategy(
                 config.strategy.name, dict(config.strategy.params), seed=config.job.selection_seed
@@ -130,7 +136,7 @@ class Daemon:
             notifier=self.notifier,
             clock=clock,
         )
-        self.startup = Startup(config, self.state, self.layout, self.reports, self.work, self.kept)
+        self.startup = Startup(config, self.state, self.reports, self.work, self.kept)
 
     @property
     def machine(self) -> RoundMachine | None:
@@ -174,15 +180,15 @@ class Daemon:
         gc.freeze()
         if machine is None:
             self.rounds.failure_reason = start.run.reason
-            if self.bridge is not None:
+            if self.syft_flwr is not None:
                 await self._resend_stop(start.run.reason or "job complete")
             return EXIT_DONE if start.run.status == "done" else EXIT_JOB_FAILED
-        if self.bridge is not None:
-            self.bridge.publisher.set_run(start.run.run_id)
+        if self.syft_flwr is not None:
+            self.syft_flwr.publisher.set_run(start.run.run_id)
         self.rounds.machine = machine
         structlog.contextvars.bind_contextvars(round=machine.round)
         intake = self.rounds.intake = IntakeLoop(
-            self.layout,
+            self.wire,
             InboundReader(
                 self.layout,
                 frozenset(self.config.syftbox.datasites),
@@ -206,7 +212,7 @@ class Daemon:
                 root.start_soon(self.signals.listen, root.cancel_scope)
             root.start_soon(
                 lambda: watch_job_files(
-                    self.layout,
+                    self.wire,
                     self.config.syftbox.datasites,
                     batches_send,
                     debounce_milliseconds=self.config.daemon.watch_debounce_milliseconds,
@@ -214,18 +220,17 @@ class Daemon:
                 )
             )
             root.start_soon(intake.run, batches_recv, events_send)
-            if self.bridge is not None:
-                root.start_soon(self.bridge.run)
             root.start_soon(self.rounds.write_status_when_wanted)
             interval = self.notifier.watchdog_interval_seconds()
             if interval is not None:
                 root.start_soon(self._ping_watchdog, interval)
             self.notifier.ready(self.rounds.status_line())
             await self.rounds.run(events_recv)
-            if self.bridge is not None:
+            if self.syft_flwr is not None:
                 # The job ended (done or failed): tell syft-flwr's owners to exit, as its server does.
+                # The intake still runs meanwhile: it reads their answers.
                 reason = self.rounds.failure_reason or "job complete"
-                await self.bridge.finish(reason, wait_seconds=self.config.syft_flwr.stop_wait_seconds)
+                await self.syft_flwr.finish(reason, wait_seconds=self.config.syft_flwr.stop_wait_seconds)
             await self.rounds.write_last_status()
             root.cancel_scope.cancel()
         # ---- shutdown
@@ -244,10 +249,10 @@ class Daemon:
 
     async def _resend_stop(self, reason: str) -> None:
         """Killed after the job ended but before the stop went out: send it now."""
-        assert self.bridge is not None
+        assert self.syft_flwr is not None
         try:
             await anyio.to_thread.run_sync(
-                self.bridge.publisher.send_stop, self.config.syftbox.datasites, reason
+                self.syft_flwr.publisher.send_stop, self.config.syftbox.datasites, reason
             )
         except OSError as exc:  # best effort: the job's outcome is already settled
             log.warning("syft_flwr.stop_not_sent", error=str(exc))

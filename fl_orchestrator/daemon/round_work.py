@@ -26,9 +26,10 @@ from fl_orchestrator.config.loader import ConfigError, check_config_value
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.reasons import Reason
+from fl_orchestrator.intake.adapter import WireAdapter
 from fl_orchestrator.intake.reader import ResultHandle
 from fl_orchestrator.intake.result_files import FileUpdate, ResultGone
-from fl_orchestrator.protocols.native import Broadcast, Publisher
+from fl_orchestrator.protocols.contract import Broadcast, Publisher
 from fl_orchestrator.storage import failpoints
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.storage.models import ModelStore
@@ -55,6 +56,7 @@ class RoundWork:
         config: JobConfig,
         *,
         publisher: Publisher,
+        wire: WireAdapter,
         store: ModelStore,
         strategy: Strategy,
         evaluate: Evaluate | None,
@@ -71,6 +73,7 @@ class RoundWork:
         # results are then folded from their files there, like a whole-set strategy's.
         self.deferred = config.limits.max_weight_share > 0
         self.publisher = publisher
+        self.wire = wire
         self.store = store
         self.strategy = strategy
         self.evaluate_hook = evaluate
@@ -95,7 +98,7 @@ class RoundWork:
             self.broadcast = await self.retry.run(
                 lambda: self.publisher.write_model(model_round, model),
                 what="model for the datasites",
-                path=self.publisher.layout.models_dir,
+                path=self.publisher.models_dir,
             )
         failpoints.hit("dispatch.after_model")
         if begin and action.purpose == "train":
@@ -115,7 +118,7 @@ class RoundWork:
                 rnd=action.round,
             ),
             what="tasks",
-            path=self.publisher.layout.aggregator_dir,
+            path=self.publisher.tasks_dir,
         )
         failpoints.hit("dispatch.after_tasks")
         log.info(
@@ -172,7 +175,7 @@ class RoundWork:
         return dataclasses.replace(summary, train_metrics=merged)
 
     async def fold(self, action: ev.Accept) -> None:
-        """Fold one accepted result and keep a link to its file for a restart.
+        """Fold one accepted result and keep its file (as the protocol says) for a restart.
 
         Whole-set strategies only note the file: they read it at the round's end.
         """
@@ -180,8 +183,8 @@ class RoundWork:
         started = time.perf_counter()
         fold_seconds = None
         await self.retry.run(
-            lambda: self.kept.keep(action.round, handle.path, handle.identity.inode),
-            what="kept result link",
+            lambda: self.wire.keep(self.kept, action.round, handle),
+            what="kept result",
             path=self.kept.path_for(action.round, handle.path),
         )
         message = handle.message
@@ -250,10 +253,17 @@ class RoundWork:
             self.accepted_files = []
 
     def _open_counted(self, rnd: int, handle: ResultHandle) -> FileUpdate | None:
-        """The counted file, from its kept link if there is one; None (logged) if it changed."""
+        """The counted file, from its kept copy if there is one; None (logged) if it changed.
+
+        The kept copy is ours and its bytes are checked against the sha256
+        validated; the datasite's own file must also still be the same file.
+        """
         kept = self.kept.path_for(rnd, handle.path)
         try:
-            return FileUpdate(kept if os.path.lexists(kept) else handle.path, handle.identity, handle.sha256)
+            if os.path.lexists(kept):
+                # Our own copy: its sha256 says all (logs older than the sha256 have only the identity).
+                return FileUpdate(kept, None if handle.sha256 else handle.identity, handle.sha256)
+            return FileUpdate(handle.path, handle.identity, handle.sha256)
         except (ResultGone, OSError) as exc:
             log.error(
                 "result.dropped",

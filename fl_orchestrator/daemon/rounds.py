@@ -110,6 +110,9 @@ class RoundDriver:
         for action in actions:
             for follow_up in await self.execute(action):
                 await self.feed(follow_up)
+        if isinstance(event, ev.ResultReceived) and not self.replaying:
+            # Counted (and kept) or refused, and logged: the protocol may clean up after it.
+            await anyio.to_thread.run_sync(self.work.wire.decided, event.payload)
         if machine.round != rnd:
             structlog.contextvars.bind_contextvars(round=machine.round)
         if self.replaying:

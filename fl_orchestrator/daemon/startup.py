@@ -9,6 +9,7 @@ every counted result and checking it is still the bytes that were validated.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +28,13 @@ from fl_orchestrator.intake.loop import IntakeLoop
 from fl_orchestrator.intake.reader import FileIdentity
 from fl_orchestrator.intake.recovery import recover_counted
 from fl_orchestrator.storage import failpoints
-from fl_orchestrator.storage.atomic import atomic_write_text, remove_own_temps
+from fl_orchestrator.storage.atomic import atomic_write_text
 from fl_orchestrator.storage.checkpoints import Checkpoint
 from fl_orchestrator.storage.job_state import JobState, StartPoint
 from fl_orchestrator.storage.jsonl import repair_tail
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.storage.models import initial_model
 from fl_orchestrator.storage.round_log import DispatchRecord, Record, ResultRecord
-from fl_orchestrator.wire.layout import JobLayout
 
 log = structlog.get_logger("fl_orchestrator.daemon")
 
@@ -52,7 +52,9 @@ def rules_from_config(config: JobConfig, run_id: str) -> RoundRules:
         min_available_nodes=job.min_available_nodes,
         available_timeout_seconds=job.available_timeout_seconds,
         max_round_retries=job.max_round_retries,
-        presence_ttl_seconds=box.presence_ttl_seconds,
+        # A syft-flwr owner never writes a heartbeat: present from its rpc.schema.json (or an
+        # answer) until it misses a deadline (timeout_means_gone).
+        presence_ttl_seconds=math.inf if job.protocol == "syft-flwr" else box.presence_ttl_seconds,
         selection_seed=job.selection_seed,
         fraction_evaluate=job.fraction_evaluate,
         min_evaluate_nodes=job.min_evaluate_nodes,
@@ -67,7 +69,6 @@ class Startup:
 
     config: JobConfig
     state: JobState
-    layout: JobLayout
     reports: Reports
     work: RoundWork
     kept: KeptResults
@@ -118,15 +119,12 @@ class Startup:
 
     def _write_start_files(self) -> None:
         durably = self.state.retry.run_blocking
-        # A kill -9 mid-write leaves our temp files in the synced folders too, where
-        # every datasite's client would sync them.
-        for leftover in remove_own_temps(self.layout.aggregator_dir, recursive=True):
-            log.info("syftbox.leftover_removed", path=str(leftover))
         for jsonl in (self.reports.metrics_path, self.reports.evaluations_path):
             durably(functools.partial(repair_tail, jsonl), what="torn last line", path=jsonl)
-        aggregator_dir = self.layout.aggregator_dir
-        durably(lambda: aggregator_dir.mkdir(parents=True, exist_ok=True), what="folder", path=aggregator_dir)
-        durably(self.work.publisher.write_permissions, what="permissions", path=aggregator_dir)
+        publisher = self.work.publisher
+        leftovers = durably(publisher.prepare, what="folders and permissions", path=publisher.tasks_dir)
+        for leftover in leftovers:
+            log.info("syftbox.leftover_removed", path=str(leftover))
         # Beside the state it produced, so the run can be reproduced exactly.
         effective = self.config.state.state_dir / "effective-config.toml"
         config_text = config_to_toml(self.config)
@@ -183,9 +181,12 @@ class Startup:
             deadline_in_seconds=round(current.deadline - driver.clock(), 3) if current else None,
         )
         if machine.phase == Phase.TRAINING and current is not None:
-            # Tasks and the model may not all have been written before the crash.
+            # Tasks and the model may not all have been written before the crash. Not to the
+            # datasites already counted: asked again, a syft-flwr owner would train again.
+            answered = set(current.answered())
+            pending = {d: task for d, task in current.tasks.items() if d not in answered}
             redo = ev.Dispatch(
-                current.round, current.attempt, current.tasks, current.deadline, current.dispatched_at
+                current.round, current.attempt, pending, current.deadline, current.dispatched_at
             )
             await self.work.dispatch(redo, begin=False)
 

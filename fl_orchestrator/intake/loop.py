@@ -27,12 +27,12 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.reasons import Reason, printable
+from fl_orchestrator.intake.adapter import Settled, WireAdapter
 from fl_orchestrator.intake.quarantine import Quarantine
 from fl_orchestrator.intake.reader import FileIdentity, Inbound, InboundReader, Refused, ResultHandle
 from fl_orchestrator.intake.watcher import PathBatch
-from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
+from fl_orchestrator.wire.layout import FileKind
 from fl_orchestrator.wire.messages import HeartbeatMessage, ResultMessage
-from fl_orchestrator.wire.parts import PART_SUFFIX, whole_name
 
 log = structlog.get_logger("fl_orchestrator.intake")
 
@@ -43,17 +43,17 @@ _INLINE_BATCH = 64
 
 
 class IntakeLoop:
-    """Turns watched paths into NodeSeen and ResultReceived events."""
+    """Turns watched paths into NodeSeen and ResultReceived events, for any wire protocol."""
 
     def __init__(
         self,
-        layout: JobLayout,
+        wire: WireAdapter,
         reader: InboundReader,
         quarantine: Quarantine,
         clock: Callable[[], float],
         settle_seconds: float = 2.0,
     ) -> None:
-        self.layout = layout
+        self.wire = wire
         self.reader = reader
         self.quarantine = quarantine
         self.clock = clock
@@ -80,42 +80,46 @@ class IntakeLoop:
                 # A rescan: thousands of lstat calls would stall the loop, so filter in a thread.
                 batch = await anyio.to_thread.run_sync(self._changed, batch)
             for path in batch:
-                event = await self.take(path)
-                if event is not None:
+                for event in await self.take(path):
                     await events.send(event)
 
-    async def take(self, path: Path) -> ev.Event | None:
-        """Look at one path; return its event, or None if it is nothing new."""
-        whole = whole_name(path.name)
-        if whole is not None and whole.endswith(".result"):
-            # A part arrived: the result it belongs to may be complete now.
-            path = path.with_name(whole)
-        classified = self.layout.classify(path)
+    async def take(self, path: Path) -> list[ev.Event]:
+        """Look at one path; return its events (none if it is nothing new)."""
+        path = self.wire.look_at(path)
+        classified = self.wire.classify(path)
         if classified is None or classified.kind == FileKind.IGNORED:
-            return None  # not this job's, or a write still under a temp name
+            return []  # not this job's, or a write still under a temp name
         try:
             info = os.lstat(path)
         except OSError:
             self.unsettled.pop(path, None)
-            return None  # gone already: a later event or rescan will say if it comes back
+            return []  # gone already: a later event or rescan will say if it comes back
         identity = FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)
-        parts = _parts_signature(path) if classified.kind == FileKind.RESULT else ()
+        parts = self.wire.parts_signature(path) if classified.kind == FileKind.RESULT else ()
         if self.seen.get(path) == identity and self.parts_seen.get(path, ()) == parts:
             self.unsettled.pop(path, None)
-            return None
+            return []
         outcome = await anyio.to_thread.run_sync(
-            self.reader.read_inbound, path, classified.kind, classified.datasite, abandon_on_cancel=True
+            self.wire.read, path, classified, self.reader, abandon_on_cancel=True
         )
+        if isinstance(outcome, Settled):
+            self.unsettled.pop(path, None)
+            if outcome.identity is not None:
+                self.seen[path] = outcome.identity
+            return []
         if isinstance(outcome, Refused):
             if self._still_arriving(path, classified.kind, outcome, (identity, parts)):
-                return None
+                return []
             self.unsettled.pop(path, None)
             await self.refuse(path, outcome.datasite, outcome.reason, outcome.detail, identity)
             self._remember_parts(path, parts)
-            return None
+            return []
         self.unsettled.pop(path, None)
         self.seen[path] = outcome.identity
         self._remember_parts(path, parts)
+        if outcome.refusal is not None:
+            # Unusable, yet it answers a request of ours: quarantined, and counted as a failure.
+            await self.refuse(path, outcome.datasite, *outcome.refusal, outcome.identity)
         if outcome.clipped:
             message = outcome.message
             log.warning(
@@ -126,7 +130,10 @@ class IntakeLoop:
                 update_norm=outcome.update_norm,
                 max_update_norm=self.reader.limits.max_update_norm,
             )
-        return self.event_for(outcome)
+        event = self.event_for(outcome)
+        if outcome.alive and isinstance(event, ev.ResultReceived):
+            return [ev.NodeSeen(event.now, outcome.datasite), event]
+        return [event]
 
     def _changed(self, batch: PathBatch) -> PathBatch:
         """The paths whose identity differs from the one already handled."""
@@ -170,14 +177,11 @@ class IntakeLoop:
             return ev.NodeSeen(now, inbound.datasite, seen_at=inbound.identity.mtime_ns / 1e9)
         assert isinstance(message, ResultMessage)
         env = message.envelope
-        reply_to = env.reply_to
-        if reply_to != task_id_of_result(inbound.path):
-            reply_to = None  # the reader refuses this; kept so no other caller can slip past
         return ev.ResultReceived(
             now=now,
             datasite=inbound.datasite,
             round=env.round,
-            reply_to=reply_to,
+            reply_to=env.reply_to,
             ok=message.ok,
             num_examples=message.num_examples,
             metrics=message.metrics,
@@ -198,7 +202,7 @@ class IntakeLoop:
         sit at the same path, and it must still be read.
         """
         moved = await anyio.to_thread.run_sync(
-            lambda: self.quarantine.refuse(path, datasite, reason, detail, root=self.layout.datasites_dir)
+            lambda: self.quarantine.refuse(path, datasite, reason, detail, root=self.wire.datasites_dir)
         )
         keep = identity or self.seen.get(path)
         stays = moved is None or self.quarantine.keep_originals
@@ -206,21 +210,3 @@ class IntakeLoop:
             self.seen[path] = keep
         else:
             self.seen.pop(path, None)
-
-
-def _parts_signature(path: Path) -> tuple[tuple[str, int, int], ...]:
-    """Name, size and mtime of every part beside a result: changes when a part arrives."""
-    prefix = path.name + PART_SUFFIX
-    found = []
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return ()
-    for entry in entries:
-        if entry.name.startswith(prefix):
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            found.append((entry.name, info.st_size, info.st_mtime_ns))
-    return tuple(sorted(found))

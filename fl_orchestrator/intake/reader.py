@@ -66,6 +66,10 @@ class Inbound:
 
     ``update_norm`` is the L2 norm of (result - global model) when the norm
     bound is on; ``clipped`` says the arrays were scaled down to the bound.
+    ``refusal``, on a failure result, also quarantines the file it came from
+    (a reply that counts as the datasite's failure but is itself unusable).
+    ``alive`` says the file proves its datasite is up now (an answer to a
+    request of ours), not only when it was written.
     """
 
     path: Path
@@ -75,6 +79,8 @@ class Inbound:
     update_norm: float | None = None
     clipped: bool = False
     sha256: str | None = None  # of the bytes validated (a result's whole file, or its joined parts)
+    refusal: tuple[Reason, str] | None = None
+    alive: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,17 +205,18 @@ class InboundReader:
             log.exception("intake.internal_error", path=printable(str(path)), datasite=datasite)
             return Refused(path, datasite, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", identity)
 
-    def read_counted(self, root: Path, path: Path, sha256: str | None) -> ResultMessage:
+    def read_counted(self, root: Path, path: Path, sha256: str | None, reply_to: str) -> ResultMessage:
         """Read a result counted before a restart, from under ``root``; raise Rejection if it changed.
 
         ``root`` is the datasites folder, or the state folder's copy of the
         counted files (storage/kept.py), whose files have a second link: ours.
+        ``reply_to`` is the task the round log says it answered.
         """
         data, _ = read_below(root, path, self.result_limit, max_links=2)
         data = self._join_parts(root, path, data, self.result_limit, max_links=2)
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             raise Rejection(Reason.CHANGED_AFTER_COUNT, "its bytes are not the ones validated when counted")
-        result, _, _ = self.check_result(data, task_id_of_result(path))
+        result, _, _ = self.check_result(data, reply_to)
         return result
 
     def _join_parts(
@@ -266,7 +273,6 @@ class InboundReader:
         norm (None when the bound is off) and whether it was clipped; raises
         Rejection. Needs no file, so it can be fuzzed directly.
         """
-        model, spec, model_round = self._model
         result = decode_message(
             data,
             expect_kind="result",
@@ -281,6 +287,17 @@ class InboundReader:
                 Reason.REPLY_TO_MISMATCH,
                 f"the file is named {describe(name)} but answers {describe(result.envelope.reply_to)}",
             )
+        return self.check_arrays(result)
+
+    def check_arrays(self, result: ResultMessage) -> tuple[ResultMessage, float | None, bool]:
+        """Check a decoded result's arrays against the round's model, whatever the wire.
+
+        The one validator every protocol's results pass: names, dtypes and
+        shapes, the overflow bound and the update-norm bound (refuse or clip).
+        Returns the result (clipped if it was), its update norm (None when the
+        bound is off) and whether it was clipped; raises Rejection.
+        """
+        model, spec, model_round = self._model
         if not result.ok or result.action == "evaluate":
             return result, None, False  # no weights to check
         check_weights_match(result.arrays, spec)

@@ -36,7 +36,7 @@ def recover_counted(
             problems.append(f"{path}: missing")
             continue
         try:
-            return reader.read_counted(root, path, record.sha256)
+            return reader.read_counted(root, path, record.sha256, record.reply_to)
         except Rejection as exc:
             problems.append(f"{path}: {exc.reason}: {exc.detail}")
             if path == kept_path:

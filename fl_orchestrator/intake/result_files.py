@@ -84,10 +84,11 @@ class _Concatenation:
 class FileUpdate(LazyUpdate):
     """One counted result file (or its parts), read on demand; validated when it was counted."""
 
-    def __init__(self, path: Path, identity: FileIdentity, sha256: str | None = None) -> None:
+    def __init__(self, path: Path, identity: FileIdentity | None, sha256: str | None = None) -> None:
+        """Open ``path``; with ``identity``, refuse it unless it is still that file."""
         self.path = path
         info = os.stat(path, follow_symlinks=False)
-        if (info.st_ino, info.st_size, info.st_mtime_ns) != (
+        if identity is not None and (info.st_ino, info.st_size, info.st_mtime_ns) != (
             identity.inode,
             identity.size,
             identity.mtime_ns,

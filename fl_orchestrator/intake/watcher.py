@@ -21,7 +21,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,8 @@ from anyio.abc import ObjectSendStream
 from watchfiles import Change, awatch
 
 from fl_orchestrator.core.reasons import Reason, printable
-from fl_orchestrator.wire.layout import TEMP_SUFFIX, JobLayout
+from fl_orchestrator.intake.adapter import WatchedTree
+from fl_orchestrator.wire.layout import TEMP_SUFFIX
 
 log = structlog.get_logger("fl_orchestrator.watcher")
 
@@ -41,6 +42,8 @@ PathBatch = list[Path]
 # After a failure the watcher did not attribute to a datasite: wait, then longer each time.
 _FIRST_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 10.0
+# How long a new watch may run before it first yields (and its new folders are listed).
+_FIRST_LOOK_MILLISECONDS = 500
 _QUOTED_PATH = re.compile(r'"([^"]+)"')
 
 
@@ -49,45 +52,6 @@ _QUOTED_PATH = re.compile(r'"([^"]+)"')
 # (their files are refused as bad_name).
 MAX_UNLISTED_FOLDERS = 256
 MAX_RESULT_SUBFOLDERS = 16
-
-
-def scan_job_files(layout: JobLayout, datasites: tuple[str, ...]) -> Iterator[Path]:
-    """Every heartbeat and result file currently present, for all datasites."""
-    for datasite in datasites:
-        heartbeat = layout.heartbeat_path(datasite)
-        if os.path.lexists(heartbeat):
-            yield heartbeat
-        results = layout.results_dir(datasite)
-        try:
-            entries = list(os.scandir(results))
-        except OSError:
-            continue
-        subfolders: list[str] = []
-        for entry in entries:
-            if entry.name.endswith(".result"):
-                yield Path(entry.path)
-            elif entry.is_dir(follow_symlinks=False):
-                subfolders.append(entry.path)
-        # Nothing belongs in a folder inside results/, but what is put there is refused
-        # (bad_name), not left unseen when it landed while the watcher was re-planning.
-        for subfolder in sorted(subfolders)[:MAX_RESULT_SUBFOLDERS]:
-            yield from _result_files_in(Path(subfolder))
-
-
-def _result_files_in(folder: Path) -> Iterator[Path]:
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.endswith(".result"):
-            yield Path(entry.path)
-
-
-def folders_on_the_way(layout: JobLayout, datasite: str) -> list[Path]:
-    """datasites/<email>, its app_data, the app's folder, the job's folder, its results folder."""
-    job = layout.app_dir(datasite)
-    return [job.parent.parent.parent, job.parent.parent, job.parent, job, layout.results_dir(datasite)]
 
 
 @dataclass(frozen=True)
@@ -104,20 +68,20 @@ class WatchPlan:
     unexpected: tuple[tuple[str, Reason, str], ...] = ()
 
 
-def plan_watch(layout: JobLayout, datasites: tuple[str, ...], dropped: set[str]) -> WatchPlan:
+def plan_watch(tree: WatchedTree, datasites: tuple[str, ...], dropped: set[str]) -> WatchPlan:
     """Which folders to watch now: each existing, real, readable folder on the way, per party."""
-    unlisted = _unlisted_folders(layout, set(datasites))
+    unlisted = _unlisted_folders(tree.datasites_dir, set(datasites))
     members = [d for d in (*datasites, *unlisted[:MAX_UNLISTED_FOLDERS]) if d not in dropped]
-    folders = [layout.datasites_dir]
+    folders = [tree.datasites_dir]
     on_the_way: set[str] = set()
     results_dirs: set[str] = set()
     refused: dict[str, tuple[Reason, str]] = {}
     unexpected = [
-        (name, Reason.UNLISTED_FOLDER, f"{layout.datasites_dir / name}: not a datasite of this job")
+        (name, Reason.UNLISTED_FOLDER, f"{tree.datasites_dir / name}: not a datasite of this job")
         for name in unlisted[:MAX_UNLISTED_FOLDERS]
     ]
     for member in members:
-        chain = folders_on_the_way(layout, member)
+        chain = tree.folders_on_the_way(member)
         on_the_way.update(str(folder) for folder in chain)
         results_dirs.add(str(chain[-1]))
         for folder in chain:
@@ -162,10 +126,10 @@ def _unwatchable(folder: Path) -> tuple[Reason, str] | None:
     return None
 
 
-def _unlisted_folders(layout: JobLayout, listed: set[str]) -> list[str]:
+def _unlisted_folders(datasites_dir: Path, listed: set[str]) -> list[str]:
     """Folders under datasites/ of parties that are not in the job, sorted."""
     try:
-        names = [e.name for e in os.scandir(layout.datasites_dir) if e.is_dir(follow_symlinks=False)]
+        names = [e.name for e in os.scandir(datasites_dir) if e.is_dir(follow_symlinks=False)]
     except OSError:
         return []
     return sorted(name for name in names if name not in listed and name.isprintable())
@@ -178,9 +142,21 @@ def _subfolders(folder: Path) -> list[Path]:
         return []
 
 
-def _job_filter(layout: JobLayout, plan: WatchPlan) -> Callable[[Change, str], bool]:
-    marker = os.sep + os.path.join("app_data", "fl_orchestrator", layout.job) + os.sep
-    datasites_dir = str(layout.datasites_dir)
+def _entries_of(folders: list[Path], on_the_way: frozenset[str]) -> PathBatch:
+    """What lies in these folders now, but the folders on the way themselves."""
+    found: PathBatch = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        found.extend(Path(entry.path) for entry in entries if entry.path not in on_the_way)
+    return sorted(found)
+
+
+def _job_filter(tree: WatchedTree, plan: WatchPlan) -> Callable[[Change, str], bool]:
+    marker = tree.marker
+    datasites_dir = str(tree.datasites_dir)
 
     def accept(change: Change, path: str) -> bool:
         if path in plan.on_the_way or os.path.dirname(path) == datasites_dir:
@@ -201,7 +177,7 @@ def _changes_plan(plan: WatchPlan, path: str, datasites_dir: str) -> bool:
 
 
 async def watch_job_files(
-    layout: JobLayout,
+    tree: WatchedTree,
     datasites: tuple[str, ...],
     send: ObjectSendStream[PathBatch],
     *,
@@ -209,32 +185,34 @@ async def watch_job_files(
     rescan_interval_seconds: float,
 ) -> None:
     """Send batches of paths to look at: a full scan now, then events, then rescans."""
-    layout.datasites_dir.mkdir(parents=True, exist_ok=True)
+    tree.datasites_dir.mkdir(parents=True, exist_ok=True)
     stop = anyio.Event()
     async with anyio.create_task_group() as group:
         group.start_soon(set_when_cancelled, stop)
-        group.start_soon(_rescan_forever, layout, datasites, send, rescan_interval_seconds)
-        await JobWatch(layout, datasites, debounce_milliseconds).run(send, stop)
+        group.start_soon(_rescan_forever, tree, datasites, send, rescan_interval_seconds)
+        await JobWatch(tree, datasites, debounce_milliseconds).run(send, stop)
         group.cancel_scope.cancel()
 
 
 class JobWatch:
     """The watch over the folders on the way to every datasite's job folder; see the module docstring."""
 
-    def __init__(self, layout: JobLayout, datasites: tuple[str, ...], debounce_milliseconds: int) -> None:
-        self.layout = layout
+    def __init__(self, tree: WatchedTree, datasites: tuple[str, ...], debounce_milliseconds: int) -> None:
+        self.tree = tree
         self.datasites = datasites
         self.debounce = debounce_milliseconds
         self.step = max(1, min(debounce_milliseconds, math.ceil(debounce_milliseconds / 4)))
         self.dropped: set[str] = set()
         self.reported: set[tuple[str, str]] = set()
         self.restarts = 0
+        # The folders of the last watch that got going: a folder not among them is new.
+        self.watching: frozenset[Path] = frozenset()
 
     async def run(self, send: ObjectSendStream[PathBatch], stop: anyio.Event) -> None:
         """Watch until ``stop`` is set, planning again whenever a folder on the way changes."""
         backoff = _FIRST_BACKOFF_SECONDS
         while not stop.is_set():
-            plan = await anyio.to_thread.run_sync(plan_watch, self.layout, self.datasites, self.dropped)
+            plan = await anyio.to_thread.run_sync(plan_watch, self.tree, self.datasites, self.dropped)
             for refused, (reason, detail) in plan.refused.items():
                 self._report("watcher.folder_refused", refused, reason, detail)
             for party, reason, detail in plan.unexpected:
@@ -269,25 +247,41 @@ class JobWatch:
         changes_of = awatch(
             *plan.folders,
             stop_event=stop,
-            watch_filter=_job_filter(self.layout, plan),
+            watch_filter=_job_filter(self.tree, plan),
             debounce=self.debounce,
             step=self.step,
             recursive=False,
             ignore_permission_denied=True,
+            # The first yield, even an empty one, says the watch is set up: see below.
+            rust_timeout=_FIRST_LOOK_MILLISECONDS,
+            yield_on_timeout=True,
         )
-        datasites_dir = str(self.layout.datasites_dir)
+        datasites_dir = str(self.tree.datasites_dir)
+        top = self.tree.datasites_dir  # holds the parties' folders: nothing to read there
+        fresh = [folder for folder in plan.folders if folder not in self.watching and folder != top]
+        first, replan = True, False
         async with aclosing(changes_of) as batches:
             async for changes in batches:
                 paths = {path for _, path in changes}
                 files = sorted(Path(p) for p in paths if p not in plan.on_the_way)
+                if first:
+                    first = False
+                    # What came while this watch was being set up has no event: a file in a
+                    # new folder is listed now, and a new folder on the way means planning again.
+                    files += await anyio.to_thread.run_sync(_entries_of, fresh, plan.on_the_way)
+                    self.watching = frozenset(plan.folders)
+                    again = await anyio.to_thread.run_sync(
+                        plan_watch, self.tree, self.datasites, self.dropped
+                    )
+                    replan = again.folders != plan.folders
                 if files:
                     await send.send(files)
-                if any(_changes_plan(plan, p, datasites_dir) for p in paths):
+                if replan or any(_changes_plan(plan, p, datasites_dir) for p in paths):
                     return
 
     def _datasite_of(self, message: str) -> str | None:
         """The datasite whose folder a watcher error names, if any."""
-        prefix = str(self.layout.datasites_dir) + os.sep
+        prefix = str(self.tree.datasites_dir) + os.sep
         for quoted in _QUOTED_PATH.findall(message):
             if isinstance(quoted, str) and quoted.startswith(prefix):
                 email = str(quoted[len(prefix) :].split(os.sep, 1)[0])
@@ -351,11 +345,11 @@ async def set_when_cancelled(stop: anyio.Event) -> None:
 
 
 async def _rescan_forever(
-    layout: JobLayout, datasites: tuple[str, ...], send: ObjectSendStream[PathBatch], interval: float
+    tree: WatchedTree, datasites: tuple[str, ...], send: ObjectSendStream[PathBatch], interval: float
 ) -> None:
     # The first scan picks up whatever landed while the daemon was not running.
     while True:
-        batch = await anyio.to_thread.run_sync(lambda: list(scan_job_files(layout, datasites)))
+        batch = await anyio.to_thread.run_sync(lambda: list(tree.scan(datasites)))
         if batch:
             await send.send(batch)
         await anyio.sleep(interval)

@@ -1,5 +1,8 @@
 """A second link to every counted result, so a restart can re-read it whatever the datasite does.
 
+(A protocol whose files are not native results, syft-flwr, keeps a native
+copy of the validated result instead: ``write``.)
+
 A counted result lives in the datasite's folder, which its owner (or its sync
 client) may clean or rewrite at any time. The round log records the result
 and the sha256 of its validated bytes; this store keeps the file itself, as a
@@ -19,11 +22,12 @@ import errno
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from fl_orchestrator.storage import failpoints
-from fl_orchestrator.storage.atomic import temp_name_for
+from fl_orchestrator.storage.atomic import atomic_write, temp_name_for
 from fl_orchestrator.wire.parts import PART_SUFFIX
 
 log = structlog.get_logger("fl_orchestrator.storage")
@@ -80,6 +84,18 @@ class KeptResults:
                 " survive their datasite deleting them; until then such a result is collected again",
             )
             return False
+        return True
+
+    def write(self, rnd: int, path: Path, frames: list[Any]) -> bool:
+        """Keep a counted result as our own file: for a protocol whose files are not native results.
+
+        Atomic and durable: the round log already counts the result, and its
+        datasite's file may be deleted right after this returns.
+        """
+        target = self.path_for(rnd, path)
+        failpoints.check_write(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, frames)
         return True
 
     def prune(self, through_round: int) -> None:

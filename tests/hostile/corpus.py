@@ -243,11 +243,8 @@ def _fifo(scene: Scene) -> Path:
 
 
 def _directory(scene: Scene) -> Path:
-    def make(temp: Path) -> None:
-        temp.mkdir()
-        (temp / "inside.result").write_bytes(b"not read")
-
-    return place(result_path(scene, fresh("directory_named_result")), make)
+    # Empty: a file inside it would be a file in a folder inside results/ (result_below_results).
+    return place(result_path(scene, fresh("directory_named_result")), lambda temp: temp.mkdir())
 
 
 def _sparse_file(name: str, size: int) -> Callable[[Scene], Path]:

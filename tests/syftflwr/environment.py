@@ -200,7 +200,7 @@ def env_or_skip() -> SyftFlwrEnv:
 def run_venv_tests(env: SyftFlwrEnv, *, timeout_seconds: float = 300.0) -> subprocess.CompletedProcess[str]:
     """``<venv>/bin/python -m pytest -q tests/syftflwr`` from the repository root.
 
-    Runs the tests that import flwr and syft_flwr: the codec and bridge tests beside this file
+    Runs the tests that import flwr and syft_flwr: the codec and adapter tests beside this file
     and the contract tests in contract/. The folder is named syftflwr, not syft_flwr, so that
     with tests/ on sys.path it cannot shadow the installed ``syft_flwr``.
     """

@@ -1,11 +1,11 @@
 """Tasks become syft-rpc requests in each data owner's app folder.
 
-The native publisher still writes the model and tasks into the private spool
-(the round log and the resume path rely on them); this subclass also writes,
-for every task, a ``<uuid>.request`` holding a Flower message. The uuid is the
-task id, so a request rewritten after a restart has the same name and is not
-written twice. Requests are written under a temp name and renamed: syft-flwr's
-owners react to the rename, never to a half-written file.
+For every task, a ``<uuid>.request`` holding a Flower message with the
+round's model. The uuid is the task id, so a request rewritten after a
+restart has the same name and is not written twice. Requests are written
+under a temp name and renamed: syft-flwr's owners react to the rename, never
+to a half-written file. Nothing else is written: the model travels inside
+each request.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import time
 import uuid
 import zlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
 
-from fl_orchestrator.protocols.native import Broadcast, Publisher
+from fl_orchestrator.protocols.contract import Broadcast
 from fl_orchestrator.protocols.syft_flwr import flower_codec
 from fl_orchestrator.protocols.syft_flwr.envelope import encode_request, node_id_of
 from fl_orchestrator.protocols.syft_flwr.layout import (
@@ -31,8 +32,7 @@ from fl_orchestrator.protocols.syft_flwr.layout import (
 )
 from fl_orchestrator.protocols.syft_flwr.replies import SyftFlwrState, TaskInfo
 from fl_orchestrator.storage.atomic import atomic_write
-from fl_orchestrator.wire.layout import JobLayout
-from fl_orchestrator.wire.messages import model_spec
+from fl_orchestrator.wire.messages import ModelRef, model_spec
 
 log = structlog.get_logger("fl_orchestrator.protocols.syft_flwr")
 
@@ -40,12 +40,11 @@ STOP_EXPIRY_SECONDS = 300.0
 _STOP_NAMESPACE = uuid.UUID("6f1c1a52-64a4-4d3e-9a53-0a4be6f0c7d1")
 
 
-class SyftFlwrPublisher(Publisher):
-    """The native publisher, plus one syft-rpc request per task."""
+class SyftFlwrPublisher:
+    """The publisher (protocols/contract.py) of syft-flwr: one syft-rpc request per task."""
 
     def __init__(
         self,
-        spool: JobLayout,
         datasites: tuple[str, ...],
         *,
         target: SyftFlwrLayout,
@@ -53,24 +52,28 @@ class SyftFlwrPublisher(Publisher):
         run_id: str,
         expiry_margin_seconds: float,
     ) -> None:
-        super().__init__(spool, datasites, part_bytes=0)
+        self.datasites = datasites
         self.target = target
         self.state = state
         self.run_id = run_id
         self.flower_run_id = zlib.crc32(run_id.encode())
         self.expiry_margin_seconds = expiry_margin_seconds
+        self.bytes_written = 0
         self._model: tuple[int, Mapping[str, np.ndarray]] | None = None
 
-    def write_permissions(self) -> None:
-        """Prepare the spool: every owner's folders exist before the watcher starts.
+    @property
+    def models_dir(self) -> Path:
+        """The model travels in each request: where the requests go."""
+        return self.target.datasites_dir
 
-        A file created in a folder that is itself brand new can be missed by the
-        recursive watch (it is added to the folder a moment later), which would
-        leave a translated result for the slow rescan to find.
-        """
-        super().write_permissions()
-        for owner in self.datasites:
-            self.layout.results_dir(owner).mkdir(parents=True, exist_ok=True)
+    @property
+    def tasks_dir(self) -> Path:
+        """Requests go into each owner's rpc/messages/<aggregator>/."""
+        return self.target.datasites_dir
+
+    def prepare(self) -> list[Path]:
+        """Nothing to prepare: each owner's folders are its own (syft-event writes them)."""
+        return []
 
     def set_run(self, run_id: str) -> None:
         """Name the run (known once the state is opened): it seeds the Flower run id and stop ids."""
@@ -78,11 +81,11 @@ class SyftFlwrPublisher(Publisher):
         self.flower_run_id = zlib.crc32(run_id.encode())
 
     def write_model(self, rnd: int, model: Mapping[str, np.ndarray]) -> Broadcast:
-        """Write the spool copy and keep the arrays for this round's requests."""
-        broadcast = super().write_model(rnd, model)
+        """Keep the arrays for this round's requests (the model travels inside each one)."""
         self._model = (rnd, model)
         self.state.spec = model_spec(model)
-        return broadcast
+        nbytes = sum(int(array.nbytes) for array in model.values())
+        return Broadcast(rnd, ModelRef(f"(in each request) round {rnd}", "", nbytes), nbytes)
 
     def write_tasks(
         self,
@@ -95,18 +98,14 @@ class SyftFlwrPublisher(Publisher):
         action: str = "train",
         rnd: int | None = None,
     ) -> int:
-        """Write the spool tasks, then one request per owner; return the bytes written."""
-        total = super().write_tasks(
-            broadcast, tasks, attempt=attempt, deadline=deadline, config=config, action=action, rnd=rnd
-        )
+        """Write one request per owner; return the bytes written."""
+        total = 0
         assert self._model is not None and self._model[0] == broadcast.round, "write_model comes first"
         task_round = broadcast.round if rnd is None else rnd
         now = time.time()
         expires = max(deadline, now) + self.expiry_margin_seconds
         content = None
         for owner, task_id in tasks.items():
-            if self.layout.result_path(owner, task_id).exists():
-                continue  # answered before a restart: asking again would make it train again
             self.state.add(task_id, TaskInfo(owner, task_round, action, deadline, dict(config)))
             self.state.register_resends(task_id)
             names = [request_id_for_task(task_id), *resend_ids(task_id)]

@@ -1,15 +1,16 @@
-"""A syft-flwr ``.response`` becomes a native result file in the spool.
+"""A syft-flwr ``.response`` becomes a typed result: the same ResultMessage a native file decodes to.
 
 Runs in a worker thread. Every outcome is a value, never an exception:
 
 - ``NotYet``: empty or cut-short JSON, which syft-rpc's two-step write
   (create, then fill) leaves for a moment; look again later.
-- ``Translated``: a native result (success or counted failure) was written
-  atomically into the spool, where the ordinary intake reads it.
+- ``Translated``: a result (success or counted failure) for the round loop.
 - ``Unusable``: the file is complete but cannot be used; the caller
-  quarantines it, and ``failure`` (when the request is known) is also written
-  so the round counts the owner as failed instead of waiting for its timeout.
+  quarantines it, and ``failure`` (when the request is known) is counted
+  too, so the round counts the owner as failed instead of waiting for its
+  timeout.
 - ``StopAcknowledged``: the owner's answer to the stop message.
+- ``TornRequest``: the owner read our request half-downloaded.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import structlog
 
 from fl_orchestrator.core.reasons import Reason, Rejection, printable
-from fl_orchestrator.intake.reader import read_below
+from fl_orchestrator.intake.reader import FileIdentity, read_below
 from fl_orchestrator.protocols.syft_flwr.envelope import EnvelopeError, decode_response, node_id_of
 from fl_orchestrator.protocols.syft_flwr.flower_codec import (
     NUM_EXAMPLES_KEY,
@@ -36,15 +37,7 @@ from fl_orchestrator.protocols.syft_flwr.flower_codec import (
     parse_reply,
 )
 from fl_orchestrator.protocols.syft_flwr.layout import SyftFlwrLayout, resend_ids
-from fl_orchestrator.storage.atomic import atomic_write
-from fl_orchestrator.wire.layout import JobLayout
-from fl_orchestrator.wire.messages import (
-    Envelope,
-    ModelSpec,
-    ResultMessage,
-    check_weights_match,
-    encode_result_frames,
-)
+from fl_orchestrator.wire.messages import Envelope, ModelSpec, ResultMessage
 
 log = structlog.get_logger("fl_orchestrator.protocols.syft_flwr")
 
@@ -72,7 +65,7 @@ class TaskInfo:
 
 @dataclass
 class SyftFlwrState:
-    """What the publisher and the bridge share (publisher in a worker thread, bridge in the loop)."""
+    """What the publisher and the intake share (both in worker threads)."""
 
     spec: ModelSpec = field(default_factory=dict)
     pending: dict[str, TaskInfo] = field(default_factory=dict)
@@ -108,11 +101,6 @@ class SyftFlwrState:
         with self.lock:
             return self.pending.get(task_id)
 
-    def overdue_owners(self, now: float) -> set[str]:
-        """Owners with a request whose deadline passed unanswered: they stopped answering."""
-        with self.lock:
-            return {info.owner for info in self.pending.values() if info.deadline < now}
-
 
 @dataclass(frozen=True)
 class NotYet:
@@ -123,13 +111,17 @@ class NotYet:
 
 @dataclass(frozen=True)
 class Translated:
-    """A native result now lies in the spool."""
+    """A result for the round loop; ``known`` if it answers a request still pending."""
 
     task_id: str
-    round: int
-    ok: bool
-    spool_path: Path
+    message: ResultMessage
+    known: bool
     detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """The owner trained (or evaluated)."""
+        return self.message.ok
 
 
 @dataclass(frozen=True)
@@ -165,20 +157,22 @@ Outcome = NotYet | Translated | Unusable | StopAcknowledged | TornRequest
 
 
 class ReplyTranslator:
-    """Reads responses under the SyftBox root and writes native results into the spool."""
+    """Reads responses under the SyftBox root as results of job ``job``."""
 
     def __init__(
         self,
         layout: SyftFlwrLayout,
-        spool: JobLayout,
+        job: str,
         state: SyftFlwrState,
         *,
         max_file_bytes: int,
     ) -> None:
         self.layout = layout
-        self.spool = spool
+        self.job = job
         self.state = state
         self.max_file_bytes = max_file_bytes
+        # Of the file the last translate read (per thread: several reads may run at once).
+        self._last = threading.local()
 
     def reply_limit(self) -> int:
         """The largest response read: ``max_file_bytes``, or (0) what a reply to this model takes.
@@ -191,17 +185,20 @@ class ReplyTranslator:
         payload = sum(math.prod(shape) * dtype.itemsize + 1024 for dtype, shape in self.state.spec.values())
         return payload * 4 // 3 + 1024 * 1024
 
-    def translate(self, path: Path, owner: str, request_id_hex: str) -> Outcome:
-        """Look at one response file; never raises for anything the file contains."""
+    def translate(self, path: Path, owner: str, request_id_hex: str) -> tuple[Outcome, FileIdentity | None]:
+        """Look at one response file, and say which file was read; never raises for its content."""
+        self._last.identity = None
         try:
-            return self._translate(path, owner, request_id_hex)
+            outcome = self._translate(path, owner, request_id_hex)
         except Exception as exc:  # a bug here must cost one file, not the daemon
             log.exception("syft_flwr.internal_error", path=printable(str(path)), owner=owner)
-            return Unusable(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {printable(str(exc), 500)}")
+            outcome = Unusable(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {printable(str(exc), 500)}")
+        identity: FileIdentity | None = self._last.identity
+        return outcome, identity
 
     def _translate(self, path: Path, owner: str, request_id_hex: str) -> Outcome:
         try:
-            data, _ = read_below(self.layout.datasites_dir, path, self.reply_limit())
+            data, self._last.identity = read_below(self.layout.datasites_dir, path, self.reply_limit())
         except Rejection as exc:
             if exc.reason == Reason.EMPTY_FILE:
                 return NotYet(exc.detail)
@@ -295,26 +292,19 @@ class ReplyTranslator:
             mapped = _map_arrays(reply.arrays, self.state.spec)
             if isinstance(mapped, str):
                 return self._fail(owner, task_id, task, reply, "InvalidReply", mapped)
-            try:
-                # Here, not only in the intake: a reply refused there would leave the owner
-                # neither counted nor asked again, and the round would wait for its timeout.
-                check_weights_match(mapped, self.state.spec)
-            except Rejection as exc:
-                detail = f"{exc.reason.value}: {exc.detail}"
-                return self._fail(owner, task_id, task, reply, "InvalidReply", detail, exc.reason)
-            arrays = mapped
+            arrays = mapped  # checked against the model by the shared validator, as every result is
         rnd = self._round_of(task, reply)
         if rnd is None:
             return Unusable(Reason.UNKNOWN_ROUND, f"group_id {reply.group_id!r} names no round")
         result = ResultMessage(
-            Envelope(self.spool.job, rnd, secrets.token_hex(16), task_id, time.time(), None),
+            Envelope(self.job, rnd, secrets.token_hex(16), task_id, time.time(), None),
             True,
             count,
             metrics,
             arrays=arrays,
             action=action,
         )
-        return self._write(owner, task_id, result)
+        return Translated(task_id, result, task is not None)
 
     def _fail(
         self,
@@ -334,7 +324,7 @@ class ReplyTranslator:
             )
         action = task.action if task is not None else (reply.message_type if reply else "train")
         result = ResultMessage(
-            Envelope(self.spool.job, rnd, secrets.token_hex(16), task_id, time.time(), None),
+            Envelope(self.job, rnd, secrets.token_hex(16), task_id, time.time(), None),
             False,
             0,
             {},
@@ -342,10 +332,10 @@ class ReplyTranslator:
             error_message=printable(detail, _MAX_ERROR_CHARS),
             action=action if action in ("train", "evaluate") else "train",
         )
-        written = self._write(owner, task_id, result)
+        failure = Translated(task_id, result, task is not None, f"{error_type}: {detail}")
         if error_type in ("InvalidReply", "EmptyReply", "ReplyTooLarge"):
-            return Unusable(reason, f"{error_type}: {detail}", written)
-        return written
+            return Unusable(reason, f"{error_type}: {detail}", failure)
+        return failure
 
     @staticmethod
     def _round_of(task: TaskInfo | None, reply: FlowerReply | None) -> int | None:
@@ -354,16 +344,6 @@ class ReplyTranslator:
         if reply is not None and reply.group_id.isdigit():
             return int(reply.group_id)
         return None
-
-    def _write(self, owner: str, task_id: str, result: ResultMessage) -> Translated:
-        path = self.spool.result_path(owner, task_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Translated before a crash that came before the clean-up: the intake may have
-        # counted that file already, and a rewrite would look like a second answer.
-        if not path.exists():
-            atomic_write(path, encode_result_frames(result))
-        detail = "" if result.ok else f"{result.error_type}: {result.error_message}"
-        return Translated(task_id, result.envelope.round, result.ok, path, detail)
 
 
 def _map_arrays(arrays: list[tuple[str, np.ndarray]], spec: ModelSpec) -> dict[str, np.ndarray] | str:

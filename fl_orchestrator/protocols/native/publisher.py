@@ -7,12 +7,19 @@ import secrets
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text, fsync_dir, write_durably
+from fl_orchestrator.protocols.contract import Broadcast
+from fl_orchestrator.storage.atomic import (
+    atomic_write,
+    atomic_write_text,
+    fsync_dir,
+    remove_own_temps,
+    write_durably,
+)
 from fl_orchestrator.storage.models import model_message
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
@@ -27,15 +34,6 @@ from fl_orchestrator.wire.parts import part_name, split_frames
 from fl_orchestrator.wire.permissions import aggregator_permissions
 
 
-@dataclass(frozen=True)
-class Broadcast:
-    """A round's model as written for the datasites."""
-
-    round: int
-    ref: ModelRef
-    nbytes: int
-
-
 class Publisher:
     """Everything the aggregator writes into its own datasite."""
 
@@ -44,6 +42,25 @@ class Publisher:
         self.datasites = datasites
         self.part_bytes = part_bytes
         self.bytes_written = 0
+
+    @property
+    def models_dir(self) -> Path:
+        """Where the round's models are written."""
+        return self.layout.models_dir
+
+    @property
+    def tasks_dir(self) -> Path:
+        """The aggregator's job folder, which holds every datasite's tasks."""
+        return self.layout.aggregator_dir
+
+    def prepare(self) -> list[Path]:
+        """Remove our temp files a kill left behind, then make the folder and grant reads."""
+        # A kill -9 mid-write leaves our temp files in the synced folder, where every
+        # datasite's client would sync them.
+        leftovers = remove_own_temps(self.layout.aggregator_dir, recursive=True)
+        self.layout.aggregator_dir.mkdir(parents=True, exist_ok=True)
+        self.write_permissions()
+        return leftovers
 
     def write_permissions(self) -> None:
         """Grant the datasites read access to models and to their own tasks."""

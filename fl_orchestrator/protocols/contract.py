@@ -1,0 +1,57 @@
+"""What the round loop's shell asks of a protocol's writing side: prepare, a model, tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from fl_orchestrator.wire.messages import ModelRef
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A round's model as written for the datasites."""
+
+    round: int
+    ref: ModelRef
+    nbytes: int
+
+
+class Publisher(Protocol):
+    """Writes what the aggregator sends: the round's model and one task per selected datasite."""
+
+    @property
+    def models_dir(self) -> Path:
+        """Where models are written (named in logs when a write fails)."""
+        ...
+
+    @property
+    def tasks_dir(self) -> Path:
+        """Where tasks are written (named in logs when a write fails)."""
+        ...
+
+    def prepare(self) -> list[Path]:
+        """Before the first round: folders and permissions; return our leftover temp files removed."""
+        ...
+
+    def write_model(self, rnd: int, model: Mapping[str, np.ndarray]) -> Broadcast:
+        """Make round rnd's model available to the datasites."""
+        ...
+
+    def write_tasks(
+        self,
+        broadcast: Broadcast,
+        tasks: Mapping[str, str],
+        *,
+        attempt: int,
+        deadline: float,
+        config: Mapping[str, Any],
+        action: str = "train",
+        rnd: int | None = None,
+    ) -> int:
+        """Send one task per datasite in ``tasks`` (datasite -> task id); return the bytes written."""
+        ...

@@ -1,0 +1,118 @@
+"""The native protocol as the intake reads it: heartbeats and msgpack results in each job folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from fl_orchestrator.intake.adapter import Outcome
+from fl_orchestrator.intake.reader import InboundReader, ResultHandle
+from fl_orchestrator.intake.watcher import MAX_RESULT_SUBFOLDERS
+from fl_orchestrator.storage.kept import KeptResults
+from fl_orchestrator.wire.layout import APP_NAME, Classified, JobLayout
+from fl_orchestrator.wire.parts import PART_SUFFIX, whole_name
+
+
+class NativeWire:
+    """The native adapter (intake/adapter.py): files are read where the datasites write them."""
+
+    def __init__(self, layout: JobLayout) -> None:
+        self.layout = layout
+
+    @property
+    def datasites_dir(self) -> Path:
+        """The folder that holds every datasite."""
+        return self.layout.datasites_dir
+
+    @property
+    def marker(self) -> str:
+        """Every file of this job lies below a folder named like this."""
+        return os.sep + os.path.join("app_data", APP_NAME, self.layout.job) + os.sep
+
+    def folders_on_the_way(self, datasite: str) -> list[Path]:
+        """datasites/<email>, its app_data, the app's folder, the job's folder, its results folder."""
+        job = self.layout.app_dir(datasite)
+        return [
+            job.parent.parent.parent,
+            job.parent.parent,
+            job.parent,
+            job,
+            self.layout.results_dir(datasite),
+        ]
+
+    def scan(self, datasites: tuple[str, ...]) -> Iterator[Path]:
+        """Every heartbeat and result file currently present, for all datasites."""
+        return scan_job_files(self.layout, datasites)
+
+    def classify(self, path: Path) -> Classified | None:
+        """A heartbeat, a result (maybe badly named) or nothing of ours."""
+        return self.layout.classify(path)
+
+    def look_at(self, path: Path) -> Path:
+        """A part that arrived names the result it belongs to: that may be complete now."""
+        whole = whole_name(path.name)
+        if whole is not None and whole.endswith(".result"):
+            return path.with_name(whole)
+        return path
+
+    def parts_signature(self, path: Path) -> tuple[tuple[str, int, int], ...]:
+        """Name, size and mtime of every part beside a result: changes when a part arrives."""
+        prefix = path.name + PART_SUFFIX
+        found = []
+        try:
+            entries = list(os.scandir(path.parent))
+        except OSError:
+            return ()
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                found.append((entry.name, info.st_size, info.st_mtime_ns))
+        return tuple(sorted(found))
+
+    def read(self, path: Path, classified: Classified, reader: InboundReader) -> Outcome:
+        """The file, read and validated where it lies."""
+        return reader.read_inbound(path, classified.kind, classified.datasite)
+
+    def keep(self, kept: KeptResults, rnd: int, handle: ResultHandle) -> bool:
+        """A hard link to the datasite's file (and its parts), if it is still the inode validated."""
+        return kept.keep(rnd, handle.path, handle.identity.inode)
+
+    def decided(self, handle: ResultHandle) -> None:
+        """Nothing to do: the datasite's folder is its own."""
+
+
+def scan_job_files(layout: JobLayout, datasites: tuple[str, ...]) -> Iterator[Path]:
+    """Every heartbeat and result file currently present, for all datasites."""
+    for datasite in datasites:
+        heartbeat = layout.heartbeat_path(datasite)
+        if os.path.lexists(heartbeat):
+            yield heartbeat
+        results = layout.results_dir(datasite)
+        try:
+            entries = list(os.scandir(results))
+        except OSError:
+            continue
+        subfolders: list[str] = []
+        for entry in entries:
+            if entry.name.endswith(".result"):
+                yield Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(entry.path)
+        # Nothing belongs in a folder inside results/, but what is put there is refused
+        # (bad_name), not left unseen when it landed while the watcher was re-planning.
+        for subfolder in sorted(subfolders)[:MAX_RESULT_SUBFOLDERS]:
+            yield from _result_files_in(Path(subfolder))
+
+
+def _result_files_in(folder: Path) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.endswith(".result"):
+            yield Path(entry.path)
