@@ -70,7 +70,7 @@ def _memmaps(spec: dict[str, Any]) -> list[Any]:
 
 def _identities(spec: dict[str, Any]) -> list[Any]:
     """Each file's FileIdentity, as the intake recorded it when it counted the result."""
-    from fl_orchestrator.intake.reader import FileIdentity
+    from fl_orchestrator.intake.safe_read import FileIdentity
 
     out = []
     for path, _ in spec["files"]:

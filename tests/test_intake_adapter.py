@@ -24,7 +24,8 @@ from fl_orchestrator.core.reasons import Reason, Rejection
 from fl_orchestrator.intake.adapter import Outcome, Settled, WireAdapter
 from fl_orchestrator.intake.loop import IntakeLoop
 from fl_orchestrator.intake.quarantine import Quarantine
-from fl_orchestrator.intake.reader import FileIdentity, Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.intake.watcher import PathBatch, watch_job_files
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.wire.layout import Classified, FileKind, JobLayout

@@ -68,6 +68,8 @@ class Reason(StrEnum):
 
 def printable(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
     """``text`` cut to ``limit`` characters with every unprintable character escaped."""
+    if len(text) <= limit and text.isprintable():
+        return text  # the common case, without a generator step per character
     cut = text[: limit + 1]
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
     if len(shown) > limit or len(text) > limit:

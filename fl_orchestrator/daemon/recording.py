@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fl_orchestrator.core import events as ev
-from fl_orchestrator.intake.reader import FileIdentity, ResultHandle
+from fl_orchestrator.intake.reader import ResultHandle
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.storage.round_log import CloseRecord, DispatchRecord, Record, ResultRecord
 from fl_orchestrator.wire.messages import ResultMessage
 

@@ -25,8 +25,8 @@ from fl_orchestrator.daemon.reports import Reports
 from fl_orchestrator.daemon.round_work import RoundWork
 from fl_orchestrator.daemon.rounds import RoundDriver, previous_metrics_of
 from fl_orchestrator.intake.loop import IntakeLoop
-from fl_orchestrator.intake.reader import FileIdentity
 from fl_orchestrator.intake.recovery import recover_counted
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.storage import failpoints
 from fl_orchestrator.storage.atomic import atomic_write_text
 from fl_orchestrator.storage.checkpoints import Checkpoint

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from fl_orchestrator.intake.reader import FileIdentity, Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.wire.layout import Classified
 

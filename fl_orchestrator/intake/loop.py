@@ -18,28 +18,50 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import structlog
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.reasons import Reason, printable
-from fl_orchestrator.intake.adapter import Settled, WireAdapter
+from fl_orchestrator.intake.adapter import Outcome, Settled, WireAdapter
+from fl_orchestrator.intake.fair_queue import FairQueue
 from fl_orchestrator.intake.quarantine import Quarantine
-from fl_orchestrator.intake.reader import FileIdentity, Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.intake.watcher import PathBatch
-from fl_orchestrator.wire.layout import FileKind
+from fl_orchestrator.wire.layout import Classified, FileKind
 from fl_orchestrator.wire.messages import HeartbeatMessage, ResultMessage
 
 log = structlog.get_logger("fl_orchestrator.intake")
 
+# Marks a read whose refusal (if any) was left to the event loop's settle logic.
+_NOT_YET = object()
 # Reasons a file being written in place (truncate, then write) can give for a while.
 _MAYBE_PARTIAL = frozenset({Reason.EMPTY_FILE, Reason.TRUNCATED})
 # Larger batches (rescans) are pre-filtered off the event loop.
 _INLINE_BATCH = 64
+# Paths one party may have waiting; batches queued between two takes; how often a drop is logged.
+PER_DATASITE_QUEUE = 10_000
+# Paths read in one worker-thread hop (a hop also ends at the first decoded result).
+PATHS_PER_HOP = 32
+_BATCHES_PER_TURN = 64
+_DROP_LOG_EVERY = 1000
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A path worth reading, as the cheap checks found it."""
+
+    path: Path
+    classified: Classified
+    identity: FileIdentity
+    parts: tuple[tuple[str, int, int], ...]
 
 
 class IntakeLoop:
@@ -63,52 +85,155 @@ class IntakeLoop:
         self.unsettled: dict[Path, tuple[object, float]] = {}
         # For results written as parts: the parts as they were when the result was handled.
         self.parts_seen: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+        self.queue = FairQueue(PER_DATASITE_QUEUE)
+        # The earliest moment an unsettled file is due to be looked at again.
+        self._next_due = math.inf
 
-    async def run(self, batches: ObjectReceiveStream[PathBatch], events: ObjectSendStream[ev.Event]) -> None:
-        """Consume path batches until the watcher closes; look again at unsettled files when due."""
+    async def run(
+        self, batches: MemoryObjectReceiveStream[PathBatch], events: ObjectSendStream[ev.Event]
+    ) -> None:
+        """Consume path batches until the watcher closes; look again at unsettled files when due.
+
+        Paths wait in a fair queue (intake/fair_queue.py): whatever has arrived
+        is queued before each path is taken, and parties take turns.
+        """
         while True:
-            due = min((since + self.settle_seconds for _, since in self.unsettled.values()), default=math.inf)
-            batch: PathBatch | None = None
-            with anyio.move_on_after(max(0.0, due - time.monotonic())):
-                try:
-                    batch = await batches.receive()
-                except anyio.EndOfStream:
-                    return
-            if batch is None:
-                batch = sorted(self.unsettled)
-            elif len(batch) > _INLINE_BATCH:
-                # A rescan: thousands of lstat calls would stall the loop, so filter in a thread.
-                batch = await anyio.to_thread.run_sync(self._changed, batch)
-            for path in batch:
-                for event in await self.take(path):
-                    await events.send(event)
+            if not self.queue:
+                with anyio.move_on_after(max(0.0, self._next_due - time.monotonic())):
+                    try:
+                        await self._queue(await batches.receive())
+                    except anyio.EndOfStream:
+                        return
+            if not await self._queue_arrived(batches):
+                return
+            self._queue_due()
+            # In turn from every party with work: a flood only delays the flooder.
+            paths: list[Path] = []
+            for _ in range(PATHS_PER_HOP):
+                path = self.queue.pop()
+                if path is None:
+                    break
+                paths.append(path)
+            await self.take_many(paths, events.send)
+
+    async def _queue_arrived(self, batches: MemoryObjectReceiveStream[PathBatch]) -> bool:
+        """Queue every batch already waiting, without waiting for more; False once the watcher ended."""
+        for _ in range(_BATCHES_PER_TURN):
+            try:
+                batch = batches.receive_nowait()
+            except anyio.WouldBlock:
+                return True
+            except anyio.EndOfStream:
+                return bool(self.queue)
+            await self._queue(batch)
+        return True
+
+    async def _queue(self, batch: PathBatch) -> None:
+        if len(batch) > _INLINE_BATCH:
+            # A rescan: thousands of lstat calls would stall the loop, so filter in a thread.
+            batch = await anyio.to_thread.run_sync(self._changed, batch)
+        for looked in batch:
+            path = self.wire.look_at(looked)
+            classified = self.wire.classify(path)
+            wanted = classified is not None and classified.kind != FileKind.IGNORED
+            if wanted and classified is not None and not self.queue.push(classified.datasite, path):
+                self._note_dropped(classified.datasite)
+
+    def _queue_due(self) -> None:
+        """Files that looked partial and have now been still for the settle time: look again."""
+        now = time.monotonic()
+        if now < self._next_due:
+            return  # checked once per due time, not at every path: a flood makes many unsettled
+        self._next_due = math.inf
+        for path, (_, since) in list(self.unsettled.items()):
+            due = since + self.settle_seconds
+            if due > now:
+                self._next_due = min(self._next_due, due)
+            elif path not in self.queue:
+                classified = self.wire.classify(path)
+                if classified is not None:
+                    self.queue.push(classified.datasite, path)
+
+    def _note_dropped(self, datasite: str) -> None:
+        dropped = self.queue.dropped.get(datasite, 0)
+        if dropped and dropped % _DROP_LOG_EVERY == 1:
+            log.warning(
+                "intake.queue_full",
+                datasite=datasite,
+                dropped=dropped,
+                queued=self.queue.per_party_limit,
+                hint="the rescan offers these files again once the queue has room",
+            )
 
     async def take(self, path: Path) -> list[ev.Event]:
         """Look at one path; return its events (none if it is nothing new)."""
+        found: list[ev.Event] = []
+
+        async def keep(event: ev.Event) -> None:
+            found.append(event)
+
+        await self.take_many([path], keep)
+        return found
+
+    async def take_many(self, paths: list[Path], send: Callable[[ev.Event], Awaitable[None]]) -> None:
+        """Look at these paths, reading them in as few worker-thread hops as results allow.
+
+        Junk is read and refused in one hop for the lot; a hop ends after the
+        first decoded result, which is sent before the next is read, so no two
+        decoded models wait in memory at once.
+        """
+        ready = [item for item in map(self._prepare, paths) if item is not None]
+        while ready:
+            done = await anyio.to_thread.run_sync(self._read_batch, ready, abandon_on_cancel=True)
+            for item, (outcome, moved) in zip(ready, done, strict=False):
+                for event in await self._finish(item, outcome, moved):
+                    await send(event)
+            ready = ready[len(done) :]
+
+    def _prepare(self, path: Path) -> _Pending | None:
+        """What to read for a path, or None if it is not ours or nothing new (cheap checks only)."""
         path = self.wire.look_at(path)
         classified = self.wire.classify(path)
         if classified is None or classified.kind == FileKind.IGNORED:
-            return []  # not this job's, or a write still under a temp name
+            return None  # not this job's, or a write still under a temp name
         try:
             info = os.lstat(path)
         except OSError:
             self.unsettled.pop(path, None)
-            return []  # gone already: a later event or rescan will say if it comes back
+            return None  # gone already: a later event or rescan will say if it comes back
         identity = FileIdentity(info.st_ino, info.st_size, info.st_mtime_ns)
         parts = self.wire.parts_signature(path) if classified.kind == FileKind.RESULT else ()
         if self.seen.get(path) == identity and self.parts_seen.get(path, ()) == parts:
             self.unsettled.pop(path, None)
+            return None
+        return _Pending(path, classified, identity, parts)
+
+    def _read_batch(self, items: list[_Pending]) -> list[tuple[Outcome, object]]:
+        """In the worker thread: read (and refuse) items in order, up to the first decoded result."""
+        done: list[tuple[Outcome, object]] = []
+        for item in items:
+            outcome, moved = self._read_and_refuse(item.path, item.classified, item.identity)
+            done.append((outcome, moved))
+            if isinstance(outcome, Inbound) and isinstance(outcome.message, ResultMessage):
+                break
+        return done
+
+    async def _finish(self, item: _Pending, outcome: Outcome, moved: object) -> list[ev.Event]:
+        """Back in the event loop: remember what was seen, and the events for the round loop."""
+        path, identity, parts = item.path, item.identity, item.parts
+        if moved is not _NOT_YET:
+            # Refused for good in the worker thread already.
+            self.unsettled.pop(path, None)
+            self._after_refusal(path, identity, moved)
+            self._remember_parts(path, parts)
             return []
-        outcome = await anyio.to_thread.run_sync(
-            self.wire.read, path, classified, self.reader, abandon_on_cancel=True
-        )
         if isinstance(outcome, Settled):
             self.unsettled.pop(path, None)
             if outcome.identity is not None:
                 self.seen[path] = outcome.identity
             return []
         if isinstance(outcome, Refused):
-            if self._still_arriving(path, classified.kind, outcome, (identity, parts)):
+            if self._still_arriving(path, item.classified.kind, outcome, (identity, parts)):
                 return []
             self.unsettled.pop(path, None)
             await self.refuse(path, outcome.datasite, outcome.reason, outcome.detail, identity)
@@ -134,6 +259,18 @@ class IntakeLoop:
         if outcome.alive and isinstance(event, ev.ResultReceived):
             return [ev.NodeSeen(event.now, outcome.datasite), event]
         return [event]
+
+    def _read_and_refuse(
+        self, path: Path, classified: Classified, identity: FileIdentity
+    ) -> tuple[Outcome, object]:
+        """Read in the worker thread; quarantine there too a refusal that waiting cannot change."""
+        outcome = self.wire.read(path, classified, self.reader)
+        if isinstance(outcome, Refused) and outcome.reason not in _MAYBE_PARTIAL:
+            return outcome, self._quarantine(path, outcome.datasite, outcome.reason, outcome.detail)
+        return outcome, _NOT_YET
+
+    def _quarantine(self, path: Path, datasite: str, reason: Reason, detail: str) -> Path | None:
+        return self.quarantine.refuse(path, datasite, reason, detail, root=self.wire.datasites_dir)
 
     def _changed(self, batch: PathBatch) -> PathBatch:
         """The paths whose identity differs from the one already handled."""
@@ -164,6 +301,7 @@ class IntakeLoop:
         if earlier is None or earlier[0] != state:
             # New, or changed since (a part arrived): the settle time starts again.
             self.unsettled[path] = (state, now)
+            self._next_due = min(self._next_due, now + self.settle_seconds)
             return True
         return now - earlier[1] < self.settle_seconds
 
@@ -201,9 +339,11 @@ class IntakeLoop:
         taken afresh after the move: by then the honest answer may already
         sit at the same path, and it must still be read.
         """
-        moved = await anyio.to_thread.run_sync(
-            lambda: self.quarantine.refuse(path, datasite, reason, detail, root=self.wire.datasites_dir)
-        )
+        moved = await anyio.to_thread.run_sync(self._quarantine, path, datasite, reason, detail)
+        self._after_refusal(path, identity, moved)
+
+    def _after_refusal(self, path: Path, identity: FileIdentity | None, moved: object) -> None:
+        """A refused file that stays where it is is remembered, so it is refused only once."""
         keep = identity or self.seen.get(path)
         stays = moved is None or self.quarantine.keep_originals
         if stays and keep is not None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from fl_orchestrator.aggregation.chunks import CHUNK_ELEMENTS, LazyUpdate
 from fl_orchestrator.core.reasons import Rejection
-from fl_orchestrator.intake.reader import FileIdentity
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.wire.frames import WIRE_DTYPES, FrameLimits, decode_header
 from fl_orchestrator.wire.parts import part_name
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,10 @@ from fl_orchestrator.intake.reader import InboundReader, ResultHandle
 from fl_orchestrator.intake.watcher import MAX_RESULT_SUBFOLDERS
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.wire.layout import APP_NAME, Classified, JobLayout
-from fl_orchestrator.wire.parts import PART_SUFFIX, whole_name
+from fl_orchestrator.wire.parts import part_name, whole_name
+
+# How many parts of one result are looked at for its signature (honest writers use a few).
+MAX_PARTS_PROBED = 1024
 
 
 class NativeWire:
@@ -57,21 +61,25 @@ class NativeWire:
         return path
 
     def parts_signature(self, path: Path) -> tuple[tuple[str, int, int], ...]:
-        """Name, size and mtime of every part beside a result: changes when a part arrives."""
-        prefix = path.name + PART_SUFFIX
+        """Size and mtime of the parts beside a result (0, 1, ... while they run on): a new part changes it.
+
+        One lstat for a result without parts, whatever else its folder holds: a
+        scan of the folder per file made a flood of files quadratic. Parts that
+        arrive out of order count once the gap before them is filled.
+        """
         found = []
-        try:
-            entries = list(os.scandir(path.parent))
-        except OSError:
-            return ()
-        for entry in entries:
-            if entry.name.startswith(prefix):
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                found.append((entry.name, info.st_size, info.st_mtime_ns))
-        return tuple(sorted(found))
+        for index in range(MAX_PARTS_PROBED):
+            name = part_name(path.name, index)
+            try:
+                info = os.lstat(path.with_name(name))
+            except OSError:
+                break
+            found.append((name, info.st_size, info.st_mtime_ns))
+        else:
+            # Past the probe: the folder's mtime still moves when another part lands.
+            with contextlib.suppress(OSError):
+                found.append(("", 0, os.lstat(path.parent).st_mtime_ns))
+        return tuple(found)
 
     def read(self, path: Path, classified: Classified, reader: InboundReader) -> Outcome:
         """The file, read and validated where it lies."""

@@ -28,7 +28,7 @@ import numpy as np
 import structlog
 
 from fl_orchestrator.core.reasons import Reason, Rejection, printable
-from fl_orchestrator.intake.reader import FileIdentity, read_below
+from fl_orchestrator.intake.safe_read import FileIdentity, read_below
 from fl_orchestrator.protocols.syft_flwr.envelope import EnvelopeError, decode_response, node_id_of
 from fl_orchestrator.protocols.syft_flwr.flower_codec import (
     NUM_EXAMPLES_KEY,

@@ -35,7 +35,8 @@ import structlog
 
 from fl_orchestrator.core.reasons import Reason, Rejection, printable
 from fl_orchestrator.intake.adapter import Outcome, Settled
-from fl_orchestrator.intake.reader import FileIdentity, Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.protocols.syft_flwr.layout import (
     ENDPOINT,
     REFUSED_SUFFIX,
