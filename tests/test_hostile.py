@@ -187,13 +187,15 @@ def test_the_corpus_covers_every_reason_a_file_can_earn() -> None:
     # Tested on their own: a file vanishing mid-read and a bug (below), and a counted
     # file rewritten before a restart (test_faults.py), which no first read can earn.
     # An overflow needs a float64 model, which the corpus does not use (test_overflow.py);
-    # a num_examples jump needs an earlier counted claim (test_weight_policy.py).
+    # a num_examples jump and a norm outlier need earlier counted rounds (test_weight_policy.py,
+    # test_outliers.py and the process test in test_hostile_process.py).
     assert set(Reason) - covered == {
         Reason.UNREADABLE,
         Reason.INTERNAL_ERROR,
         Reason.CHANGED_AFTER_COUNT,
         Reason.OVERFLOW,
         Reason.NUM_EXAMPLES_JUMP,
+        Reason.NORM_OUTLIER,
         # Folders, reported by the watcher (test_watcher_blinding.py), never a file's reason.
         Reason.UNLISTED_FOLDER,
         Reason.SUBFOLDER,

@@ -11,7 +11,7 @@ import pytest
 
 from fl_orchestrator.config import load_config
 from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
-from fl_orchestrator.storage.models import ModelStore
+from fl_orchestrator.storage.models import ModelStore, initial_model
 from fl_orchestrator.wire.layout import JobLayout
 
 from support import scripted
@@ -100,3 +100,39 @@ def test_a_2_gb_sparse_result_is_refused_before_it_is_read(tmp_path: Path) -> No
     assert refusal["reason"] == "sparse_file"
     print(f"\nsparse 2 GB result: daemon peak RSS {peak:.0f} MiB when it was refused")
     assert 0 < peak < 400  # reading it would have taken 2 GB
+
+
+def test_an_update_far_over_the_usual_size_is_refused_as_an_outlier(tmp_path: Path) -> None:
+    # Default settings: outlier_norm_factor = 10, max_update_norm off. ds3 is honest in round 1
+    # (so the rule has a reference), then sends the model plus 1,000 in every weight.
+    table = job_table(
+        4,
+        job={"num_rounds": 3, "min_train_nodes": 3, "min_available_nodes": 4, "round_timeout_seconds": 6.0},
+    )
+    job = write_job(tmp_path, table)
+    config = load_config(job)
+    assert config.limits.outlier_norm_factor == 10.0 and config.limits.max_update_norm == 0
+    sites = site_emails(4)
+    federation = LocalFederation(job, tmp_path / "logs", extra_pythonpath=[TESTS_DIR])
+    specs = [
+        DatasiteSpec(email, "support.scripted:train", {scripted.ENV_INDEX: str(i)})
+        for i, email in enumerate(sites[:3])
+    ]
+    poison = {scripted.ENV_INDEX: "3", scripted.ENV_POISON_FROM_ROUND: "2"}
+    specs.append(DatasiteSpec(sites[3], "support.scripted:poisoning_train", poison))
+    federation.start_datasites(specs, heartbeat_interval_seconds=0.2)
+    daemon = DaemonProcess(job)
+    try:
+        assert daemon.wait(timeout=120) == 0, daemon.output()
+    finally:
+        daemon.kill()
+        federation.stop()
+    refused = [e for e in daemon.events("file.rejected") if e["datasite"] == sites[3]]
+    assert [(e["reason"], e["round"]) for e in refused] == [("norm_outlier", 2), ("norm_outlier", 3)]
+    assert "median" in refused[0]["detail"]
+    model = initial_model(config.model)
+    model = scripted.expected_fedavg(model, [0, 1, 2, 3])  # round 1: ds3 still honest
+    for _ in range(2):
+        model = scripted.expected_fedavg(model, [0, 1, 2])
+    store = ModelStore(config.state.state_dir, config.job.name)
+    assert_same_model(store.load(3), model)

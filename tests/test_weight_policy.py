@@ -115,7 +115,8 @@ async def test_a_datasite_claiming_10_to_the_12_moves_the_model_no_more_than_an_
 
     distances = {}
     for defaults in ("before", "after"):
-        limits = {"max_num_examples": 10**12, "max_num_examples_growth": 0.0} if defaults == "before" else {}
+        before = {"max_num_examples": 10**12, "max_num_examples_growth": 0.0, "outlier_norm_factor": 0.0}
+        limits = before if defaults == "before" else {}
         table = job_table(
             4, job={"num_rounds": rounds, "min_train_nodes": 3, "round_timeout_seconds": 1.5}, limits=limits
         )

@@ -258,6 +258,15 @@ class LimitsSection:
             minimum=0,
         ),
     )
+    outlier_norm_factor: float = field(
+        default=10.0,
+        metadata=spec(
+            "refuse (norm_outlier) a result whose update norm is over this many times the median"
+            " of the datasites' update norms in the last rounds aggregated (from the round after"
+            " 3 datasites have one; docs/REJECTIONS.md). 0: off",
+            minimum=0,
+        ),
+    )
     max_weight_share: float = field(
         default=0.0,
         metadata=spec(

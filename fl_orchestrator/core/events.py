@@ -80,6 +80,8 @@ class ResultReceived:
     error_message: str | None = None
     payload: Any = None
     purpose: str = "train"  # or "evaluate": a federated-evaluation answer
+    # ||result - the round's model||, when the intake measured it (the outlier rule).
+    update_norm: float | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from fl_orchestrator.core.events import (
     Tick,
 )
 from fl_orchestrator.core.metrics import weighted_metrics
+from fl_orchestrator.core.outliers import outlier_detail, reference_norm
 from fl_orchestrator.core.reasons import Reason
 from fl_orchestrator.core.records import Attempt, DatasiteRecord, RoundRules
 from fl_orchestrator.core.selection import select_datasites, task_id
@@ -72,6 +73,8 @@ class RoundMachine:
         self.last_missing: tuple[str, ...] | None = None
         self.records = {d: DatasiteRecord() for d in rules.datasites}
         self.evaluation: EvaluationRound | None = None
+        # The outlier rule's reference for the open attempt, fixed when it starts.
+        self.reference_norm: float | None = None
         if records:
             self._restore_records(records)
 
@@ -135,6 +138,7 @@ class RoundMachine:
         self.current = Attempt(
             self.round, event.attempt, dict(event.tasks), event.dispatched_at, event.deadline
         )
+        self.reference_norm = reference_norm(self.records.values())
         for d in event.tasks:
             if d in self.records:
                 self.records[d].selected += 1
@@ -190,6 +194,7 @@ class RoundMachine:
         tasks = {d: task_id(self.rules.run_id, self.round, self.attempt_number, d) for d in selected}
         deadline = now + self.rules.round_timeout_seconds
         self.current = Attempt(self.round, self.attempt_number, tasks, now, deadline)
+        self.reference_norm = reference_norm(self.records.values())
         for d in selected:
             self.records[d].selected += 1
         self.phase = Phase.TRAINING
@@ -223,6 +228,8 @@ class RoundMachine:
             record.train_seconds_total += elapsed
             if record.first_num_examples is None:
                 record.first_num_examples = event.num_examples
+            if event.update_norm is not None:
+                current.update_norms[event.datasite] = event.update_norm
             actions.append(
                 Accept(current.round, current.attempt, event.datasite, event.num_examples, event.payload)
             )
@@ -261,6 +268,9 @@ class RoundMachine:
             return Reason.NUM_EXAMPLES_JUMP, (
                 f"claims {event.num_examples} examples, over {growth:g} x its first claim of {first}"
             )
+        outlier = outlier_detail(event.update_norm, self.reference_norm, self.rules.outlier_norm_factor)
+        if event.ok and outlier is not None:
+            return Reason.NORM_OUTLIER, outlier
         return None
 
     def _on_tick(self, now: float) -> list[Action]:
@@ -283,9 +293,12 @@ class RoundMachine:
             return self._finish_evaluation(now)
         return []
 
+    def _open_attempt(self) -> Attempt:
+        assert self.current is not None, "only while an attempt is open"
+        return self.current
+
     def _summary(self, now: float) -> RoundSummary:
-        current = self.current
-        assert current is not None
+        current = self._open_attempt()
         timed_out = tuple(sorted(current.outstanding()))
         total = sum(current.num_examples.values())
         return RoundSummary(
@@ -312,6 +325,8 @@ class RoundMachine:
                 self.records[d].last_seen = None
         if len(summary.succeeded) >= self.rules.min_train_nodes:
             self.phase = Phase.AGGREGATING
+            for d, norm in self._open_attempt().update_norms.items():
+                self.records[d].last_update_norm = norm  # the next rounds' outlier reference
             return [Aggregate(summary)]
         reason = (
             f"round {self.round} attempt {summary.attempt}: {len(summary.succeeded)} of"

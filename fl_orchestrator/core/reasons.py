@@ -51,6 +51,7 @@ class Reason(StrEnum):
     NOT_SELECTED = "not_selected"
     REPLY_TO_MISMATCH = "reply_to_mismatch"
     DUPLICATE = "duplicate"
+    NORM_OUTLIER = "norm_outlier"
     NUM_EXAMPLES_JUMP = "num_examples_jump"
     # A counted result whose file no longer holds the bytes validated when it was counted.
     CHANGED_AFTER_COUNT = "changed_after_count"

@@ -30,6 +30,7 @@ class RoundRules:
     # A datasite's claimed num_examples may grow at most this factor over its first counted
     # claim (0: no limit): a datasite cannot earn trust and then take the aggregate over.
     max_num_examples_growth: float = 0.0
+    outlier_norm_factor: float = 0.0
 
 
 @dataclass
@@ -45,6 +46,8 @@ class DatasiteRecord:
     train_seconds_total: float = 0.0
     # num_examples of its first counted training result: what later claims are held to.
     first_num_examples: int | None = None
+    # The update norm of its result in the last round aggregated with it (the outlier rule).
+    last_update_norm: float | None = None
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Attempt:
     num_examples: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Metrics] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    update_norms: dict[str, float] = field(default_factory=dict)
 
     def answered(self) -> set[str]:
         return set(self.succeeded) | set(self.failed)

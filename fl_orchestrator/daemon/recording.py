@@ -9,6 +9,7 @@ reproduces the round exactly.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fl_orchestrator.core import events as ev
@@ -41,6 +42,10 @@ def records_for(
             identity=(identity.inode, identity.size, identity.mtime_ns),
             at=event.now,
             sha256=handle.sha256,
+            # Strict JSON in the log: an overflowed norm is not a reference anyway.
+            update_norm=event.update_norm
+            if event.update_norm is not None and math.isfinite(event.update_norm)
+            else None,
         )
         records.append((rnd, result))
     if isinstance(event, ev.Tick):
@@ -82,4 +87,5 @@ def event_for_record(
         error_type=record.error_type,
         error_message=record.error_message,
         payload=handle_of(record, message),
+        update_norm=record.update_norm,
     )

@@ -60,6 +60,7 @@ def rules_from_config(config: JobConfig, run_id: str) -> RoundRules:
         min_evaluate_nodes=job.min_evaluate_nodes,
         timeout_means_gone=job.protocol == "syft-flwr",
         max_num_examples_growth=config.limits.max_num_examples_growth,
+        outlier_norm_factor=config.limits.outlier_norm_factor,
     )
 
 

@@ -327,6 +327,7 @@ class IntakeLoop:
             error_message=message.error_message,
             payload=ResultHandle(inbound.path, inbound.identity, inbound.sha256, message),
             purpose=message.action,
+            update_norm=inbound.update_norm,
         )
 
     async def refuse(

@@ -278,8 +278,10 @@ class InboundReader:
 
         The one validator every protocol's results pass: names, dtypes and
         shapes, the overflow bound and the update-norm bound (refuse or clip).
-        Returns the result (clipped if it was), its update norm (None when the
-        bound is off) and whether it was clipped; raises Rejection.
+        Returns the result (clipped if it was), its update norm (None when
+        neither the bound nor the outlier rule is on, or when the result is of
+        another round than the model) and whether it was clipped; raises
+        Rejection.
         """
         model, spec, model_round = self._model
         if not result.ok or result.action == "evaluate":
@@ -294,11 +296,13 @@ class InboundReader:
                 f" the round's float64 sum (limit {limit:.3g} for {len(self.datasites)} datasites)",
             )
         bound = self.limits.max_update_norm
-        if bound <= 0 or (model_round is not None and result.envelope.round != model_round):
+        measured = bound > 0 or self.limits.outlier_norm_factor > 0
+        if not measured or model is None:
+            return result, None, False  # __init__ refuses a norm bound without a model
+        if model_round is not None and result.envelope.round != model_round:
             return result, None, False
-        assert model is not None  # __init__ refuses a norm bound without a model
         norm = update_norm(result.arrays, model)
-        if norm <= bound:
+        if bound <= 0 or norm <= bound:
             return result, norm, False
         # A norm that overflowed float64 cannot be scaled meaningfully: refuse it.
         if self.limits.update_norm_action == "clip" and math.isfinite(norm):

@@ -53,6 +53,8 @@ class ResultRecord:
     at: float
     # Of the bytes that were validated; None in logs written before it was recorded.
     sha256: str | None = None
+    # ||result - the round's model||, for the outlier rule's reference after a restart.
+    update_norm: float | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import numpy as np
 
 ENV_INDEX = "SCRIPTED_INDEX"
 ENV_DELAY = "SCRIPTED_DELAY_SECONDS"
+ENV_POISON_FROM_ROUND = "SCRIPTED_POISON_FROM_ROUND"
+POISON = 1000.0
 
 
 def scripted_update(arrays: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
@@ -33,6 +35,16 @@ def train(
         num_examples_of(index),
         {"loss": float(index), "round": float(config["server-round"])},
     )
+
+
+def poisoning_train(
+    arrays: dict[str, np.ndarray], config: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+    """Honest like ``train`` until a round, then an update hundreds of times the others' size."""
+    update, count, metrics = train(arrays, config)
+    if int(config["server-round"]) >= int(os.environ[ENV_POISON_FROM_ROUND]):
+        update = {k: (v + np.float32(POISON)).astype(v.dtype) for k, v in arrays.items()}
+    return update, count, metrics
 
 
 def expected_fedavg(model: dict[str, np.ndarray], indices: list[int]) -> dict[str, np.ndarray]:
