@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 from structlog.testing import CapturingLogger
@@ -37,11 +38,12 @@ from fl_orchestrator.core.selection import task_id
 from fl_orchestrator.intake import loop as intake_loop_module
 from fl_orchestrator.intake import quarantine as quarantine_module
 from fl_orchestrator.intake import reader as intake_module
-from fl_orchestrator.intake.loop import IntakeLoop
+from fl_orchestrator.intake.loop import _NOT_YET, IntakeLoop, _Pending
 from fl_orchestrator.intake.quarantine import UNKNOWN_DATASITES, Quarantine
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, check_model_fits
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.protocols.native import NativeWire
-from fl_orchestrator.wire.layout import FileKind, JobLayout
+from fl_orchestrator.wire.layout import Classified, FileKind, JobLayout
 from fl_orchestrator.wire.messages import ResultMessage, model_spec
 
 from hostile.corpus import (
@@ -191,6 +193,7 @@ def test_the_corpus_covers_every_reason_a_file_can_earn() -> None:
     # test_outliers.py and the process test in test_hostile_process.py).
     assert set(Reason) - covered == {
         Reason.UNREADABLE,
+        Reason.VANISHED,
         Reason.INTERNAL_ERROR,
         Reason.CHANGED_AFTER_COUNT,
         Reason.OVERFLOW,
@@ -292,17 +295,19 @@ def test_a_symlinked_folder_is_neither_read_nor_moved_through(tmp_path: Path) ->
     assert (elsewhere / "0123abcd.result").exists()
 
 
-def test_a_file_that_vanishes_before_it_is_read_is_unreadable(tmp_path: Path) -> None:
+def test_a_file_that_vanishes_before_it_is_read_is_not_refused(tmp_path: Path) -> None:
     scene = UnitScene(tmp_path)
     path = scene.layout.results_dir(HOSTILE) / "0123abcd.result"
     outcome = scene.reader.read_inbound(path, FileKind.RESULT, HOSTILE)
-    assert isinstance(outcome, Refused) and outcome.reason == Reason.UNREADABLE
-    moved = scene.quarantine.refuse(
-        path, HOSTILE, outcome.reason, outcome.detail, root=scene.layout.datasites_dir
-    )
-    assert moved is None
-    (record,) = records(scene)
-    assert record["what"] == "unknown" and record["move_error"]
+    assert isinstance(outcome, Refused) and outcome.reason == Reason.VANISHED
+    # The intake quarantines nothing for it: its next event or the rescan looks again.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    identity = os.lstat(path)
+    path.unlink()
+    pending = _Pending(path, Classified(HOSTILE, FileKind.RESULT), FileIdentity(identity.st_ino, 1, 0), ())
+    assert anyio.run(scene.intake._finish, pending, outcome, _NOT_YET) == []
+    assert records(scene) == [] and path not in scene.intake.seen
 
 
 def test_a_bug_in_decoding_costs_one_file_not_the_daemon(

@@ -23,6 +23,9 @@ class Reason(StrEnum):
     FILE_TOO_LARGE = "file_too_large"
     SPARSE_FILE = "sparse_file"
     UNREADABLE = "unreadable"
+    # Deleted or renamed between its event and the read: never quarantined, looked at again
+    # if it comes back (a sync client replacing a file does this all the time).
+    VANISHED = "vanished"
     MALFORMED = "malformed"
     HEADER_TOO_LARGE = "header_too_large"
     TRUNCATED = "truncated"

@@ -44,6 +44,8 @@ log = structlog.get_logger("fl_orchestrator.intake")
 _NOT_YET = object()
 # Reasons a file being written in place (truncate, then write) can give for a while.
 _MAYBE_PARTIAL = frozenset({Reason.EMPTY_FILE, Reason.TRUNCATED})
+# Refusals the worker thread leaves to the event loop: maybe partial, or the file is gone.
+_NOT_FINAL = _MAYBE_PARTIAL | {Reason.VANISHED}
 # Larger batches (rescans) are pre-filtered off the event loop.
 _INLINE_BATCH = 64
 # Paths one party may have waiting; batches queued between two takes; how often a drop is logged.
@@ -232,6 +234,9 @@ class IntakeLoop:
             if outcome.identity is not None:
                 self.seen[path] = outcome.identity
             return []
+        if isinstance(outcome, Refused) and outcome.reason == Reason.VANISHED:
+            self.unsettled.pop(path, None)
+            return []  # nothing to refuse: its next event or the rescan says if it comes back
         if isinstance(outcome, Refused):
             if self._still_arriving(path, item.classified.kind, outcome, (identity, parts)):
                 return []
@@ -265,7 +270,7 @@ class IntakeLoop:
     ) -> tuple[Outcome, object]:
         """Read in the worker thread; quarantine there too a refusal that waiting cannot change."""
         outcome = self.wire.read(path, classified, self.reader)
-        if isinstance(outcome, Refused) and outcome.reason not in _MAYBE_PARTIAL:
+        if isinstance(outcome, Refused) and outcome.reason not in _NOT_FINAL:
             return outcome, self._quarantine(path, outcome.datasite, outcome.reason, outcome.detail)
         return outcome, _NOT_YET
 

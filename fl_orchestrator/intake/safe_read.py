@@ -69,7 +69,7 @@ def _open_folder(dir_fd: int, name: str) -> int:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            raise Rejection(Reason.UNREADABLE, "the file vanished before it was read") from None
+            raise Rejection(Reason.VANISHED, "the file vanished before it was read") from None
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             # Linux says ENOTDIR for O_NOFOLLOW|O_DIRECTORY on a link; look.
             try:
@@ -112,7 +112,7 @@ def _read_entry(
         if exc.errno == errno.ELOOP:
             raise Rejection(Reason.SYMLINK, "the file is a symbolic link") from None
         if exc.errno == errno.ENOENT:
-            raise Rejection(Reason.UNREADABLE, "the file vanished before it was read") from None
+            raise Rejection(Reason.VANISHED, "the file vanished before it was read") from None
         raise Rejection(Reason.UNREADABLE, f"cannot open: {exc.strerror}") from None
     try:
         # fstat is the check that counts: it describes what was opened.

@@ -234,7 +234,7 @@ class SyftFlwrWire:
     def _presence(self, path: Path, owner: str) -> Outcome:
         identity = _identity(path)
         if identity is None:
-            return Refused(path, owner, Reason.UNREADABLE, "the file vanished before it was read", None)
+            return Refused(path, owner, Reason.VANISHED, "the file vanished before it was read", None)
         with self._lock:
             first = owner not in self.present
             self.present.add(owner)
