@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from fl_orchestrator.wire.parts import MIN_PART_BYTES, assemble, part_name
 log = structlog.get_logger("fl_orchestrator.intake")
 
 HEARTBEAT_MAX_BYTES = 64 * 1024
+# Results at least this large are hashed in a second thread while they are checked.
+_HASH_BESIDE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -179,9 +182,17 @@ class InboundReader:
                 assert isinstance(beat, HeartbeatMessage)
                 return Inbound(path, datasite, identity, beat)
             data = self._join_parts(self.layout.datasites_dir, path, data, limit)
-            # Hashed before it is decoded: whatever is folded later must be these bytes.
-            sha256 = hashlib.sha256(data).hexdigest()
-            result, norm, clipped = self.check_result(data, task_id_of_result(path))
+            # Whatever is folded later must be these bytes: their hash is taken now, in a
+            # second thread while they are decoded and checked (hashlib and numpy both
+            # release the GIL), since the hash alone cost as much as all the rest.
+            if data.nbytes < _HASH_BESIDE_BYTES:
+                sha256 = _sha256_hex(data)
+                result, norm, clipped = self.check_result(data, task_id_of_result(path))
+            else:
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-hash") as pool:
+                    hashing = pool.submit(_sha256_hex, data)
+                    result, norm, clipped = self.check_result(data, task_id_of_result(path))
+                    sha256 = hashing.result()
             return Inbound(path, datasite, identity, result, norm, clipped, sha256)
         except Rejection as exc:
             return Refused(path, datasite, exc.reason, exc.detail, identity)
@@ -316,6 +327,10 @@ class InboundReader:
             raise Rejection(Reason.BAD_NAME, f"not a {kind.value} path of this job")
         if classified.bad_name:
             raise Rejection(Reason.BAD_NAME, "expected results/<1-64 letters or digits>.result")
+
+
+def _sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def result_size_limit(spec: ModelSpec, limits: LimitsSection) -> int:
