@@ -49,6 +49,10 @@ class Sizes:
     overhead_sites: tuple[int, ...]
     overhead_params: int
     encode_params: int
+    flood_sites: int
+    flood_params: int
+    flood_junk_files: int
+    flood_repeats: int
     daemon_timeout_seconds: float
 
 
@@ -68,6 +72,10 @@ FULL = Sizes(
     overhead_sites=(100, 1000),
     overhead_params=1_000_000,
     encode_params=10_000_000,
+    flood_sites=8,
+    flood_params=1_000_000,
+    flood_junk_files=10_000,
+    flood_repeats=3,
     daemon_timeout_seconds=900.0,
 )
 
@@ -87,6 +95,10 @@ SMOKE = Sizes(
     overhead_sites=(10, 20),
     overhead_params=100_000,
     encode_params=100_000,
+    flood_sites=2,
+    flood_params=1_000,
+    flood_junk_files=200,
+    flood_repeats=1,
     daemon_timeout_seconds=60.0,
 )
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_encode
+import bench_flood
 import bench_ingest
 import bench_latency
 import bench_overhead
@@ -45,6 +46,7 @@ BENCHMARKS: dict[str, Runner] = {
     "daemon_rss": bench_rss.run,
     "detection_latency": bench_latency.run,
     "round_overhead": bench_overhead.run,
+    "flood": bench_flood.run,
 }
 _SHARED_FILES_OWNER = "ingest"
 _SHARED_FILES_LAST_USER = "robust"

@@ -64,6 +64,9 @@ class JobSpec:
     round_timeout_seconds: float = 3600.0
     rescan_interval_seconds: float = 15.0
     debounce_milliseconds: int = 5
+    # Listed in the job beside the ``sites`` trainers, but not needed for a round to start or close
+    # (the flood benchmark's hostile datasite: it writes no heartbeat, so it is never selected).
+    extra_datasites: tuple[str, ...] = ()
 
 
 def write_job(workdir: Path, spec: JobSpec) -> Path:
@@ -83,7 +86,7 @@ def write_job(workdir: Path, spec: JobSpec) -> Path:
         "syftbox": {
             "root": "syftbox",
             "aggregator_email": AGGREGATOR,
-            "datasites": site_emails(spec.sites),
+            "datasites": [*site_emails(spec.sites), *spec.extra_datasites],
             "presence_ttl_seconds": 86400.0,
             # One file per model: the simulator reads it whole, and parts are a sync concern.
             "part_bytes": 0,

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("encode", "ingest", "robust", "daemon_rss", "detection_latency", "round_overhead")
+BENCHMARKS = (
+    "encode",
+    "ingest",
+    "robust",
+    "daemon_rss",
+    "detection_latency",
+    "round_overhead",
+    "flood",
+)
 
 pytestmark = pytest.mark.slow
 

@@ -74,6 +74,8 @@ async def test_an_honest_result_behind_a_flood_is_taken_in_the_first_hop(tmp_pat
     reader = InboundReader(layout, frozenset({FLOODER, HONEST}), model_spec(MODEL), LimitsSection())
     quarantine = Quarantine(tmp_path / "quarantine", keep_originals=True)
     loop = IntakeLoop(NativeWire(layout), reader, quarantine, time.time, settle_seconds=60)
+    refusals_told: list[int] = []
+    loop.on_refused = lambda: refusals_told.append(1)  # the daemon rewrites status.json then
     junk = layout.results_dir(FLOODER)
     junk.mkdir(parents=True)
     flood = [junk / f"{secrets.token_hex(16)}.result" for _ in range(2000)]
@@ -98,3 +100,4 @@ async def test_an_honest_result_behind_a_flood_is_taken_in_the_first_hop(tmp_pat
     assert isinstance(event, ev.ResultReceived) and event.datasite == HONEST
     # Junk read before it: at most a hop's worth, not the 2,000 queued ahead of it.
     assert refused_before <= PATHS_PER_HOP, refused_before
+    assert len(refusals_told) >= refused_before

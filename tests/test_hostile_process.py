@@ -136,3 +136,50 @@ def test_an_update_far_over_the_usual_size_is_refused_as_an_outlier(tmp_path: Pa
         model = scripted.expected_fedavg(model, [0, 1, 2])
     store = ModelStore(config.state.state_dir, config.job.name)
     assert_same_model(store.load(3), model)
+
+
+def test_a_flood_of_small_junk_is_refused_and_the_honest_rounds_finish(tmp_path: Path) -> None:
+    # 2,000 small junk files in one datasite's results/ (the bounded version of the flood
+    # in `make bench`): what is read of them is refused with a reason, and the honest
+    # datasites' results are taken in turn with the junk, not after it.
+    junk_files = 2000
+    table = job_table(
+        4,
+        job={"num_rounds": 2, "min_train_nodes": 3, "min_available_nodes": 3, "round_timeout_seconds": 60.0},
+    )
+    job = write_job(tmp_path, table)
+    config = load_config(job)
+    layout = JobLayout(config.syftbox.root, config.job.name, config.syftbox.aggregator_email)
+    hostile = site_emails(4)[3]
+    results = layout.results_dir(hostile)
+    results.mkdir(parents=True)
+    for _ in range(junk_files):
+        (results / f"{secrets.token_hex(16)}.result").write_bytes(os.urandom(300))
+    federation = LocalFederation(job, tmp_path / "logs", extra_pythonpath=[TESTS_DIR])
+    federation.start_datasites(
+        [
+            DatasiteSpec(email, "support.scripted:train", {scripted.ENV_INDEX: str(i)})
+            for i, email in enumerate(site_emails(3))
+        ],
+        heartbeat_interval_seconds=0.2,
+    )
+    daemon = DaemonProcess(job)
+    try:
+        assert daemon.wait(timeout=120) == 0, daemon.output()
+    finally:
+        daemon.kill()
+        federation.stop()
+    # The honest rounds were served first: the job may end with junk still waiting.
+    status = json.loads((config.state.state_dir / "status.json").read_text())
+    refused = sum(status["quarantined"][hostile].values())
+    assert 0 < refused <= junk_files
+    assert set(status["quarantined"][hostile]) <= {"malformed", "unsupported_version", "truncated"}
+    # Every refusal has its reason on disk (status.json was written at the end, while the
+    # intake could still refuse a last batch).
+    records = list((config.state.state_dir / "quarantine").rglob("*.reason.json"))
+    assert len(records) >= refused
+    assert all(json.loads(r.read_text())["reason"] for r in records[:50])
+    accepted = daemon.events("result.accepted")
+    assert {e["datasite"] for e in accepted} == set(site_emails(3)) and len(accepted) == 6
+    store = ModelStore(config.state.state_dir, config.job.name)
+    assert_same_model(store.load(2), expected_model(config, 2, [0, 1, 2]))

@@ -54,6 +54,10 @@ class TextWire:
         return self.root / "datasites"
 
     @property
+    def aggregator(self) -> str:
+        return "agg@example.org"
+
+    @property
     def marker(self) -> str:
         return os.sep + "text" + os.sep
 

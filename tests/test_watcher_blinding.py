@@ -41,6 +41,7 @@ def _hostile_tree(layout: JobLayout) -> None:
         layout.results_dir(site).mkdir(parents=True)
     (layout.results_dir("good@x.org") / "sub").mkdir()
     (layout.datasites_dir / "mallory@x.org").mkdir()
+    layout.aggregator_dir.mkdir(parents=True)  # the aggregator's own folder: not a stranger's
 
 
 async def test_hostile_folders_are_reported_once_and_honest_events_keep_flowing(tmp_path: Path) -> None:
@@ -74,6 +75,7 @@ async def test_hostile_folders_are_reported_once_and_honest_events_keep_flowing(
     assert ("watcher.datasite_unwatched", "odd@x.org", "bad_name") in events
     assert ("watcher.folder_unexpected", "good@x.org", "subfolder") in events
     assert ("watcher.folder_unexpected", "mallory@x.org", "unlisted_folder") in events
+    assert not [e for e in events if e[1] == "agg@x.org"]
     assert len(events) == len(set(events)), events  # each reported once
     assert not [e for e in events if e[0] == "watcher.restarted"], events
 

@@ -201,6 +201,7 @@ class Daemon:
             self.clock,
             settle_seconds=self.config.daemon.partial_file_settle_seconds,
         )
+        intake.on_refused = self.rounds.want_status
         await self.startup.resume(self.rounds, intake)
         # ---- the main loop
         batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](16)

@@ -271,6 +271,10 @@ class RoundDriver:
         shown = state or STATE_OF_PHASE.get(self.machine.phase, "running")
         return self.reports.status_document(self.machine, now=self.clock(), state=shown, extra=extra)
 
+    def want_status(self) -> None:
+        """Something status.json shows changed outside the round loop (a refusal, say)."""
+        self.status_wanted.set()
+
     async def write_status_when_wanted(self) -> None:
         """Rewrite status.json on every transition, and after results at most once a second.
 

@@ -53,6 +53,11 @@ class WatchedTree(Protocol):
         """A substring of every path of this protocol's files (the watch filter)."""
         ...
 
+    @property
+    def aggregator(self) -> str:
+        """This aggregator's own email: its folder is no stranger's."""
+        ...
+
     def folders_on_the_way(self, datasite: str) -> list[Path]:
         """The folders from datasites/<email> down to the one holding its results, in order."""
         ...

@@ -88,6 +88,8 @@ class IntakeLoop:
         # For results written as parts: the parts as they were when the result was handled.
         self.parts_seen: dict[Path, tuple[tuple[str, int, int], ...]] = {}
         self.queue = FairQueue(PER_DATASITE_QUEUE)
+        # Called after files were refused (status.json shows the counts without a round event).
+        self.on_refused: Callable[[], None] | None = None
         # The earliest moment an unsettled file is due to be looked at again.
         self._next_due = math.inf
 
@@ -350,6 +352,8 @@ class IntakeLoop:
 
     def _after_refusal(self, path: Path, identity: FileIdentity | None, moved: object) -> None:
         """A refused file that stays where it is is remembered, so it is refused only once."""
+        if self.on_refused is not None:
+            self.on_refused()
         keep = identity or self.seen.get(path)
         stays = moved is None or self.quarantine.keep_originals
         if stays and keep is not None:

@@ -70,7 +70,7 @@ class WatchPlan:
 
 def plan_watch(tree: WatchedTree, datasites: tuple[str, ...], dropped: set[str]) -> WatchPlan:
     """Which folders to watch now: each existing, real, readable folder on the way, per party."""
-    unlisted = _unlisted_folders(tree.datasites_dir, set(datasites))
+    unlisted = _unlisted_folders(tree.datasites_dir, {*datasites, tree.aggregator})
     members = [d for d in (*datasites, *unlisted[:MAX_UNLISTED_FOLDERS]) if d not in dropped]
     folders = [tree.datasites_dir]
     on_the_way: set[str] = set()

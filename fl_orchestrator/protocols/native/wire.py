@@ -30,6 +30,11 @@ class NativeWire:
         return self.layout.datasites_dir
 
     @property
+    def aggregator(self) -> str:
+        """The aggregator's email."""
+        return self.layout.aggregator
+
+    @property
     def marker(self) -> str:
         """Every file of this job lies below a folder named like this."""
         return os.sep + os.path.join("app_data", APP_NAME, self.layout.job) + os.sep

@@ -105,6 +105,11 @@ class SyftFlwrWire:
         return self.target.datasites_dir
 
     @property
+    def aggregator(self) -> str:
+        """The aggregator's email."""
+        return self.target.aggregator
+
+    @property
     def marker(self) -> str:
         """Every file of this app lies below its rpc folder."""
         return self.target.marker
