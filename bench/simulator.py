@@ -141,8 +141,18 @@ class DaemonError(RuntimeError):
 class DaemonProcess:
     """``fl-orchestratord`` as a subprocess: its parsed JSON log lines, its memory and its exit."""
 
-    def __init__(self, config_path: Path, log_path: Path, *, sample_interval_seconds: float = 0.01) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        log_path: Path,
+        *,
+        sample_interval_seconds: float = 0.01,
+        command_prefix: Sequence[str] = (),
+    ) -> None:
         self.config_path = config_path
+        # A program that execs the daemon in the same process (so pid, wait4 and /proc stay its own),
+        # e.g. setpriv to run it without some of root's capabilities.
+        self.command_prefix = tuple(command_prefix)
         self.log_path = log_path
         self.sample_interval = sample_interval_seconds
         self.events: list[Event] = []
@@ -162,7 +172,7 @@ class DaemonProcess:
     def __enter__(self) -> DaemonProcess:
         env = dict(os.environ, FL_ORCHESTRATOR_LOG_FORMAT="json")
         self._process = subprocess.Popen(
-            daemon_command(self.config_path),
+            [*self.command_prefix, *daemon_command(self.config_path)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -42,5 +42,7 @@ def test_bench_smoke_runs_every_benchmark_and_writes_json(tmp_path: Path) -> Non
         # Skipped is allowed (robust, while its strategies are not importable); an error is not.
         assert report[name]["status"] in ("ok", "skipped"), report[name].get("reason")
         assert report[name]["table"], f"{name} printed no row"
+    # The latency benchmark's second variant: the same renames beside a hostile datasite's folders.
+    assert "daemon" in report["detection_latency"]["hostile"]
     # The temp folder under --workdir is removed once the run ends.
     assert [p.name for p in tmp_path.iterdir()] == ["smoke.json"]

@@ -51,3 +51,12 @@ def test_json_log_lines_stay_json() -> None:
     event = strict(out.getvalue().strip())
     assert event["train_metrics"] == {"loss": None, "loss_raw": "-inf"}
     assert event["norm"] is None and event["norm_raw"] == "inf"
+
+
+def test_waiting_for_nodes_is_reported_once_a_second_not_once_a_heartbeat() -> None:
+    from fl_orchestrator.daemon.action_log import WaitingLog
+
+    waiting = WaitingLog()
+    # A thousand heartbeats in half a second: one line; a new round or a second later: another.
+    assert [waiting.due(1, 100.0 + i / 2000) for i in range(1000)].count(True) == 1
+    assert waiting.due(1, 101.2) and waiting.due(2, 101.3) and not waiting.due(2, 101.4)

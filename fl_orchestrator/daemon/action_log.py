@@ -10,9 +10,28 @@ from fl_orchestrator.core import events as ev
 
 log = structlog.get_logger("fl_orchestrator.daemon")
 
+# While datasites come up one heartbeat at a time, the wait is reported at most this often
+# (a thousand datasites starting made a thousand lines).
+WAITING_LOG_INTERVAL_SECONDS = 1.0
 
-def log_action(action: ev.Action, clock: Callable[[], float]) -> None:
-    """Report RecordFailure, AwaitNodes and AbandonAttempt."""
+
+class WaitingLog:
+    """Whether a ``round.waiting_for_nodes`` line is due: the first, then one a second."""
+
+    def __init__(self) -> None:
+        self.last: tuple[int, float] | None = None
+
+    def due(self, rnd: int, now: float) -> bool:
+        """True for the first wait of a round, then once per interval."""
+        last = self.last
+        if last is not None and last[0] == rnd and now - last[1] < WAITING_LOG_INTERVAL_SECONDS:
+            return False
+        self.last = (rnd, now)
+        return True
+
+
+def log_action(action: ev.Action, clock: Callable[[], float], waiting: WaitingLog | None = None) -> None:
+    """Report RecordFailure, AwaitNodes (throttled by ``waiting``) and AbandonAttempt."""
     if isinstance(action, ev.RecordFailure):
         log.warning(
             "result.failed",
@@ -22,6 +41,8 @@ def log_action(action: ev.Action, clock: Callable[[], float]) -> None:
             error_message=action.error_message,
         )
     elif isinstance(action, ev.AwaitNodes):
+        if waiting is not None and not waiting.due(action.round, clock()):
+            return
         log.warning(
             "round.waiting_for_nodes",
             round=action.round,

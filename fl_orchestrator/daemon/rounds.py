@@ -21,7 +21,7 @@ from anyio.abc import ObjectReceiveStream
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import Phase, RoundMachine
-from fl_orchestrator.daemon.action_log import log_action, log_round_completed
+from fl_orchestrator.daemon.action_log import WaitingLog, log_action, log_round_completed
 from fl_orchestrator.daemon.recording import records_for
 from fl_orchestrator.daemon.reports import Reports
 from fl_orchestrator.daemon.round_work import HookFailed, RoundWork
@@ -75,6 +75,7 @@ class RoundDriver:
         self.replaying = False
         self.pending_aggregate: ev.RoundSummary | None = None
         self.status_wanted = anyio.Event()
+        self.waiting_log = WaitingLog()
         self.status_urgent = anyio.Event()
 
     # ---- the loop --------------------------------------------------------------------
@@ -154,7 +155,7 @@ class RoundDriver:
         ):
             if isinstance(action, ev.RecordFailure):
                 self.quarantine.counted(action.datasite)  # a well-formed answer ends a refusal streak
-            log_action(action, self.clock)
+            log_action(action, self.clock, self.waiting_log)
         elif isinstance(action, ev.Aggregate):
             if self.replaying:
                 self.pending_aggregate = action.summary

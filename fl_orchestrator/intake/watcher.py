@@ -39,6 +39,11 @@ from fl_orchestrator.wire.layout import TEMP_SUFFIX
 log = structlog.get_logger("fl_orchestrator.watcher")
 
 PathBatch = list[Path]
+_RESCAN_HINT = "its files are still found by the rescan, every rescan_interval_seconds"
+_UNEXPECTED_HINTS = {
+    Reason.UNLISTED_FOLDER: "files it writes for this job are refused as unknown_datasite when they appear",
+    Reason.SUBFOLDER: "files in it are refused as bad_name",
+}
 # After a failure the watcher did not attribute to a datasite: wait, then longer each time.
 _FIRST_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 10.0
@@ -214,9 +219,9 @@ class JobWatch:
         while not stop.is_set():
             plan = await anyio.to_thread.run_sync(plan_watch, self.tree, self.datasites, self.dropped)
             for refused, (reason, detail) in plan.refused.items():
-                self._report("watcher.folder_refused", refused, reason, detail)
+                self._report("watcher.folder_refused", refused, reason, detail, _RESCAN_HINT)
             for party, reason, detail in plan.unexpected:
-                self._report("watcher.folder_unexpected", party, reason, detail)
+                self._report("watcher.folder_unexpected", party, reason, detail, _UNEXPECTED_HINTS[reason])
             if plan.unlisted_skipped:
                 detail = f"{plan.unlisted_skipped} folders of parties not in the job beyond the first"
                 self._report(
@@ -224,6 +229,7 @@ class JobWatch:
                     "_unknown",
                     Reason.UNKNOWN_DATASITE,
                     f"{detail} {MAX_UNLISTED_FOLDERS}",
+                    "files in those folders are not looked at",
                 )
             try:
                 await self._watch(plan, send, stop)
@@ -234,7 +240,9 @@ class JobWatch:
                 self.restarts += 1
                 if datasite is not None and isinstance(error, RuntimeError):
                     self.dropped.add(datasite)
-                    self._report("watcher.datasite_unwatched", datasite, Reason.BAD_NAME, str(error))
+                    self._report(
+                        "watcher.datasite_unwatched", datasite, Reason.BAD_NAME, str(error), _RESCAN_HINT
+                    )
                 elif datasite is None:
                     log.warning(
                         "watcher.restarted", error=printable(repr(error), 300), retry_in_seconds=backoff
@@ -289,7 +297,7 @@ class JobWatch:
                     return email
         return None
 
-    def _report(self, event: str, datasite: str, reason: Reason, detail: str) -> None:
+    def _report(self, event: str, datasite: str, reason: Reason, detail: str, hint: str) -> None:
         if (datasite, str(reason)) in self.reported:
             return
         self.reported.add((datasite, str(reason)))
@@ -298,7 +306,7 @@ class JobWatch:
             datasite=datasite,
             reason=str(reason),
             detail=printable(detail, 300),
-            hint="its files are still found by the rescan, every rescan_interval_seconds",
+            hint=hint,
         )
 
 
