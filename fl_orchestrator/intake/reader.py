@@ -34,6 +34,7 @@ from fl_orchestrator.wire.messages import (
     ModelSpec,
     PartsMessage,
     ResultMessage,
+    check_finite,
     check_weights_match,
     decode_message,
     model_spec,
@@ -297,7 +298,17 @@ class InboundReader:
         model, spec, model_round = self._model
         if not result.ok or result.action == "evaluate":
             return result, None, False  # no weights to check
-        check_weights_match(result.arrays, spec)
+        bound = self.limits.max_update_norm
+        measured = (bound > 0 or self.limits.outlier_norm_factor > 0) and model is not None
+        if model_round is not None and result.envelope.round != model_round:
+            measured = False  # another round's result is measured against another model
+        check_weights_match(result.arrays, spec, finite=not measured)
+        norm: float | None = None
+        if measured:
+            assert model is not None
+            norm = update_norm(result.arrays, model)
+            if not math.isfinite(norm):
+                check_finite(result.arrays)  # NaN or Inf, or only a norm too large for float64
         largest = largest_magnitude(result.arrays)
         limit = magnitude_limit(result.num_examples, len(self.datasites))
         if largest >= limit:
@@ -306,17 +317,10 @@ class InboundReader:
                 f"a value of magnitude {largest:.3g} with num_examples {result.num_examples} could overflow"
                 f" the round's float64 sum (limit {limit:.3g} for {len(self.datasites)} datasites)",
             )
-        bound = self.limits.max_update_norm
-        measured = bound > 0 or self.limits.outlier_norm_factor > 0
-        if not measured or model is None:
-            return result, None, False  # __init__ refuses a norm bound without a model
-        if model_round is not None and result.envelope.round != model_round:
-            return result, None, False
-        norm = update_norm(result.arrays, model)
-        if bound <= 0 or norm <= bound:
+        if norm is None or bound <= 0 or norm <= bound:
             return result, norm, False
         # A norm that overflowed float64 cannot be scaled meaningfully: refuse it.
-        if self.limits.update_norm_action == "clip" and math.isfinite(norm):
+        if self.limits.update_norm_action == "clip" and math.isfinite(norm) and model is not None:
             clipped = clip_update(result.arrays, model, clip_factor(norm, bound))
             return dataclasses.replace(result, arrays=clipped), norm, True
         raise Rejection(Reason.NORM_EXCEEDED, f"update norm {norm:.6g} is over max_update_norm {bound:g}")
