@@ -129,9 +129,10 @@ class Ingest:
         self.files = files
         self.model = model
         layout = JobLayout(root, JOB, AGGREGATOR)
-        self.reader = InboundReader(
-            layout, frozenset(f.datasite for f in files), model_spec(model), LimitsSection()
-        )
+        # As the daemon builds it: with the global model, so the update norm is measured
+        # (the outlier rule, on by default, needs it).
+        sites = frozenset(f.datasite for f in files)
+        self.reader = InboundReader(layout, sites, model_spec(model), LimitsSection(), global_model=model)
 
     def read(self, item: ResultFile) -> ResultMessage:
         """read_inbound one file; fail loudly if it is refused."""
