@@ -28,7 +28,6 @@ from fl_orchestrator.core.events import (
     Reject,
     ResultReceived,
     RoundAggregated,
-    RoundSummary,
     Started,
     Tick,
 )
@@ -297,28 +296,8 @@ class RoundMachine:
         assert self.current is not None, "only while an attempt is open"
         return self.current
 
-    def _summary(self, now: float) -> RoundSummary:
-        current = self._open_attempt()
-        timed_out = tuple(sorted(current.outstanding()))
-        total = sum(current.num_examples.values())
-        return RoundSummary(
-            round=current.round,
-            attempt=current.attempt,
-            selected=tuple(sorted(current.tasks)),
-            succeeded=tuple(sorted(current.succeeded)),
-            failed=dict(sorted(current.failed.items())),
-            timed_out=timed_out,
-            dispatched_at=current.dispatched_at,
-            closed_at=now,
-            train_seconds=dict(sorted(current.succeeded.items())),
-            num_examples=total,
-            train_metrics=weighted_metrics(current.metrics, current.num_examples),
-            metrics_by_datasite={d: dict(m) for d, m in sorted(current.metrics.items())},
-            examples_by_datasite=dict(sorted(current.num_examples.items())),
-        )
-
     def _close(self, now: float) -> list[Action]:
-        summary = self._summary(now)
+        summary = self._open_attempt().summary(now)
         for d in summary.timed_out:
             self.records[d].timed_out += 1
             if self.rules.timeout_means_gone:

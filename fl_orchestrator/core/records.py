@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fl_orchestrator.core.events import Metrics
+from fl_orchestrator.core.events import Metrics, RoundSummary
+from fl_orchestrator.core.metrics import weighted_metrics
 
 
 @dataclass(frozen=True)
@@ -70,3 +71,21 @@ class Attempt:
 
     def outstanding(self) -> set[str]:
         return set(self.tasks) - self.answered()
+
+    def summary(self, now: float) -> RoundSummary:
+        """What the attempt came to, closed at ``now``."""
+        return RoundSummary(
+            round=self.round,
+            attempt=self.attempt,
+            selected=tuple(sorted(self.tasks)),
+            succeeded=tuple(sorted(self.succeeded)),
+            failed=dict(sorted(self.failed.items())),
+            timed_out=tuple(sorted(self.outstanding())),
+            dispatched_at=self.dispatched_at,
+            closed_at=now,
+            train_seconds=dict(sorted(self.succeeded.items())),
+            num_examples=sum(self.num_examples.values()),
+            train_metrics=weighted_metrics(self.metrics, self.num_examples),
+            metrics_by_datasite={d: dict(m) for d, m in sorted(self.metrics.items())},
+            examples_by_datasite=dict(sorted(self.num_examples.items())),
+        )
