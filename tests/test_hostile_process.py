@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fl_orchestrator.config import load_config
+from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.storage.models import ModelStore, initial_model
 from fl_orchestrator.wire.layout import JobLayout
@@ -23,6 +24,36 @@ JUNK_FILES = 20
 JUNK_BYTES = 2 * 1024**2  # over the tiny test model's result limit, and over a quarantine share
 
 
+def _honest_specs(count: int = 3) -> list[DatasiteSpec]:
+    """The scripted honest datasites ds0..ds<count-1>."""
+    return [
+        DatasiteSpec(email, "support.scripted:train", {scripted.ENV_INDEX: str(i)})
+        for i, email in enumerate(site_emails(count))
+    ]
+
+
+def _drop_junk(config: JobConfig, datasite: str, count: int, size: int) -> None:
+    """``count`` files of random bytes named like results, in the datasite's results/."""
+    layout = JobLayout(config.syftbox.root, config.job.name, config.syftbox.aggregator_email)
+    results = layout.results_dir(datasite)
+    results.mkdir(parents=True)
+    for _ in range(count):
+        (results / f"{secrets.token_hex(16)}.result").write_bytes(os.urandom(size))
+
+
+def _run_to_the_end(tmp_path: Path, job: Path, specs: list[DatasiteSpec], timeout: float) -> DaemonProcess:
+    """The datasites and the installed daemon as processes; the daemon must exit 0."""
+    federation = LocalFederation(job, tmp_path / "logs", extra_pythonpath=[TESTS_DIR])
+    federation.start_datasites(specs, heartbeat_interval_seconds=0.2)
+    daemon = DaemonProcess(job)
+    try:
+        assert daemon.wait(timeout=timeout) == 0, daemon.output()
+    finally:
+        daemon.kill()
+        federation.stop()
+    return daemon
+
+
 def test_a_flood_of_oversized_junk_keeps_the_quarantine_within_its_bound(tmp_path: Path) -> None:
     table = job_table(
         4,
@@ -31,26 +62,9 @@ def test_a_flood_of_oversized_junk_keeps_the_quarantine_within_its_bound(tmp_pat
     )
     job = write_job(tmp_path, table)
     config = load_config(job)
-    layout = JobLayout(config.syftbox.root, config.job.name, config.syftbox.aggregator_email)
     hostile = site_emails(4)[3]
-    results = layout.results_dir(hostile)
-    results.mkdir(parents=True)
-    for _ in range(JUNK_FILES):
-        (results / f"{secrets.token_hex(16)}.result").write_bytes(os.urandom(JUNK_BYTES))
-    federation = LocalFederation(job, tmp_path / "logs", extra_pythonpath=[TESTS_DIR])
-    federation.start_datasites(
-        [
-            DatasiteSpec(email, "support.scripted:train", {scripted.ENV_INDEX: str(i)})
-            for i, email in enumerate(site_emails(3))
-        ],
-        heartbeat_interval_seconds=0.2,
-    )
-    daemon = DaemonProcess(job)
-    try:
-        assert daemon.wait(timeout=90) == 0, daemon.output()
-    finally:
-        daemon.kill()
-        federation.stop()
+    _drop_junk(config, hostile, JUNK_FILES, JUNK_BYTES)
+    daemon = _run_to_the_end(tmp_path, job, _honest_specs(), timeout=90)
     refused = [e for e in daemon.events("file.rejected") if e["datasite"] == hostile]
     assert len(refused) == JUNK_FILES and {e["reason"] for e in refused} == {"file_too_large"}
     quarantine = config.state.state_dir / "quarantine"
@@ -113,20 +127,9 @@ def test_an_update_far_over_the_usual_size_is_refused_as_an_outlier(tmp_path: Pa
     config = load_config(job)
     assert config.limits.outlier_norm_factor == 10.0 and config.limits.max_update_norm == 0
     sites = site_emails(4)
-    federation = LocalFederation(job, tmp_path / "logs", extra_pythonpath=[TESTS_DIR])
-    specs = [
-        DatasiteSpec(email, "support.scripted:train", {scripted.ENV_INDEX: str(i)})
-        for i, email in enumerate(sites[:3])
-    ]
     poison = {scripted.ENV_INDEX: "3", scripted.ENV_POISON_FROM_ROUND: "2"}
-    specs.append(DatasiteSpec(sites[3], "support.scripted:poisoning_train", poison))
-    federation.start_datasites(specs, heartbeat_interval_seconds=0.2)
-    daemon = DaemonProcess(job)
-    try:
-        assert daemon.wait(timeout=120) == 0, daemon.output()
-    finally:
-        daemon.kill()
-        federation.stop()
+    specs = [*_honest_specs(), DatasiteSpec(sites[3], "support.scripted:poisoning_train", poison)]
+    daemon = _run_to_the_end(tmp_path, job, specs, timeout=120)
     refused = [e for e in daemon.events("file.rejected") if e["datasite"] == sites[3]]
     assert [(e["reason"], e["round"]) for e in refused] == [("norm_outlier", 2), ("norm_outlier", 3)]
     assert "median" in refused[0]["detail"]
@@ -149,26 +152,9 @@ def test_a_flood_of_small_junk_is_refused_and_the_honest_rounds_finish(tmp_path:
     )
     job = write_job(tmp_path, table)
     config = load_config(job)
-    layout = JobLayout(config.syftbox.root, config.job.name, config.syftbox.aggregator_email)
     hostile = site_emails(4)[3]
-    results = layout.results_dir(hostile)
-    results.mkdir(parents=True)
-    for _ in range(junk_files):
-        (results / f"{secrets.token_hex(16)}.result").write_bytes(os.urandom(300))
-    federation = LocalFederation(job, tmp_path / "logs", extra_pythonpath=[TESTS_DIR])
-    federation.start_datasites(
-        [
-            DatasiteSpec(email, "support.scripted:train", {scripted.ENV_INDEX: str(i)})
-            for i, email in enumerate(site_emails(3))
-        ],
-        heartbeat_interval_seconds=0.2,
-    )
-    daemon = DaemonProcess(job)
-    try:
-        assert daemon.wait(timeout=120) == 0, daemon.output()
-    finally:
-        daemon.kill()
-        federation.stop()
+    _drop_junk(config, hostile, junk_files, 300)
+    daemon = _run_to_the_end(tmp_path, job, _honest_specs(), timeout=120)
     # The honest rounds were served first: the job may end with junk still waiting.
     status = json.loads((config.state.state_dir / "status.json").read_text())
     refused = sum(status["quarantined"][hostile].values())
