@@ -1,4 +1,10 @@
-"""The intake task: paths from the watcher become events for the round loop.
+"""The intake task: paths from the watcher become events for the round loop, for any protocol.
+
+Paths wait in a fair queue, one per datasite, served in turn: a datasite that
+floods its folder delays only itself. They are read in batches, one
+worker-thread hop for many junk files, and a hop ends at the first decoded
+result, so no two decoded models wait in memory. The protocol's adapter
+(intake/adapter.py) says what a path is and how its bytes become a result.
 
 Each file is looked at once per identity (inode, size, mtime): a rescan that
 finds a file already handled costs one lstat. Decoding runs in a worker
