@@ -101,3 +101,41 @@ async def test_an_honest_result_behind_a_flood_is_taken_in_the_first_hop(tmp_pat
     # Junk read before it: at most a hop's worth, not the 2,000 queued ahead of it.
     assert refused_before <= PATHS_PER_HOP, refused_before
     assert len(refusals_told) >= refused_before
+
+
+def test_a_party_that_overflowed_is_listed_again_once_its_queue_runs_dry() -> None:
+    queue = FairQueue(per_party_limit=2)
+    for n in range(5):
+        queue.push("a", Path(f"/a/{n}"))
+    queue.push("b", Path("/b/0"))
+    assert queue.drained_overflowed() == []  # "a" still has work queued
+    assert [queue.pop() for _ in range(3)] == [Path("/a/0"), Path("/b/0"), Path("/a/1")]
+    assert queue.drained_overflowed() == ["a"]
+    assert queue.drained_overflowed() == []  # once per overflow
+
+
+async def test_a_flood_bigger_than_the_queue_is_all_refused_without_waiting_for_the_rescan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = JobLayout(tmp_path / "box", "job", "agg@example.org")
+    reader = InboundReader(layout, frozenset({FLOODER}), model_spec(MODEL), LimitsSection())
+    quarantine = Quarantine(tmp_path / "quarantine", keep_originals=True)
+    loop = IntakeLoop(NativeWire(layout), reader, quarantine, time.time, settle_seconds=60)
+    loop.queue = FairQueue(per_party_limit=10)
+    junk = layout.results_dir(FLOODER)
+    junk.mkdir(parents=True)
+    flood = [junk / f"{secrets.token_hex(16)}.result" for _ in range(100)]
+    for path in flood:
+        path.write_bytes(bytes(40))  # malformed, never "truncated": refused at once
+    batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](100)
+    events_send, _events_recv = anyio.create_memory_object_stream[ev.Event](0)
+    for start in range(0, len(flood), 20):  # the watcher's events; no rescan will come
+        batches_send.send_nowait(flood[start : start + 20])
+    async with anyio.create_task_group() as group:
+        group.start_soon(loop.run, batches_recv, events_send)
+        with anyio.move_on_after(10):
+            while sum(quarantine.snapshot_counts().get(FLOODER, {}).values()) < len(flood):
+                await anyio.sleep(0.02)
+        group.cancel_scope.cancel()
+    assert quarantine.snapshot_counts()[FLOODER] == {"malformed": len(flood)}
+    assert loop.queue.dropped[FLOODER] > 0  # the queue did overflow

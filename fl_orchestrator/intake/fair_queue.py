@@ -4,7 +4,8 @@ A party that floods its folder with files only lengthens its own queue: the
 intake takes one path from each party with work before it takes a second
 from any, so another party's answer waits behind at most one path per
 party. Each queue is bounded; a path dropped from a full queue is still on
-disk, and the rescan offers it again. Pure: no I/O, no event loop.
+disk, and once that party's queue runs dry the intake lists its folder again
+(``drained_overflowed``). Pure: no I/O, no event loop.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class FairQueue:
         self._queues: OrderedDict[str, deque[Path]] = OrderedDict()
         self._queued: set[Path] = set()
         self.dropped: dict[str, int] = {}
+        # Parties that lost paths to a full queue since their queue last ran dry.
+        self._overflowed: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._queued)
@@ -39,10 +42,17 @@ class FairQueue:
             queue = self._queues[party] = deque()
         if len(queue) >= self.per_party_limit:
             self.dropped[party] = self.dropped.get(party, 0) + 1
+            self._overflowed.add(party)
             return False
         queue.append(path)
         self._queued.add(path)
         return True
+
+    def drained_overflowed(self) -> list[str]:
+        """Parties that dropped paths and now have none queued: time to look at their folder again."""
+        drained = sorted(p for p in self._overflowed if not self._queues.get(p))
+        self._overflowed.difference_update(drained)
+        return drained
 
     def pop(self) -> Path | None:
         """The next path: the oldest of the party whose turn it is; None when all are empty."""

@@ -108,6 +108,7 @@ class IntakeLoop:
         is queued before each path is taken, and parties take turns.
         """
         while True:
+            await self._queue_again_after_overflow()
             if not self.queue:
                 with anyio.move_on_after(max(0.0, self._next_due - time.monotonic())):
                     try:
@@ -149,6 +150,17 @@ class IntakeLoop:
             if wanted and classified is not None and not self.queue.push(classified.datasite, path):
                 self._note_dropped(classified.datasite)
 
+    async def _queue_again_after_overflow(self) -> None:
+        """A datasite whose queue overflowed and has run dry: its folder is listed again now.
+
+        Without it, what did not fit would wait for the next rescan.
+        """
+        for datasite in self.queue.drained_overflowed():
+            await self._queue(await anyio.to_thread.run_sync(self._listed, datasite))
+
+    def _listed(self, datasite: str) -> PathBatch:
+        return list(self.wire.scan((datasite,)))
+
     def _queue_due(self) -> None:
         """Files that looked partial and have now been still for the settle time: look again."""
         now = time.monotonic()
@@ -172,7 +184,7 @@ class IntakeLoop:
                 datasite=datasite,
                 dropped=dropped,
                 queued=self.queue.per_party_limit,
-                hint="the rescan offers these files again once the queue has room",
+                hint="its folder is listed again once its queue has run dry",
             )
 
     async def take(self, path: Path) -> list[ev.Event]:
