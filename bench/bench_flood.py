@@ -12,8 +12,11 @@ flood meets an empty quarantine (copy mode and quarantine_max_bytes left at
 their defaults, like every other limit).
 
 1. Junk refusal rate. Round 1 is open and nobody answers; the flood is
-   released. Rate = COUNT / (the daemon's last ``file.rejected`` line for the
-   hostile datasite - the instant of the first rename). Random bytes that look
+   released. Rate = COUNT / (the last refusal of the hostile datasite's files -
+   the instant of the first rename). Refusals are read from the daemon's
+   quarantine records (``state/quarantine/<datasite>/records.jsonl``, one line
+   per refused file with its reason and time): its log has one
+   ``file.rejected`` line per refusal only up to a burst a second. Random bytes that look
    like the start of a longer message are ``truncated``, which the daemon holds
    for ``partial_file_settle_seconds`` (2 s) before refusing, in case the file
    is still being written: the rate of the files refused without that wait is
@@ -106,31 +109,36 @@ class JunkWriter:
 
 
 class RefusalTally:
-    """How many ``file.rejected`` lines the daemon has logged for the hostile datasite so far.
+    """How many files of the hostile datasite the daemon has refused so far (its records).
 
-    Counted incrementally over the daemon's event list: a scan of the whole list
-    per log line would be quadratic in a flood of 10,000.
+    Counted incrementally, by the newlines appended to the records file since
+    the last look: rereading 10,000 records at every log line would be quadratic.
     """
 
-    def __init__(self, daemon: DaemonProcess) -> None:
+    def __init__(self, daemon: DaemonProcess, state_dir: Path) -> None:
         self.daemon = daemon
-        self.scanned = 0
+        self.records = state_dir / "quarantine" / HOSTILE / "records.jsonl"
+        self.offset = 0
         self.count = 0
 
     def update(self) -> int:
-        """The count, with the lines logged since the last call."""
-        events = self.daemon.events
-        end = len(events)
-        for event in events[self.scanned : end]:
-            if event.get("event") == "file.rejected" and event.get("datasite") == HOSTILE:
-                self.count += 1
-        self.scanned = end
+        """The count, with the records written since the last call."""
+        try:
+            with open(self.records, "rb") as handle:
+                handle.seek(self.offset)
+                new = handle.read()
+        except FileNotFoundError:
+            return self.count
+        whole = new.rfind(b"\n") + 1  # a line being appended is counted next time
+        self.count += new.count(b"\n", 0, whole)
+        self.offset += whole
         return self.count
 
     def wait_for(self, count: int, timeout_seconds: float) -> None:
-        """Until ``count`` refusals were logged; DaemonError if the daemon exits or stalls first."""
+        """Until ``count`` refusals were recorded; DaemonError if the daemon exits or stalls first."""
         if self.update() >= count:
-            return  # reached with lines another wait already took off the queue
+            return
+        # Any log line wakes the check; the intake logs a summary line when it runs dry.
         self.daemon.wait_for(
             lambda _event: self.update() >= count, timeout_seconds, f"{count} refusals of junk"
         )
@@ -164,9 +172,17 @@ def plain_copy_loop(files: list[Path], into: Path) -> float:
     return time.perf_counter() - started
 
 
-def hostile_refusals(daemon: DaemonProcess) -> list[dict[str, Any]]:
-    """The daemon's file.rejected lines for the hostile datasite."""
-    return daemon.find("file.rejected", datasite=HOSTILE)
+def hostile_refusals(state_dir: Path) -> list[dict[str, Any]]:
+    """The daemon's quarantine records of the hostile datasite's files: source, reason, at."""
+    folder = state_dir / "quarantine" / HOSTILE
+    records = []
+    for name in ("records.1.jsonl", "records.jsonl"):
+        try:
+            lines = (folder / name).read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        records.extend(json.loads(line) for line in lines if line.endswith("}"))
+    return records
 
 
 def status_of_hostile(state_dir: Path) -> dict[str, Any]:
@@ -191,8 +207,9 @@ def quarantine_folder(state_dir: Path) -> dict[str, int]:
     if folder.is_dir():
         for entry in os.scandir(folder):
             size = entry.stat(follow_symlinks=False).st_size
-            if entry.name.endswith(".reason.json"):
-                records += 1
+            if entry.name.startswith("records"):
+                with open(entry.path, "rb") as handle:
+                    records += handle.read().count(b"\n")
                 record_bytes += size
             else:
                 copies += 1
@@ -228,7 +245,7 @@ def junk_refusal(sizes: Sizes, folder: Path, seed: int) -> dict[str, Any]:
     try:
         with DaemonProcess(job, folder / "daemon.log") as daemon:
             daemon.wait_event("round.dispatched", timeout, round=1)
-            tally = RefusalTally(daemon)
+            tally = RefusalTally(daemon, folder / "state")
             os.sync()
             time.sleep(0.5)
             load = os.getloadavg()[0]
@@ -243,7 +260,7 @@ def junk_refusal(sizes: Sizes, folder: Path, seed: int) -> dict[str, Any]:
             status_later = status_of_hostile(folder / "state")
             daemon.terminate()
             exit_ = daemon.finish(timeout)
-            refusals = hostile_refusals(daemon)
+            refusals = hostile_refusals(folder / "state")
             flagged_lines = len(daemon.find("datasite.flagged", datasite=HOSTILE))
             queue_full_lines = len(daemon.find("intake.queue_full"))
     finally:
@@ -252,10 +269,10 @@ def junk_refusal(sizes: Sizes, folder: Path, seed: int) -> dict[str, Any]:
         raise RuntimeError(f"the daemon exited {exit_.code}; see {folder}/daemon.log")
     landed_at = dict(zip(flood["names"], flood["landed"], strict=True))
     first_landed = min(flood["landed"])
-    refused_at = {Path(str(e["path"])).name: log_time(e) for e in refusals}
+    refused_at = {Path(str(e["source"])).name: float(e["at"]) for e in refusals}
     reasons = Counter(str(e.get("reason")) for e in refusals)
-    at_once = [log_time(e) for e in refusals if e.get("reason") not in HELD_REASONS]
-    held = [log_time(e) for e in refusals if e.get("reason") in HELD_REASONS]
+    at_once = [float(e["at"]) for e in refusals if e.get("reason") not in HELD_REASONS]
+    held = [float(e["at"]) for e in refusals if e.get("reason") in HELD_REASONS]
     last_refused = max(refused_at.values())
     # The daemon's copies and records are still being written back: let the disk settle first.
     os.sync()
@@ -325,11 +342,11 @@ def honest_round(sizes: Sizes, folder: Path, seed: int, flood_mode: str) -> dict
             completed = daemon.wait_event("round.completed", timeout, round=1)
             if writer is not None:
                 flood = flood or writer.report(timeout)
-                RefusalTally(daemon).wait_for(count, timeout)
+                RefusalTally(daemon, folder / "state").wait_for(count, timeout)
             daemon.terminate()
             exit_ = daemon.finish(timeout)
             accepted = daemon.find("result.accepted", round=1)
-            refusals = hostile_refusals(daemon)
+            refusals = hostile_refusals(folder / "state")
     finally:
         if writer is not None:
             writer.stop()
@@ -350,7 +367,7 @@ def honest_round(sizes: Sizes, folder: Path, seed: int, flood_mode: str) -> dict
         "daemon_aggregate_seconds": completed.get("aggregate_seconds"),
     }
     if flood is not None:
-        refused_times = sorted(log_time(e) for e in refusals)
+        refused_times = sorted(float(e["at"]) for e in refusals)
 
         def backlog_at(instant: float) -> tuple[int, int]:
             """Junk landed by then, and of it not yet refused."""

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fl_orchestrator.core.reasons import Reason, Rejection
-from fl_orchestrator.wire.frames import WIRE_DTYPES, FrameLimits, encode_bytes, encode_frames, wire_dtype_name
+from fl_orchestrator.wire.frames import (
+    WIRE_DTYPES,
+    FrameLimits,
+    decode_header,
+    encode_bytes,
+    encode_frames,
+    wire_dtype_name,
+)
 from fl_orchestrator.wire.layout import APP_NAME, Classified, FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import (
     Envelope,
@@ -478,7 +485,8 @@ def test_header_limit_does_not_count_the_arrays() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"\x91" * 100_000, b"\x81\xa1a" * 40_000, b"\xdc\x00\x01" * 30_000],
+    # Each inside a map, as a header is: a file that starts with anything else is refused at byte one.
+    [b"\x81\xa1a" + b"\x91" * 100_000, b"\x81\xa1a" * 40_000, b"\x81\xa1a" + b"\xdc\x00\x01" * 30_000],
     ids=["array-bomb", "map-bomb", "array16-bomb"],
 )
 def test_deep_nesting_is_malformed(data: bytes) -> None:
@@ -487,13 +495,43 @@ def test_deep_nesting_is_malformed(data: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    "data", [b"\xc6\xff\xff\xff\xff", b"\xdb\x00\x00\x10\x00abc", b"\xa5ab", b"\x92\x01", b"\xc5\x01"]
+)
+def test_a_cut_short_file_that_does_not_start_like_a_message_is_malformed_not_truncated(data: bytes) -> None:
+    # These used to read as "truncated", which a file still arriving also gives, and so they
+    # waited out the settle time before being refused.
+    err = reject(data, Reason.MALFORMED)
+    assert err.detail == f"not a message: it starts with byte 0x{data[0]:02x}, not a map"
+
+
+@pytest.mark.parametrize(
+    ("data", "detail"),
+    [
+        (b"\x81\x01", "its first key starts with byte 0x01, not a str"),
+        (b"\xde\x00\x02\xc6\xff\xff\xff\xff", "its first key starts with byte 0xc6, not a str"),
+        (b"\x82\xa3zzz\xdb\xff\xff\xff\xff", "its first key b'zzz' is no field"),
+        (b"\x82\xd9\xff" + b"x" * 10, "its first key is 255 bytes long"),
+    ],
+)
+def test_a_cut_short_map_that_cannot_be_a_header_is_malformed_at_once(data: bytes, detail: str) -> None:
+    assert reject(data, Reason.MALFORMED).detail == f"not a message: {detail}"
+
+
+def test_what_may_still_be_arriving_stays_truncated_and_whole_headers_keep_their_codes() -> None:
+    for start in (b"\x8f", b"\xde\x00", b"\x82\xa7vers", b"\x82\xa7version\x01\xa4ki", b"\x82\xd9"):
+        reject(start, Reason.TRUNCATED)
+    assert isinstance(decode_header(b"\x80", LIMITS)[0], dict)
+    reject(pack({"zzz": 1, **header()}), Reason.UNEXPECTED_FIELD)
+
+
+@pytest.mark.parametrize(
     ("data", "reason"),
     [
-        (b"\xc6\xff\xff\xff\xff" + b"x" * 32, Reason.TRUNCATED),  # bin32 of 4 GiB
-        (b"\xdb\xff\xff\xff\xff" + b"x" * 32, Reason.TRUNCATED),  # str32 of 4 GiB
+        (b"\xc6\xff\xff\xff\xff" + b"x" * 32, Reason.MALFORMED),  # bin32 of 4 GiB: not a map
+        (b"\xdb\xff\xff\xff\xff" + b"x" * 32, Reason.MALFORMED),  # str32 of 4 GiB: not a map
         (b"\xdd\xff\xff\xff\xff" + b"\xc0" * 32, Reason.MALFORMED),  # array32 of 4 G items
         (b"\xdf\xff\xff\xff\xff" + b"\xc0" * 32, Reason.MALFORMED),  # map32 of 4 G pairs
-        (b"\x81\xa1x\xc6\xff\xff\xff\xff" + b"x" * 32, Reason.TRUNCATED),  # inside the header map
+        (b"\x81\xa3job\xc6\xff\xff\xff\xff" + b"x" * 32, Reason.TRUNCATED),  # inside the header map
         (b"\x81\xa1x\xdd\xff\xff\xff\xff", Reason.MALFORMED),
         (b"\xc9\xff\xff\xff\xff\x01" + b"x" * 32, Reason.MALFORMED),  # ext32, never allowed
     ],
@@ -503,7 +541,7 @@ def test_huge_declared_lengths(data: bytes, reason: Reason) -> None:
 
 
 def test_huge_declared_length_beyond_header_limit() -> None:
-    data = b"\xc6\xff\xff\xff\xff" + b"x" * 200
+    data = b"\x81\xa3job\xc6\xff\xff\xff\xff" + b"x" * 200
     reject(data, Reason.HEADER_TOO_LARGE, limits=FrameLimits(max_header_bytes=64))
 
 
@@ -528,10 +566,7 @@ def test_array_bin_declaring_4_gib() -> None:
     ids=["reserved", "short-str", "int", "nil", "array", "str", "int-key", "bad-utf8"],
 )
 def test_not_a_header_map(data: bytes) -> None:
-    if data == b"\xa1":
-        reject(data, Reason.TRUNCATED)
-    else:
-        reject(data, Reason.MALFORMED)
+    reject(data, Reason.MALFORMED)
 
 
 @pytest.mark.parametrize("kind", ["result", "model"])

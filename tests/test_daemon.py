@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -20,6 +21,7 @@ from fl_orchestrator.wire.layout import JobLayout
 
 from support import scripted
 from support.jobs import AGGREGATOR, job_table, site_emails, write_job
+from support.records import records_under
 
 # In-process federations: left out of `make test-fast`.
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -161,12 +163,16 @@ async def test_bad_and_late_files_are_quarantined_and_the_job_goes_on(tmp_path: 
     assert daemon.store.rounds() == [0, 1, 2]
     counts = daemon.quarantine.counts
     assert counts["ds0@example.org"] == {"malformed": 1}
-    # Copied to quarantine, left in place: under sync it belongs to the datasite.
+    # Kept in quarantine, left in place: under sync it belongs to the datasite. A small file
+    # is kept in its record, as the bytes that were read.
     assert (results / "0123abcd.result").exists()
-    quarantined = list((daemon.state_dir / "quarantine" / "ds0@example.org").iterdir())
-    assert any(p.name.endswith(".reason.json") for p in quarantined)
-    (copy,) = [p for p in quarantined if p.name.endswith("-0123abcd.result")]
-    assert copy.read_bytes() == (results / "0123abcd.result").read_bytes()
+    (record,) = [
+        r
+        for r in records_under(daemon.state_dir / "quarantine")
+        if r["source"] == str(results / "0123abcd.result")
+    ]
+    assert record["moved_to"] is None
+    assert base64.b64decode(record["content_base64"]) == (results / "0123abcd.result").read_bytes()
     # A datasite outside the job is never even read: it is not watched.
     assert "mallory@example.org" not in counts
     assert (stranger / "feed.result").exists()

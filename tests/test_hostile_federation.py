@@ -37,11 +37,12 @@ from hostile.corpus import (
     HOSTILE,
     LIMITS,
     MAX_UPDATE_NORM,
-    REFUSED,
+    REFUSED_BY_DAEMON,
     Case,
 )
 from support import scripted
 from support.jobs import AGGREGATOR, job_table, write_job
+from support.records import records_under
 
 # In-process federations: left out of `make test-fast`.
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -99,8 +100,8 @@ class FederationScene:
         """Names of the cases whose file has a quarantine record."""
         assert self.daemon is not None
         sources = set()
-        for path in (self.daemon.state_dir / "quarantine").rglob("*.reason.json"):
-            sources.add(json.loads(path.read_text())["source"])
+        for record in records_under(self.daemon.state_dir / "quarantine"):
+            sources.add(record["source"])
         return {name for name, path in self.paths.items() if printable(str(path), 4096) in sources}
 
     def answered(self, datasite: str) -> bool:
@@ -117,7 +118,7 @@ def hostile_train(scene: FederationScene) -> Any:
         scene.round = rnd
         scene.model = {k: v.copy() for k, v in arrays.items()}
         cases = [case for case in CORPUS if case.round == rnd]
-        due = sum(1 for case in REFUSED if case.round <= rnd)
+        due = sum(1 for case in REFUSED_BY_DAEMON if case.round <= rnd)
         first = [case for case in cases if not (case.after_answer or case.restarts_watcher)]
         try:
             for case in first:
@@ -133,7 +134,7 @@ def hostile_train(scene: FederationScene) -> Any:
                 scene.paths[case.name] = case.build(scene)
             wait_until(lambda: scene.refusals() >= due, f"{due} refusals")
         except Exception as exc:  # reported by the test, not swallowed by the runner
-            missing = [c.name for c in REFUSED if c.round <= rnd and c.name not in scene.recorded()]
+            missing = [c.name for c in REFUSED_BY_DAEMON if c.round <= rnd and c.name not in scene.recorded()]
             scene.failures.append(f"round {rnd}: {type(exc).__name__}: {exc}; no record yet: {missing}")
         if rnd == 1:
             scene.flagged_after_burst = scene.daemon.quarantine.flagged_datasites() if scene.daemon else []
@@ -180,7 +181,7 @@ def assert_close(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) ->
 
 def expected_counts() -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
-    for case in REFUSED:
+    for case in REFUSED_BY_DAEMON:
         assert case.reason is not None
         datasite = UNKNOWN_DATASITES if case.reason == Reason.UNKNOWN_DATASITE else _datasite_of(case)
         per_site = counts.setdefault(datasite, {})
@@ -242,14 +243,13 @@ async def test_hostile_corpus_is_refused_and_the_model_is_honest_fedavg(tmp_path
     # Several cases may share a path (ds0's round-1 task file is first a symlink,
     # then the honest answer, then replayed in round 2): one record per refusal.
     records: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in (daemon.state_dir / "quarantine").rglob("*.reason.json"):
-        record = json.loads(path.read_text())
+    for record in records_under(daemon.state_dir / "quarantine"):
         records[(record["source"], record["reason"])] = record
-    assert len(records) == len(REFUSED)
+    assert len(records) == len(REFUSED_BY_DAEMON)
     for case in CORPUS:
         path = scene.paths[case.name]
         source = printable(str(path), 4096)
-        if case.reason is None:
+        if case.reason is None or case.behind_a_link:
             assert not any(key[0] == source for key in records) and os.path.lexists(path), case.name
             continue
         record = records.get((source, str(case.reason)))

@@ -16,6 +16,8 @@ from fl_orchestrator.intake.reader import InboundReader, Refused, result_size_li
 from fl_orchestrator.wire.layout import FileKind, JobLayout
 from fl_orchestrator.wire.messages import Envelope, PartsMessage, encode_parts, model_spec
 
+from support.records import records_under
+
 MODEL = {"w": np.zeros((256, 256), dtype=np.float32), "b": np.zeros(256, dtype=np.float32)}
 SITE = "a@x.org"
 
@@ -91,8 +93,7 @@ def test_the_quarantine_keeps_files_only_up_to_each_datasites_share(tmp_path: Pa
     # A share is 1 MiB: two 400 KiB copies fit, the third and fourth are only recorded.
     assert [k is not None for k in kept] == [True, True, False, False]
     assert quarantine.snapshot_dropped() == {SITE: 2}
-    records = list((tmp_path / "quarantine" / SITE).glob("*.reason.json"))
-    assert len(records) == 4
+    assert len(records_under(tmp_path / "quarantine")) == 4
     # A restarted daemon counts what is already there.
     again = Quarantine(tmp_path / "quarantine", keep_originals=True, max_bytes=3 * 1024**2, shares=3)
     path = root / SITE / "junk9.result"

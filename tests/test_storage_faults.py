@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from fl_orchestrator.storage import failpoints
 from fl_orchestrator.storage.atomic import atomic_write_text, remove_own_temps, temp_name_for
 from fl_orchestrator.storage.job_state import JobState
-from fl_orchestrator.storage.jsonl import append_durably, append_json_line, read_json_lines, repair_tail
+from fl_orchestrator.storage.jsonl import append_json_line, append_whole, read_json_lines, repair_tail
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.storage.lock import LockHeld, StateLock
 from fl_orchestrator.storage.retry import StateWriteError, WriteRetry
@@ -103,16 +103,16 @@ def test_a_torn_json_line_is_cut_at_start_and_skipped_by_readers_with_a_warning(
     assert [json.loads(x)["round"] for x in path.read_text().splitlines()] == [1, 2]
 
 
-def test_append_durably_cuts_back_when_fsync_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_append_whole_cuts_back_when_fsync_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "x.jsonl"
-    append_durably(path, b"one\n")
+    append_whole(path, b"one\n")
 
     def broken_fsync(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr("fl_orchestrator.storage.jsonl.os.fsync", broken_fsync)
     with pytest.raises(OSError):
-        append_durably(path, b"two\n")
+        append_whole(path, b"two\n")
     assert path.read_bytes() == b"one\n"
 
 

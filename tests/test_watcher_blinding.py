@@ -98,3 +98,25 @@ def test_the_rescan_finds_results_one_folder_down_but_no_deeper_and_in_few_folde
     assert nested in found
     assert deeper not in found
     assert len(found) == MAX_RESULT_SUBFOLDERS  # "sub" and the first 15 z folders (sorted), one file each
+
+
+def test_the_rescan_never_lists_a_folder_through_a_link(tmp_path: Path) -> None:
+    # A results/ that is a link (here to a folder full of *.result names), or a link inside
+    # results/, is not listed: the rescan reads no names from where a link points.
+    layout = JobLayout(tmp_path / "syftbox", "job", "agg@x.org")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ("e" * 32 + ".result")).write_bytes(b"x")
+    linked = layout.results_dir("linked@x.org")
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(elsewhere)
+    under_link = layout.results_dir("under@x.org")
+    (layout.datasites_dir / "under@x.org").mkdir(parents=True)
+    (layout.datasites_dir / "under@x.org" / "app_data").symlink_to(linked.parent.parent.parent)
+    real = layout.results_dir("good@x.org")
+    real.mkdir(parents=True)
+    (real / "sub").symlink_to(elsewhere)
+    (real / ("f" * 32 + ".result")).write_bytes(b"x")
+    found = list(NativeWire(layout).scan(("linked@x.org", "under@x.org", "good@x.org")))
+    assert found == [real / ("f" * 32 + ".result")]
+    assert under_link.exists()  # the link does lead somewhere: the scan chose not to follow it

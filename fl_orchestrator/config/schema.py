@@ -202,7 +202,7 @@ class DaemonSection:
         default=256 * 1024 * 1024,
         metadata=spec(
             "disk the kept copies of refused files may take in all, shared equally by the datasites"
-            " (past a datasite's share only its .reason.json records are written; 0: no copies at all)",
+            " (past a datasite's share only the records are written; 0: no copies at all)",
             minimum=0,
         ),
     )

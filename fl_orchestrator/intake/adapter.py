@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from fl_orchestrator.core import events as ev
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, ResultHandle
 from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.wire.layout import Classified
+from fl_orchestrator.wire.messages import HeartbeatMessage
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,27 @@ class WireAdapter(WatchedTree, Protocol):
     def decided(self, handle: ResultHandle) -> None:
         """The round loop has counted or refused this result (in a worker thread)."""
         ...
+
+
+def event_of(inbound: Inbound, now: float) -> ev.Event:
+    """The machine's view of a decoded file, read at ``now``."""
+    message = inbound.message
+    if isinstance(message, HeartbeatMessage):
+        # The file's mtime, not the moment we read it: a heartbeat left behind
+        # by a datasite that died before our restart must not count as fresh.
+        return ev.NodeSeen(now, inbound.datasite, seen_at=inbound.identity.mtime_ns / 1e9)
+    env = message.envelope
+    return ev.ResultReceived(
+        now=now,
+        datasite=inbound.datasite,
+        round=env.round,
+        reply_to=env.reply_to,
+        ok=message.ok,
+        num_examples=message.num_examples,
+        metrics=message.metrics,
+        error_type=message.error_type,
+        error_message=message.error_message,
+        payload=ResultHandle(inbound.path, inbound.identity, inbound.sha256, message),
+        purpose=message.action,
+        update_norm=inbound.update_norm,
+    )

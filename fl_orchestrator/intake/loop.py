@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,14 +36,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.reasons import Reason, printable
-from fl_orchestrator.intake.adapter import Outcome, Settled, WireAdapter
+from fl_orchestrator.intake.adapter import Outcome, Settled, WireAdapter, event_of
 from fl_orchestrator.intake.fair_queue import FairQueue
 from fl_orchestrator.intake.quarantine import Quarantine
-from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, ResultHandle
+from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused
 from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.intake.watcher import PathBatch
 from fl_orchestrator.wire.layout import Classified, FileKind
-from fl_orchestrator.wire.messages import HeartbeatMessage, ResultMessage
+from fl_orchestrator.wire.messages import ResultMessage
 
 log = structlog.get_logger("fl_orchestrator.intake")
 
@@ -98,6 +99,7 @@ class IntakeLoop:
         self.on_refused: Callable[[], None] | None = None
         # The earliest moment an unsettled file is due to be looked at again.
         self._next_due = math.inf
+        self._stopping = threading.Event()
 
     async def run(
         self, batches: MemoryObjectReceiveStream[PathBatch], events: ObjectSendStream[ev.Event]
@@ -107,9 +109,21 @@ class IntakeLoop:
         Paths wait in a fair queue (intake/fair_queue.py): whatever has arrived
         is queued before each path is taken, and parties take turns.
         """
+        try:
+            await self._serve(batches, events)
+        finally:
+            # A hop left running in its thread stops at its next file, and what was
+            # refused and only counted is logged: a stop leaves no refusal untold.
+            self._stopping.set()
+            self.quarantine.flush_log(final=True)
+
+    async def _serve(
+        self, batches: MemoryObjectReceiveStream[PathBatch], events: ObjectSendStream[ev.Event]
+    ) -> None:
         while True:
             await self._queue_again_after_overflow()
             if not self.queue:
+                self.quarantine.flush_log()  # run dry: the refusals only counted so far are logged
                 with anyio.move_on_after(max(0.0, self._next_due - time.monotonic())):
                     try:
                         await self._queue(await batches.receive())
@@ -234,6 +248,8 @@ class IntakeLoop:
         """In the worker thread: read (and refuse) items in order, up to the first decoded result."""
         done: list[tuple[Outcome, object]] = []
         for item in items:
+            if self._stopping.is_set():
+                break
             outcome, moved = self._read_and_refuse(item.path, item.classified, item.identity)
             done.append((outcome, moved))
             if isinstance(outcome, Inbound) and isinstance(outcome.message, ResultMessage):
@@ -261,7 +277,9 @@ class IntakeLoop:
             if self._still_arriving(path, item.classified.kind, outcome, (identity, parts)):
                 return []
             self.unsettled.pop(path, None)
-            await self.refuse(path, outcome.datasite, outcome.reason, outcome.detail, identity)
+            await self.refuse(
+                path, outcome.datasite, outcome.reason, outcome.detail, identity, outcome.content
+            )
             self._remember_parts(path, parts)
             return []
         self.unsettled.pop(path, None)
@@ -291,11 +309,16 @@ class IntakeLoop:
         """Read in the worker thread; quarantine there too a refusal that waiting cannot change."""
         outcome = self.wire.read(path, classified, self.reader)
         if isinstance(outcome, Refused) and outcome.reason not in _NOT_FINAL:
-            return outcome, self._quarantine(path, outcome.datasite, outcome.reason, outcome.detail)
+            moved = self._quarantine(path, outcome.datasite, outcome.reason, outcome.detail, outcome.content)
+            return outcome, moved
         return outcome, _NOT_YET
 
-    def _quarantine(self, path: Path, datasite: str, reason: Reason, detail: str) -> Path | None:
-        return self.quarantine.refuse(path, datasite, reason, detail, root=self.wire.datasites_dir)
+    def _quarantine(
+        self, path: Path, datasite: str, reason: Reason, detail: str, content: bytes | None = None
+    ) -> Path | None:
+        return self.quarantine.refuse(
+            path, datasite, reason, detail, root=self.wire.datasites_dir, content=content
+        )
 
     def _changed(self, batch: PathBatch) -> PathBatch:
         """The paths whose identity differs from the one already handled."""
@@ -331,41 +354,27 @@ class IntakeLoop:
         return now - earlier[1] < self.settle_seconds
 
     def event_for(self, inbound: Inbound) -> ev.Event:
-        """The machine's view of a decoded file."""
-        message = inbound.message
-        now = self.clock()
-        if isinstance(message, HeartbeatMessage):
-            # The file's mtime, not the moment we read it: a heartbeat left behind
-            # by a datasite that died before our restart must not count as fresh.
-            return ev.NodeSeen(now, inbound.datasite, seen_at=inbound.identity.mtime_ns / 1e9)
-        assert isinstance(message, ResultMessage)
-        env = message.envelope
-        return ev.ResultReceived(
-            now=now,
-            datasite=inbound.datasite,
-            round=env.round,
-            reply_to=env.reply_to,
-            ok=message.ok,
-            num_examples=message.num_examples,
-            metrics=message.metrics,
-            error_type=message.error_type,
-            error_message=message.error_message,
-            payload=ResultHandle(inbound.path, inbound.identity, inbound.sha256, message),
-            purpose=message.action,
-            update_norm=inbound.update_norm,
-        )
+        """The machine's view of a decoded file, now."""
+        return event_of(inbound, self.clock())
 
     async def refuse(
-        self, path: Path, datasite: str, reason: Reason, detail: str, identity: FileIdentity | None = None
+        self,
+        path: Path,
+        datasite: str,
+        reason: Reason,
+        detail: str,
+        identity: FileIdentity | None = None,
+        content: bytes | None = None,
     ) -> None:
         """Quarantine one file; if it stays where it is, remember it so it is refused only once.
 
         ``identity`` is that of the refused file (default: the one recorded
         when it was decoded, for refusals by the round machine). It is never
         taken afresh after the move: by then the honest answer may already
-        sit at the same path, and it must still be read.
+        sit at the same path, and it must still be read. ``content``: its
+        bytes as read, if the reader kept them.
         """
-        moved = await anyio.to_thread.run_sync(self._quarantine, path, datasite, reason, detail)
+        moved = await anyio.to_thread.run_sync(self._quarantine, path, datasite, reason, detail, content)
         self._after_refusal(path, identity, moved)
 
     def _after_refusal(self, path: Path, identity: FileIdentity | None, moved: object) -> None:

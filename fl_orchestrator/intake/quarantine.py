@@ -1,18 +1,27 @@
-"""Quarantine: refused files are moved out of the way, with their reason beside them.
+"""Quarantine: refused files are kept out of the way, with their reason recorded.
 
-Every refusal is one ``file.rejected`` log event, one ``.reason.json`` record
-under ``<state_dir>/quarantine/<datasite>/`` and one count per datasite and
-reason. The file itself is moved next to its record when that is safe:
+Every refusal is one ``file.rejected`` log line (intake/refusal_log.py: at
+most a burst per datasite per second, the rest counted in a summary line),
+one line in ``<state_dir>/quarantine/<datasite>/records.jsonl`` and one count
+per datasite and reason. The file itself is kept next to its record when that
+is safe:
 
-- the move is a rename relative to the file's folder, opened without
-  following links from the datasites root down, so a symlink is moved as
-  the link itself and no link on the path can redirect the move elsewhere;
+- a small file whose bytes the reader already has is written from memory:
+  the copy is the bytes that were judged, and nothing is opened in the
+  datasite's folder again;
+- otherwise the move is a rename relative to the file's folder, opened
+  without following links from the datasites root down, so a symlink is
+  moved as the link itself and no link on the path can redirect the move;
 - a directory, a file under a symlinked folder, and anything in the folder
   of a datasite that is not in the job are only recorded: moving a tree or
   writing into a stranger's folder is not ours to do;
 - across filesystems a regular file of at most 64 MiB is copied (through a
   descriptor opened without following links) and then unlinked; anything
   bigger is recorded, so a 2 GiB bomb never fills the state folder.
+
+Kept files take at most ``max_bytes`` in all, in equal shares. A datasite's
+records file is started afresh once it holds as much as its share (the
+previous one is kept as ``records.1.jsonl``), so records are bounded too.
 
 A datasite whose files are refused ``flag_after`` times in a row, with no
 counted result in between, is flagged (``datasite.flagged``) until the
@@ -21,12 +30,10 @@ daemon calls ``counted`` for it again.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-import errno
 import os
-import re
 import secrets
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,8 +42,16 @@ from pathlib import Path
 import structlog
 
 from fl_orchestrator.core.reasons import Reason, printable
-from fl_orchestrator.storage.atomic import atomic_write_text
-from fl_orchestrator.storage.jsonl import json_text
+from fl_orchestrator.intake.quarantine_files import (
+    OLDER_RECORDS,
+    RECORDS,
+    Moved,
+    move_aside,
+    safe_name,
+    usage_on_disk,
+)
+from fl_orchestrator.intake.refusal_log import RefusalLog
+from fl_orchestrator.storage.jsonl import append_whole, json_text
 from fl_orchestrator.storage.retry import StateWriteError, WriteRetry
 
 log = structlog.get_logger("fl_orchestrator.quarantine")
@@ -45,29 +60,14 @@ log = structlog.get_logger("fl_orchestrator.quarantine")
 # and recorded under this one name: there is no '@' in it, so no datasite has
 # it, and a flood of made-up folders cannot grow status.json without bound.
 UNKNOWN_DATASITES = "_unknown"
-COPY_MAX_BYTES = 64 * 1024 * 1024
+# A records file is started afresh past max(its datasite's share, this).
+RECORDS_MIN_BYTES = 1024 * 1024
 _TIMING_REASONS = frozenset({Reason.ROUND_CLOSED, Reason.UNKNOWN_ROUND})
-_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-
-
-class _NotMoved(Exception):
-    """Why a refused file stays where it is (recorded only)."""
-
-
-@dataclass(frozen=True)
-class _Moved:
-    to: Path | None
-    what: str
-    error: str | None
-    link_target: str | None = None
-    size: int | None = None
 
 
 @dataclass
 class Quarantine:
-    """state_dir/quarantine/<datasite>/<stamp>-<token>-<reason>-<name> plus a .reason.json."""
+    """state_dir/quarantine/<datasite>/<stamp>-<token>-<reason>-<name>, and records.jsonl beside them."""
 
     directory: Path
     flag_after: int = 5
@@ -86,6 +86,7 @@ class Quarantine:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     streaks: dict[str, int] = field(default_factory=dict)
     flagged: set[str] = field(default_factory=set)
+    lines: RefusalLog = field(default_factory=RefusalLog, repr=False, compare=False)
     # refuse() runs in worker threads (intake and round loop may overlap) while
     # status.json is written from another: counters change under this lock.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -98,12 +99,15 @@ class Quarantine:
         detail: str,
         *,
         root: Path | None = None,
+        content: bytes | None = None,
         **context: object,
     ) -> Path | None:
-        """Log, count, record and (if safe) move one refused file; return where it went.
+        """Log, count, record and (if safe) keep one refused file; return where it was kept.
 
         ``root`` is the datasites folder: links are not followed below it.
-        Without it no link is followed anywhere on the path. Raises nothing
+        Without it no link is followed anywhere on the path. ``content`` is
+        the file's bytes as the reader read them, if it has them: in copy
+        mode they are kept without opening the file again. Raises nothing
         but StateWriteError, when the record could not be written for
         ``write_retry_seconds``.
         """
@@ -112,13 +116,25 @@ class Quarantine:
         # Lateness is not misbehaviour: a slow datasite's late answers do not flag it.
         track = not unknown and reason not in _TIMING_REASONS
         newly_flagged, streak = self._count(bucket, reason, track=track)
-        folder = self.directory / _safe(bucket, 128)
+        folder = self.directory / safe_name(bucket, 128)
         stem = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}-{reason}"
-        stem = f"{stem}-{_safe(path.name, 80)}"
+        stem = f"{stem}-{safe_name(path.name, 80)}"
+        inline: str | None = None
         try:
-            moved = self._move(path, folder, stem, root or Path(path.anchor or "/"), record_only=unknown)
+            if content is not None and self.keep_originals and not unknown:
+                moved, inline = self._keep_inline(content, folder.name)
+            else:
+                moved = move_aside(
+                    path,
+                    folder,
+                    stem,
+                    root or Path(path.anchor or "/"),
+                    record_only=unknown,
+                    copying=self.keep_originals,
+                    reserve=lambda cost: None if self._reserve(folder.name, cost) else self._over_share(),
+                )
         except Exception as exc:  # never let bookkeeping of a refusal stop the daemon
-            moved = _Moved(None, "unknown", f"{type(exc).__name__}: {exc}")
+            moved = Moved(None, "unknown", f"{type(exc).__name__}: {exc}")
         record = {
             "source": printable(str(path), 4096),
             "datasite": printable(datasite, 256),
@@ -129,34 +145,21 @@ class Quarantine:
             "link_target": moved.link_target,
             "moved_to": str(moved.to) if moved.to else None,
             "move_error": moved.error,
+            "content_base64": inline,
             "at": time.time(),
         }
-        record_path = folder / f"{stem}.reason.json"
-        record_error = None
-        text = json_text(record, sort_keys=True)
-        try:
-            if self.retry is None:
-                atomic_write_text(record_path, text, durable=False)
-            else:
-                self.retry.run_blocking(
-                    lambda: atomic_write_text(record_path, text, durable=False),
-                    what="quarantine record",
-                    path=record_path,
-                )
-        except StateWriteError:
-            raise  # the disk stayed unwritable: the daemon exits 74, as for any state write
-        except Exception as exc:
-            record_error = f"record not written: {type(exc).__name__}: {exc}"
-        log.warning(
-            "file.rejected",
+        record_error = self._write_record(folder, (json_text(record, sort_keys=True) + "\n").encode())
+        self.lines.rejected(
+            printable(datasite, 256),
+            str(reason),
+            None if record_error else str(folder / RECORDS),
             datasite=printable(datasite, 256),
-            reason=str(reason),
             detail=detail,
             path=printable(str(path), 4096),
             what=moved.what,
             quarantined_to=str(moved.to) if moved.to else None,
-            record=None if record_error else str(record_path),
             move_error=moved.error,
+            kept_in_record=inline is not None,
             record_error=record_error,
             consecutive_rejections=streak,
             **context,
@@ -171,6 +174,57 @@ class Quarantine:
                 **context,
             )
         return moved.to
+
+    def flush_log(self, *, final: bool = False) -> None:
+        """Log the refusals that were only counted so far (call when the intake runs dry).
+
+        ``final``: the intake stopped, and any refusal still to come is logged in full.
+        """
+        self.lines.flush(lambda bucket: str(self.directory / safe_name(bucket, 128) / RECORDS), final=final)
+
+    def _write_record(self, folder: Path, line: bytes) -> str | None:
+        """Append one record line, retried like every state write; return why it was not written."""
+        try:
+            if self.retry is None:
+                self._append_record(folder, line)
+            else:
+                self.retry.run_blocking(
+                    lambda: self._append_record(folder, line), what="quarantine record", path=folder / RECORDS
+                )
+        except StateWriteError:
+            raise  # the disk stayed unwritable: the daemon exits 74, as for any state write
+        except Exception as exc:
+            return f"record not written: {type(exc).__name__}: {exc}"
+        return None
+
+    def _append_record(self, folder: Path, line: bytes) -> None:
+        path = folder / RECORDS
+        try:
+            size = os.lstat(path).st_size
+        except FileNotFoundError:
+            size = 0
+        if size + len(line) > max(self.share_bytes, RECORDS_MIN_BYTES):
+            os.replace(path, folder / OLDER_RECORDS)
+            log.info("quarantine.records_started_afresh", folder=str(folder), kept=OLDER_RECORDS)
+        append_whole(path, line, durable=False)
+
+    def _keep_inline(self, content: bytes, bucket: str) -> tuple[Moved, str | None]:
+        """Keep a small refused file's bytes, as read, in its record (base64); None if over the share.
+
+        Not a file of its own: a flood of tiny files would cost an inode each,
+        which the byte share does not bound, and creating them was the
+        slowest step of a refusal on a busy disk.
+        """
+        done = Moved(None, "file", None, None, len(content))
+        if not self._reserve(bucket, len(content)):
+            return dataclasses.replace(done, error=self._over_share()), None
+        return done, base64.b64encode(content).decode("ascii")
+
+    def _over_share(self) -> str:
+        return (
+            f"this datasite's share of quarantine_max_bytes ({self.share_bytes} bytes) is used up:"
+            " recorded, not kept"
+        )
 
     def counted(self, datasite: str) -> None:
         """A result of ``datasite`` was counted by the round: its streak of refusals ends."""
@@ -190,7 +244,7 @@ class Quarantine:
         """Count ``cost`` bytes against a bucket's share; False (and a drop counted) if over it."""
         with self._lock:
             if not self._usage_loaded:
-                self.used = _usage_on_disk(self.directory)
+                self.used = usage_on_disk(self.directory)
                 self._usage_loaded = True
             if self.used.get(bucket, 0) + cost > self.share_bytes:
                 self.dropped[bucket] = self.dropped.get(bucket, 0) + 1
@@ -225,155 +279,3 @@ class Quarantine:
                 self.flagged.add(bucket)
                 return True, streak
             return False, streak
-
-    def _move(self, path: Path, folder: Path, stem: str, root: Path, *, record_only: bool) -> _Moved:
-        try:
-            parent_fd = _open_parent(root, path)
-        except _NotMoved as exc:
-            return _Moved(None, "unknown", str(exc))
-        try:
-            name = path.name
-            try:
-                info = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return _Moved(None, "gone", "the file was gone before it could be moved")
-            what = _what(info.st_mode)
-            link_target = None
-            if stat.S_ISLNK(info.st_mode):
-                # readlink only reads the link's text; nothing is followed.
-                link_target = printable(os.fsdecode(os.readlink(name, dir_fd=parent_fd)), 1024)
-            done = _Moved(None, what, None, link_target, info.st_size if what == "file" else None)
-            if record_only:
-                return dataclasses.replace(done, error="not a datasite of this job: its folder is left alone")
-            if stat.S_ISDIR(info.st_mode):
-                return dataclasses.replace(done, error="a directory is recorded, not moved")
-            if not self._reserve(folder.name, _disk_cost(info, copying=self.keep_originals)):
-                return dataclasses.replace(
-                    done,
-                    error=f"this datasite's share of quarantine_max_bytes ({self.share_bytes} bytes) is"
-                    " used up: recorded, not kept",
-                )
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / stem
-            while os.path.lexists(target):
-                target = folder / f"{stem}-{secrets.token_hex(2)}"
-            if self.keep_originals:
-                error = _copy_file(parent_fd, name, info, target)
-                return dataclasses.replace(done, to=None if error else target, error=error)
-            try:
-                os.rename(name, target, src_dir_fd=parent_fd)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    return dataclasses.replace(done, error=f"not moved: {exc.strerror}")
-                error = _copy_across(parent_fd, name, info, target)
-                return dataclasses.replace(done, to=None if error else target, error=error)
-            return dataclasses.replace(done, to=target)
-        finally:
-            os.close(parent_fd)
-
-
-def _disk_cost(info: os.stat_result, *, copying: bool) -> int:
-    """What keeping a file takes: a copy writes every byte (a sparse file too); a move, its blocks."""
-    if copying:
-        return min(info.st_size, COPY_MAX_BYTES)
-    return info.st_blocks * 512
-
-
-def _usage_on_disk(directory: Path) -> dict[str, int]:
-    """Bytes the kept files under quarantine/<bucket>/ take now (the records are not counted)."""
-    used: dict[str, int] = {}
-    try:
-        buckets = [entry for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
-    except OSError:
-        return used
-    for bucket in buckets:
-        total = 0
-        for entry in os.scandir(bucket.path):
-            if not entry.name.endswith(".reason.json") and entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_blocks * 512
-        used[bucket.name] = total
-    return used
-
-
-def _copy_across(parent_fd: int, name: str, info: os.stat_result, target: Path) -> str | None:
-    """Move a regular file to another filesystem: copy it, then unlink it; return why not."""
-    error = _copy_file(parent_fd, name, info, target, why="on another filesystem")
-    if error is None:
-        os.unlink(name, dir_fd=parent_fd)
-    return error
-
-
-def _copy_file(
-    parent_fd: int, name: str, info: os.stat_result, target: Path, *, why: str = "the original stays"
-) -> str | None:
-    """Copy a regular file of at most COPY_MAX_BYTES to target; return why not."""
-    if not stat.S_ISREG(info.st_mode):
-        return f"{why}, and not a regular file: recorded, not copied"
-    if info.st_size > COPY_MAX_BYTES:
-        return f"{why} and over {COPY_MAX_BYTES} bytes: recorded, not copied"
-    src = os.open(name, _FILE_FLAGS, dir_fd=parent_fd)
-    try:
-        opened = os.fstat(src)
-        if not stat.S_ISREG(opened.st_mode) or opened.st_size > COPY_MAX_BYTES:
-            return "changed while being moved: recorded, not moved"
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            copied = 0
-            while copied <= COPY_MAX_BYTES:
-                chunk = os.read(src, 1 << 20)
-                if not chunk:
-                    break
-                os.write(dst, chunk)
-                copied += len(chunk)
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
-    return None
-
-
-def _open_parent(root: Path, path: Path) -> int:
-    """Open path's folder, walking from root with O_NOFOLLOW; raise _NotMoved if unsafe."""
-    try:
-        parts = path.relative_to(root).parts
-    except ValueError:
-        raise _NotMoved("outside the datasites folder: recorded, not moved") from None
-    if not parts or any(part in ("", ".", "..") for part in parts):
-        raise _NotMoved("the path has an empty, '.' or '..' part: recorded, not moved")
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _NotMoved(f"cannot open {root}: {exc.strerror}") from None
-    for part in parts[:-1]:
-        try:
-            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                why = "a folder on the path is a symbolic link or not a folder: recorded, not moved"
-                raise _NotMoved(why) from None
-            raise _NotMoved(f"cannot open a folder on the path: {exc.strerror}") from None
-        os.close(fd)
-        fd = next_fd
-    return fd
-
-
-def _what(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISREG, "file"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "device"),
-        (stat.S_ISBLK, "device"),
-    ):
-        if test(mode):
-            return name
-    return "unknown"
-
-
-def _safe(name: str, limit: int) -> str:
-    """A file-name component made of safe characters (the record keeps the real name)."""
-    safe = _UNSAFE.sub("_", name)[:limit]
-    return "_" if safe in ("", ".", "..") else safe

@@ -26,7 +26,7 @@ from fl_orchestrator.aggregation.clipping import clip_factor, clip_update, updat
 from fl_orchestrator.aggregation.guard import largest_magnitude, magnitude_limit
 from fl_orchestrator.config.schema import LimitsSection
 from fl_orchestrator.core.reasons import Reason, Rejection, describe, printable
-from fl_orchestrator.intake.safe_read import FileIdentity, read_below
+from fl_orchestrator.intake.safe_read import FileIdentity, FolderCache, read_below
 from fl_orchestrator.wire.frames import FrameLimits, Weights, decode_header
 from fl_orchestrator.wire.layout import FileKind, JobLayout, task_id_of_result
 from fl_orchestrator.wire.messages import (
@@ -46,6 +46,9 @@ log = structlog.get_logger("fl_orchestrator.intake")
 HEARTBEAT_MAX_BYTES = 64 * 1024
 # Results at least this large are hashed in a second thread while they are checked.
 _HASH_BESIDE_BYTES = 1 << 20
+# A refused file this small hands its bytes, as read, to the quarantine: it is copied
+# from memory, without opening the file again (most junk is this small).
+REFUSED_CONTENT_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,14 @@ class ResultHandle:
 
 @dataclass(frozen=True)
 class Refused:
-    """An inbound file the edge refused."""
+    """An inbound file the edge refused; ``content``: its bytes as read, if it was small."""
 
     path: Path
     datasite: str
     reason: Reason
     detail: str
     identity: FileIdentity | None
+    content: bytes | None = None
 
 
 def frame_limits_for(limits: LimitsSection) -> FrameLimits:
@@ -131,6 +135,7 @@ class InboundReader:
         self.datasites = datasites
         self.limits = limits
         self.frame_limits = frame_limits_for(limits)
+        self.folders = FolderCache()
         if global_model is None and limits.max_update_norm > 0:
             raise ValueError("[limits] max_update_norm needs the global model: pass global_model=")
         check_model_fits(spec if global_model is None else model_spec(global_model), limits)
@@ -168,13 +173,18 @@ class InboundReader:
     def read_inbound(self, path: Path, kind: FileKind, datasite: str) -> Inbound | Refused:
         """Read, decode and check one file; never raises for anything the file contains."""
         identity: FileIdentity | None = None
+        data: memoryview | None = None
         try:
             if datasite not in self.datasites:
                 raise Rejection(Reason.UNKNOWN_DATASITE, f"{datasite!r} is not in this job")
             self._check_name(path, kind, datasite)
             limit = HEARTBEAT_MAX_BYTES if kind == FileKind.HEARTBEAT else self.result_limit
             data, identity = read_below(
-                self.layout.datasites_dir, path, limit, refuse_sparse=self.limits.refuse_sparse_files
+                self.layout.datasites_dir,
+                path,
+                limit,
+                refuse_sparse=self.limits.refuse_sparse_files,
+                folders=self.folders,
             )
             if kind == FileKind.HEARTBEAT:
                 beat = decode_message(
@@ -182,21 +192,22 @@ class InboundReader:
                 )
                 assert isinstance(beat, HeartbeatMessage)
                 return Inbound(path, datasite, identity, beat)
-            data = self._join_parts(self.layout.datasites_dir, path, data, limit)
+            joined = self._join_parts(self.layout.datasites_dir, path, data, limit)
             # Whatever is folded later must be these bytes: their hash is taken now, in a
             # second thread while they are decoded and checked (hashlib and numpy both
             # release the GIL), since the hash alone cost as much as all the rest.
-            if data.nbytes < _HASH_BESIDE_BYTES:
-                sha256 = _sha256_hex(data)
-                result, norm, clipped = self.check_result(data, task_id_of_result(path))
+            if joined.nbytes < _HASH_BESIDE_BYTES:
+                sha256 = _sha256_hex(joined)
+                result, norm, clipped = self.check_result(joined, task_id_of_result(path))
             else:
                 with ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-hash") as pool:
-                    hashing = pool.submit(_sha256_hex, data)
-                    result, norm, clipped = self.check_result(data, task_id_of_result(path))
+                    hashing = pool.submit(_sha256_hex, joined)
+                    result, norm, clipped = self.check_result(joined, task_id_of_result(path))
                     sha256 = hashing.result()
             return Inbound(path, datasite, identity, result, norm, clipped, sha256)
         except Rejection as exc:
-            return Refused(path, datasite, exc.reason, exc.detail, identity)
+            content = bytes(data) if data is not None and data.nbytes <= REFUSED_CONTENT_MAX_BYTES else None
+            return Refused(path, datasite, exc.reason, exc.detail, identity, content)
         except Exception as exc:  # a bug here must cost one file, not the daemon
             log.exception("intake.internal_error", path=printable(str(path)), datasite=datasite)
             return Refused(path, datasite, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", identity)
@@ -208,7 +219,7 @@ class InboundReader:
         counted files (storage/kept.py), whose files have a second link: ours.
         ``reply_to`` is the task the round log says it answered.
         """
-        data, _ = read_below(root, path, self.result_limit, max_links=2)
+        data, _ = read_below(root, path, self.result_limit, max_links=2, folders=self.folders)
         data = self._join_parts(root, path, data, self.result_limit, max_links=2)
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             raise Rejection(Reason.CHANGED_AFTER_COUNT, "its bytes are not the ones validated when counted")
@@ -254,7 +265,7 @@ class InboundReader:
         chunks = []
         remaining = manifest.nbytes
         for part in paths:
-            chunk, _ = read_below(root, part, remaining, max_links=max_links)
+            chunk, _ = read_below(root, part, remaining, max_links=max_links, folders=self.folders)
             remaining -= chunk.nbytes
             chunks.append(chunk)
         return assemble(chunks, manifest.nbytes, manifest.sha256)

@@ -27,8 +27,8 @@ log = structlog.get_logger("fl_orchestrator.storage")
 _TAIL_BLOCK = 64 * 1024
 
 
-def append_durably(path: Path, data: bytes) -> None:
-    """Append data to path and fsync; on failure cut the file back to its old length."""
+def append_whole(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Append data to path (and fsync, if durable); on failure cut the file back to its old length."""
     failpoints.check_write(path)
     created = not path.exists()
     if created:
@@ -40,14 +40,15 @@ def append_durably(path: Path, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
             raise
     finally:
         os.close(fd)
-    if created:
+    if created and durable:
         fsync_dir(path.parent)
 
 
@@ -116,7 +117,7 @@ def json_text(value: Any, **options: Any) -> str:
 def append_json_line(path: Path, value: dict[str, Any]) -> None:
     """Append one JSON object as a line, durably, after cutting any torn tail."""
     repair_tail(path)
-    append_durably(path, (json_text(value, sort_keys=True) + "\n").encode())
+    append_whole(path, (json_text(value, sort_keys=True) + "\n").encode())
 
 
 def read_json_lines(

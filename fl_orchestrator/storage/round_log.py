@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from fl_orchestrator.storage import failpoints
-from fl_orchestrator.storage.jsonl import append_durably
+from fl_orchestrator.storage.jsonl import append_whole
 
 log = structlog.get_logger("fl_orchestrator.round_log")
 
@@ -86,7 +86,7 @@ class RoundLog:
     def append(self, record: Record) -> None:
         """Append one record durably (write + fsync) before returning.
 
-        A failed append leaves the log as it was (jsonl.append_durably), so
+        A failed append leaves the log as it was (jsonl.append_whole), so
         retrying it never records a decision twice.
         """
         payload = {"type": _NAMES[type(record)], **record.__dict__}
@@ -97,7 +97,7 @@ class RoundLog:
                 _drop_torn_tail(self.path)
             self._checked = True
         failpoints.hit("round_log.before_append")
-        append_durably(self.path, line.encode())
+        append_whole(self.path, line.encode())
         failpoints.hit("round_log.after_append")
 
     def close(self) -> None:

@@ -108,8 +108,58 @@ def encode_bytes(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | N
     return b"".join(bytes(c) for c in encode_frames(header, arrays))
 
 
-def decode_header(buffer: bytes | bytearray | memoryview, limits: FrameLimits) -> tuple[dict[str, Any], int]:
-    """Decode the header map; return it and the offset where the array bins start."""
+# What a msgpack map can start with: fixmap (0x80-0x8f), map 16, map 32; and a str.
+_MAP_FIRST_BYTES = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+_STR_FIRST_BYTES = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}
+
+
+def _check_start(view: memoryview, first_keys: frozenset[str] | None) -> None:
+    """Refuse, from its first bytes, a cut-short file that cannot be the start of a header map.
+
+    A file still being written starts as a whole one does, so this junk need
+    not wait out the settle time that a header cut short is given
+    (``truncated``): the first byte must open a map and, if the map has
+    entries, its first key must be a string, and one of ``first_keys`` if
+    given (the fields of any message; a header with another field is refused
+    anyway).
+    """
+    first = view[0]
+    if first not in _MAP_FIRST_BYTES:
+        raise Rejection(Reason.MALFORMED, f"not a message: it starts with byte 0x{first:02x}, not a map")
+    count_bytes = {0xDE: 2, 0xDF: 4}.get(first, 0)
+    if view.nbytes <= 1 + count_bytes:
+        return  # too short to say more: maybe still arriving
+    entries = first & 0x0F if count_bytes == 0 else int.from_bytes(view[1 : 1 + count_bytes], "big")
+    key = view[1 + count_bytes]
+    if entries and key not in _STR_FIRST_BYTES:
+        raise Rejection(
+            Reason.MALFORMED, f"not a message: its first key starts with byte 0x{key:02x}, not a str"
+        )
+    if entries and first_keys is not None:
+        _check_first_key(view[1 + count_bytes :], first_keys)
+
+
+def _check_first_key(view: memoryview, first_keys: frozenset[str]) -> None:
+    """A first key that is whole, or declares more bytes than any field name, must be a field."""
+    marker = view[0]
+    size_bytes = {0xD9: 1, 0xDA: 2, 0xDB: 4}.get(marker, 0)
+    if view.nbytes <= size_bytes:
+        return
+    length = marker & 0x1F if size_bytes == 0 else int.from_bytes(view[1 : 1 + size_bytes], "big")
+    if length > max(len(key) for key in first_keys):
+        raise Rejection(Reason.MALFORMED, f"not a message: its first key is {length} bytes long")
+    name = bytes(view[1 + size_bytes : 1 + size_bytes + length])
+    if len(name) == length and name.decode("utf-8", "replace") not in first_keys:
+        raise Rejection(Reason.MALFORMED, f"not a message: its first key {describe(name)} is no field")
+
+
+def decode_header(
+    buffer: bytes | bytearray | memoryview, limits: FrameLimits, *, first_keys: frozenset[str] | None = None
+) -> tuple[dict[str, Any], int]:
+    """Decode the header map; return it and the offset where the array bins start.
+
+    ``first_keys``: the names a header's fields may have, if known.
+    """
     view = memoryview(buffer)
     if view.nbytes == 0:
         raise Rejection(Reason.EMPTY_FILE, "the file is empty")
@@ -132,6 +182,7 @@ def decode_header(buffer: bytes | bytearray | memoryview, limits: FrameLimits) -
             raise Rejection(
                 Reason.HEADER_TOO_LARGE, f"no header within {limits.max_header_bytes} bytes"
             ) from None
+        _check_start(view, first_keys)  # junk is malformed now, not held as maybe still arriving
         raise Rejection(Reason.TRUNCATED, "the header ends before it is complete") from None
     except Exception as exc:  # msgpack raises many types for hostile input
         raise Rejection(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}: {exc}") from None

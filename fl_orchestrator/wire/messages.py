@@ -41,6 +41,7 @@ _KIND_FIELDS = {
     "heartbeat": _COMMON | {"state"},
     "model": _COMMON | {"arrays"},
 }
+ANY_FIELD: frozenset[str] = frozenset().union(*_KIND_FIELDS.values())
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def decode_message(
     Only Rejection escapes, whatever the bytes: every value quoted in a detail
     goes through ``describe`` so that no hostile value is repr'd in full.
     """
-    header, offset = decode_header(buffer, limits)
+    header, offset = decode_header(buffer, limits, first_keys=ANY_FIELD)
     version = header.get("version")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise Rejection(Reason.UNSUPPORTED_VERSION, f"version {describe(version)}; this server speaks 1")

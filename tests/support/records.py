@@ -24,12 +24,15 @@ def json_lines(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def quarantine_records(state_dir: Path) -> list[dict[str, Any]]:
-    """The daemon's quarantine records (``<state>/quarantine/**/*.reason.json``), parsed."""
-    folder = state_dir / "quarantine"
+    """The daemon's quarantine records (``<state>/quarantine/<bucket>/records*.jsonl``), parsed."""
+    return records_under(state_dir / "quarantine")
+
+
+def records_under(folder: Path) -> list[dict[str, Any]]:
+    """Every quarantine record under ``folder``, oldest first within each datasite's folder."""
     records: list[dict[str, Any]] = []
-    for path in sorted(folder.rglob("*.reason.json")) if folder.exists() else []:
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            records.append({"source": str(path), "reason": "unreadable record"})
+    buckets = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
+    for bucket in buckets:
+        for name in ("records.1.jsonl", "records.jsonl"):
+            records.extend(json_lines(bucket / name))
     return records

@@ -7,8 +7,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from fl_orchestrator.core.reasons import Rejection
 from fl_orchestrator.intake.adapter import Outcome
 from fl_orchestrator.intake.reader import InboundReader, ResultHandle
+from fl_orchestrator.intake.safe_read import walk_to_folder
 from fl_orchestrator.intake.watcher import MAX_RESULT_SUBFOLDERS
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.wire.layout import APP_NAME, Classified, JobLayout
@@ -99,33 +101,43 @@ class NativeWire:
 
 
 def scan_job_files(layout: JobLayout, datasites: tuple[str, ...]) -> Iterator[Path]:
-    """Every heartbeat and result file currently present, for all datasites."""
+    """Every heartbeat and result file currently present, for all datasites.
+
+    A results folder is listed through a descriptor reached without following
+    links (intake/safe_read.py), so a ``results`` that is a link, or lies
+    under one, is never listed: the rescan does not read the names in
+    another folder the link points to.
+    """
     for datasite in datasites:
         heartbeat = layout.heartbeat_path(datasite)
         if os.path.lexists(heartbeat):
             yield heartbeat
         results = layout.results_dir(datasite)
-        try:
-            entries = list(os.scandir(results))
-        except OSError:
-            continue
+        entries = _listed(layout.datasites_dir, results)
         subfolders: list[str] = []
-        for entry in entries:
-            if entry.name.endswith(".result"):
-                yield Path(entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                subfolders.append(entry.path)
+        for name, is_dir in entries:
+            if name.endswith(".result"):
+                yield results / name
+            if is_dir:
+                subfolders.append(name)
         # Nothing belongs in a folder inside results/, but what is put there is refused
         # (bad_name), not left unseen when it landed while the watcher was re-planning.
         for subfolder in sorted(subfolders)[:MAX_RESULT_SUBFOLDERS]:
-            yield from _result_files_in(Path(subfolder))
+            folder = results / subfolder
+            for name, _ in _listed(layout.datasites_dir, folder):
+                if name.endswith(".result"):
+                    yield folder / name
 
 
-def _result_files_in(folder: Path) -> Iterator[Path]:
+def _listed(root: Path, folder: Path) -> list[tuple[str, bool]]:
+    """The names in folder (and whether each is a folder itself), none if it cannot be reached safely."""
     try:
-        entries = list(os.scandir(folder))
+        fd = walk_to_folder(root, folder.relative_to(root).parts)
+    except (Rejection, ValueError):
+        return []
+    try:
+        return [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in os.scandir(fd)]
     except OSError:
-        return
-    for entry in entries:
-        if entry.name.endswith(".result"):
-            yield Path(entry.path)
+        return []
+    finally:
+        os.close(fd)
