@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -115,6 +116,51 @@ def test_a_2_gb_sparse_result_is_refused_before_it_is_read(tmp_path: Path) -> No
     assert refusal["reason"] == "sparse_file"
     print(f"\nsparse 2 GB result: daemon peak RSS {peak:.0f} MiB when it was refused")
     assert 0 < peak < 400  # reading it would have taken 2 GB
+
+
+def test_the_daemon_s_memory_stays_flat_while_it_refuses_model_sized_junk(tmp_path: Path) -> None:
+    # 60 junk files of 4 MiB each (240 MiB in all), each just under the result limit of a
+    # 4 MiB model, so each is read in full before it is refused: the daemon must hold at
+    # most a few of them at once, not all.
+    junk_files, junk_bytes = 60, 4 * 1024**2
+    table = job_table(
+        4,
+        model={"source": "random", "seed": 1, "arrays": {"w": {"shape": [1024, 1024], "init": "zeros"}}},
+    )
+    job = write_job(tmp_path, table)
+    config = load_config(job)
+    hostile = site_emails(4)[3]
+    layout = JobLayout(config.syftbox.root, config.job.name, config.syftbox.aggregator_email)
+    layout.results_dir(hostile).mkdir(parents=True)
+    daemon = DaemonProcess(job)  # no datasite runs: it waits for them, and its intake works on
+    try:
+        daemon.wait_for("round.waiting_for_nodes", timeout=30)
+        before = _peak_rss_mib(daemon.pid)
+        _drop_junk_into(layout.results_dir(hostile), junk_files, junk_bytes)
+        records = config.state.state_dir / "quarantine" / hostile / "records.jsonl"
+        deadline = time.monotonic() + 60
+        while _lines(records) < junk_files and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = _peak_rss_mib(daemon.pid)
+    finally:
+        daemon.kill()
+    assert _lines(records) == junk_files
+    print(f"\n{junk_files} x 4 MiB junk: daemon peak RSS {before:.0f} MiB before, {after:.0f} MiB after")
+    assert after - before < 64  # 240 MiB of junk passed through it
+
+
+def _drop_junk_into(results: Path, count: int, size: int) -> None:
+    for _ in range(count):
+        name = secrets.token_hex(16)
+        (results / f".{name}.tmp").write_bytes(b"\x00" + os.urandom(size - 1))
+        os.rename(results / f".{name}.tmp", results / f"{name}.result")
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
 
 
 def test_an_update_far_over_the_usual_size_is_refused_as_an_outlier(tmp_path: Path) -> None:
