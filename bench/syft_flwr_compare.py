@@ -11,13 +11,18 @@ evaluation off, one DO raising in round 2.
 - "fl-orchestratord": our daemon with ``protocol = "syft-flwr"``. Round 1 runs from its
   ``round.dispatched`` to its ``round.completed``, later rounds between ``round.completed`` lines.
 
+Each aggregator runs in encrypted mode (syft-flwr's default, and ours: the DOs run main.py
+with no SYFT_FLWR_ENCRYPTION_ENABLED) and, with ``--encryption both`` (the default), in
+plaintext too (the DOs with SYFT_FLWR_ENCRYPTION_ENABLED=false, our job with
+``encryption = false``), each over its own fresh federation, so no two share an identity.
+
 For each it prints the per-round wall times, the rounds' total, the process's whole wall time
 (start to exit: imports, waiting for the DOs, the stop message), lost replies (requests without
 a usable response, and DO-side 400 "Error loading request" / 419 answers), whether every DO
 exited by itself after the stop message, and how far the final model is from the hand-computed
 FedAvg. The aggregators alternate (A B A B ...), so a noisy neighbour slows both.
 
-    make compare-syft-flwr                          # 3 runs
+    make compare-syft-flwr                          # 3 runs, encrypted and plaintext
     .venv/bin/python bench/syft_flwr_compare.py --runs 5 --only syft-flwr
     .venv/bin/python bench/syft_flwr_compare.py --poll-interval 0.5 --json out.json
 
@@ -67,6 +72,13 @@ from syftflwr.harness import (  # noqa: E402 - tests/ goes on sys.path first
 
 SYFT_FLWR = "syft-flwr server"
 DAEMON = "fl-orchestratord"
+MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+
+
+def _label(name: str, encryption: bool) -> str:
+    return f"{name}, {'encrypted' if encryption else 'plaintext'}"
+
+
 PULLED = re.compile(r"Successfully pulled (\d+) message")
 
 
@@ -123,9 +135,12 @@ def play(
     run: int,
     args: argparse.Namespace,
     specs: list[DataOwnerSpec],
+    encryption: bool,
 ) -> Outcome:
     """One run of one aggregator over fresh DOs: start them, serve, then what the DOs did and the model."""
-    federation = make_federation(env, federation_dir, n_dos=args.dos, extra_params=args.params)
+    federation = make_federation(
+        env, federation_dir, n_dos=args.dos, extra_params=args.params, encryption=encryption
+    )
     try:
         federation.start_data_owners(specs, timeout_seconds=60.0)
         served = serve(federation)
@@ -156,7 +171,12 @@ def play(
 
 
 def run_syft_flwr(
-    env: SyftFlwrEnv, workdir: Path, run: int, args: argparse.Namespace, specs: list[DataOwnerSpec]
+    env: SyftFlwrEnv,
+    workdir: Path,
+    run: int,
+    args: argparse.Namespace,
+    specs: list[DataOwnerSpec],
+    encryption: bool,
 ) -> Outcome:
     """syft-flwr's own server over fresh DOs."""
 
@@ -181,15 +201,29 @@ def run_syft_flwr(
             detail={"server_lost_lines": server.lost_reply_lines()},
         )
 
-    federation_dir = workdir / f"run{run}-syft-flwr"
-    return play(SYFT_FLWR, serve, env=env, federation_dir=federation_dir, run=run, args=args, specs=specs)
+    federation_dir = workdir / f"run{run}-syft-flwr-{'enc' if encryption else 'plain'}"
+    return play(
+        _label(SYFT_FLWR, encryption),
+        serve,
+        env=env,
+        federation_dir=federation_dir,
+        run=run,
+        args=args,
+        specs=specs,
+        encryption=encryption,
+    )
 
 
 def run_daemon(
-    env: SyftFlwrEnv, workdir: Path, run: int, args: argparse.Namespace, specs: list[DataOwnerSpec]
+    env: SyftFlwrEnv,
+    workdir: Path,
+    run: int,
+    args: argparse.Namespace,
+    specs: list[DataOwnerSpec],
+    encryption: bool,
 ) -> Outcome:
     """Our daemon over fresh DOs."""
-    folder = workdir / f"run{run}-daemon"
+    folder = workdir / f"run{run}-daemon-{'enc' if encryption else 'plain'}"
 
     def serve(federation: Federation) -> Served:
         config = federation.write_daemon_job(
@@ -216,7 +250,20 @@ def run_daemon(
             detail={"collect_seconds": [m.get("collect_seconds") for m in metrics]},
         )
 
-    return play(DAEMON, serve, env=env, federation_dir=folder / "federation", run=run, args=args, specs=specs)
+    return play(
+        _label(DAEMON, encryption),
+        serve,
+        env=env,
+        federation_dir=folder / "federation",
+        run=run,
+        args=args,
+        specs=specs,
+        encryption=encryption,
+    )
+
+
+def _progress(outcome: Outcome) -> None:
+    print(f"run {outcome.run}: {outcome.aggregator}: {_fmt(outcome.rounds_total)} s", flush=True)
 
 
 def _last_error(tail: str) -> str:
@@ -240,9 +287,9 @@ def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
     )
     head = ["run", "aggregator", *[f"round {r}" for r in range(1, rounds + 1)]]
     head += ["rounds", "process", "lost", "DO 4xx", "DOs exited", "model err"]
-    print("  ".join(f"{h:>10}" if i > 1 else f"{h:<16}" if i == 1 else f"{h:>3}" for i, h in enumerate(head)))
+    print("  ".join(f"{h:>10}" if i > 1 else f"{h:<30}" if i == 1 else f"{h:>3}" for i, h in enumerate(head)))
     for o in outcomes:
-        cells = [f"{o.run:>3}", f"{o.aggregator:<16}"]
+        cells = [f"{o.run:>3}", f"{o.aggregator:<30}"]
         times = [o.round_seconds[i] if i < len(o.round_seconds) else None for i in range(rounds)]
         cells += [f"{_fmt(t):>10}" for t in times]
         cells += [f"{_fmt(o.rounds_total):>10}", f"{_fmt(o.process_seconds, 2):>10}"]
@@ -250,13 +297,13 @@ def print_table(outcomes: list[Outcome], args: argparse.Namespace) -> None:
         cells += [f"{o.dos_exited}/{args.dos}".rjust(10)]
         cells += [f"{o.model_error:.1e}".rjust(10) if o.model_error is not None else f"{'-':>10}"]
         print("  ".join(cells) + (f"   ! {o.note}" if o.note else ""))
-    for name in (SYFT_FLWR, DAEMON):
+    for name in dict.fromkeys(o.aggregator for o in outcomes):
         done = [o for o in outcomes if o.aggregator == name and o.ok]
         if not done:
             continue
         per_round = [statistics.median(o.round_seconds[i] for o in done) for i in range(rounds)]
         print(
-            f"median {name:<16} rounds "
+            f"median {name:<30} rounds "
             + "  ".join(f"{s:.3f}" for s in per_round)
             + f"  total {statistics.median(o.rounds_total for o in done):.3f} s,"
             f" process {statistics.median(o.process_seconds for o in done):.2f} s,"
@@ -278,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         "--params", type=int, default=0, help="extra float32 parameters in the model (bigger messages)"
     )
     parser.add_argument("--only", choices=("syft-flwr", "daemon"), default=None)
+    parser.add_argument(
+        "--encryption", choices=tuple(MODES), default="both", help="encrypted runs, plaintext runs, or both"
+    )
     parser.add_argument("--deadline", type=float, default=180.0, help="seconds before a run is killed")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "syft_flwr_compare.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, state)")
@@ -296,12 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for run in range(1, args.runs + 1):
-            if args.only in (None, "syft-flwr"):
-                outcomes.append(run_syft_flwr(env, workdir, run, args, specs))
-                print(f"run {run}: {SYFT_FLWR}: {_fmt(outcomes[-1].rounds_total)} s", flush=True)
-            if args.only in (None, "daemon"):
-                outcomes.append(run_daemon(env, workdir, run, args, specs))
-                print(f"run {run}: {DAEMON}: {_fmt(outcomes[-1].rounds_total)} s", flush=True)
+            for encryption in MODES[args.encryption]:
+                if args.only in (None, "syft-flwr"):
+                    outcomes.append(run_syft_flwr(env, workdir, run, args, specs, encryption))
+                    print(
+                        f"run {run}: {outcomes[-1].aggregator}: {_fmt(outcomes[-1].rounds_total)} s",
+                        flush=True,
+                    )
+                if args.only in (None, "daemon"):
+                    outcomes.append(run_daemon(env, workdir, run, args, specs, encryption))
+                    print(
+                        f"run {run}: {outcomes[-1].aggregator}: {_fmt(outcomes[-1].rounds_total)} s",
+                        flush=True,
+                    )
     finally:
         if args.keep:
             print(f"work folder kept: {workdir}")
@@ -320,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.json}")
     bad = [o for o in outcomes if not o.ok]
-    bad += [o for o in outcomes if o.aggregator == DAEMON and (o.lost_replies or o.do_error_answers)]
+    bad += [o for o in outcomes if o.aggregator.startswith(DAEMON) and (o.lost_replies or o.do_error_answers)]
     return 1 if bad else 0
 
 

@@ -253,6 +253,25 @@ def test_every_data_owner_exits_by_itself_after_the_stop_message(scenario: Scena
         assert "FL CLIENT completed!" in text, email
 
 
+def test_every_message_travels_encrypted_with_the_owners_default_settings(scenario: Scenario) -> None:
+    # The DOs run main.py with no SYFT_FLWR_ENCRYPTION_ENABLED (on, syft-flwr's default); the
+    # daemon's job does not set [syft_flwr] encryption (on, ours).
+    (keys,) = scenario.run.named("syft_flwr.keys")
+    assert keys["done"] == "created"
+    assert scenario.run.named("syft_flwr.plaintext_reply") == []
+    assert scenario.run.named("syft_flwr.owner_without_keys") == []
+    did = (
+        scenario.federation.root / "datasites" / scenario.federation.aggregator.email / "public" / "did.json"
+    )
+    assert json.loads(did.read_text())["keyAgreement"]
+    (key_file,) = (scenario.state_dir / "keys").rglob("pvt.jwks.json")
+    assert key_file.stat().st_mode & 0o077 == 0
+    for email, log in scenario.do_logs.items():
+        # A DO in plaintext mode says PLAINTEXT; each encrypted reply is sealed by syft-rpc for us.
+        assert "PLAINTEXT" not in log, email
+        assert log.count("Preparing ENCRYPTED reply") == NUM_ROUNDS, email
+
+
 def test_nothing_is_quarantined(scenario: Scenario) -> None:
     assert scenario.quarantine == [], scenario.quarantine
     assert scenario.run.named("file.rejected") == []

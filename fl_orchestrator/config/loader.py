@@ -305,6 +305,15 @@ def _check_syft_flwr(config: JobConfig) -> None:
             "syft-flwr",
             "the [syft-flwr] extra installed (pip install 'fl-orchestrator[syft-flwr]'): flwr is missing",
         )
+    if config.syft_flwr.encryption and importlib.util.find_spec("syft_crypto") is None:
+        raise ConfigError(
+            "syft_flwr.encryption",
+            True,
+            "the [syft-flwr] extra installed (it brings syft-crypto, which encrypted mode needs),"
+            " or false where every owner runs with SYFT_FLWR_ENCRYPTION_ENABLED=false",
+        )
+    if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?", config.syft_flwr.server_url):
+        raise ConfigError("syft_flwr.server_url", config.syft_flwr.server_url, "an http(s) URL of a host")
 
 
 def _min_results(config: JobConfig) -> int:

@@ -330,6 +330,21 @@ class SyftFlwrSection:
             " project's pyproject.toml: requests go to app_data/flwr/<app_name>/rpc/messages/",
         ),
     )
+    encryption: bool = field(
+        default=True,
+        metadata=spec(
+            "encrypt requests and decrypt replies with the owners' published X3DH keys, as syft-flwr"
+            " 0.5.3 owners do by default; false only where every owner runs with"
+            " SYFT_FLWR_ENCRYPTION_ENABLED=false",
+        ),
+    )
+    server_url: str = field(
+        default="https://syftbox.net",
+        metadata=spec(
+            "the SyftBox server the owners sync with: it names the aggregator's published identity"
+            " (did:web:<host>:<email>) and the file its private keys are kept in",
+        ),
+    )
     request_expiry_margin_seconds: float = field(
         default=300.0,
         metadata=spec(

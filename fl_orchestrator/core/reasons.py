@@ -58,6 +58,10 @@ class Reason(StrEnum):
     NUM_EXAMPLES_JUMP = "num_examples_jump"
     # A counted result whose file no longer holds the bytes validated when it was counted.
     CHANGED_AFTER_COUNT = "changed_after_count"
+    # Encrypted syft-flwr mode
+    # An owner with no published keys (did.json): no request can be encrypted for it.
+    NO_PUBLIC_KEY = "no_public_key"
+    UNDECRYPTABLE = "undecryptable"
     # The filesystem
     SYMLINK = "symlink"
     NOT_REGULAR_FILE = "not_regular_file"

@@ -63,7 +63,7 @@ class Federation(FederationLayout):
     def start_data_owner(
         self, spec: DataOwnerSpec, extra_env: Mapping[str, str] | None = None
     ) -> ManagedProcess:
-        """Run the unmodified ``main.py`` as this DO (SYFT_FLWR_ENCRYPTION_ENABLED=false)."""
+        """Run the unmodified ``main.py`` as this DO (encrypted unless the federation is not)."""
         extra = {"FLT_TRACE": str(self.trace_path(spec.email)), **spec.env(), **(extra_env or {})}
         process = self._start_main_py(self.data_owners[spec.email], f"do-{spec.email}", extra)
         self._do_processes[spec.email] = process
@@ -151,7 +151,11 @@ class Federation(FederationLayout):
                 "aggregator_email": self.aggregator.email,
                 "datasites": self.emails,
             },
-            "syft_flwr": {"app_name": self.app_name},
+            # Encryption is on unless the job says otherwise: only "off" is written.
+            "syft_flwr": {
+                "app_name": self.app_name,
+                **({} if self.aggregator.encryption else {"encryption": False}),
+            },
             "state": {"state_dir": "state"},
         }
         for name, values in sections.items():
@@ -274,13 +278,15 @@ def make_federation(
     emails: Sequence[str] | None = None,
     log_dir: Path | None = None,
     extra_params: int = 0,
+    encryption: bool = True,
 ) -> Federation:
     """Lay out one federation: shared root, configs, a bootstrapped project per party.
 
     The initial model is ``initial_model(extra_params)``, written to ``initial.npz``.
 
     Logs and traces stay in ``workdir`` (``log_dir`` may lie elsewhere); ``close`` removes the
-    shared root and the parties' folders. ``app_name`` is the one bootstrap wrote.
+    shared root and the parties' folders. ``app_name`` is the one bootstrap wrote. With
+    ``encryption`` (syft-flwr's default) every party runs encrypted, the daemon's job too.
     """
     owns = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="fl-syft-flwr-"))
@@ -296,7 +302,7 @@ def make_federation(
     source, app_name = bootstrap_app(env, work, aggregator, dos)
 
     def party(email: str) -> Party:
-        p = Party(email, parties_dir / email, root)
+        p = Party(email, parties_dir / email, root, encryption)
         p.write_config()
         shutil.copytree(source, p.project_dir, dirs_exist_ok=True)
         return p

@@ -29,6 +29,8 @@ class Party:
     email: str
     folder: Path
     root: Path
+    # syft-flwr's default: on. Off runs main.py with SYFT_FLWR_ENCRYPTION_ENABLED=false.
+    encryption: bool = True
 
     @property
     def config_path(self) -> Path:
@@ -66,12 +68,11 @@ class Party:
         self.config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     def main_py_env(self) -> dict[str, str]:
-        """What the bootstrapped ``main.py`` needs to run as this party (encryption off)."""
-        return {
-            "SYFTBOX_CLIENT_CONFIG_PATH": str(self.config_path),
-            "SYFT_FLWR_ENCRYPTION_ENABLED": "false",
-            "DATA_DIR": str(self.data_dir),
-        }
+        """What the bootstrapped ``main.py`` needs to run as this party (no variable for encryption on)."""
+        env = {"SYFTBOX_CLIENT_CONFIG_PATH": str(self.config_path), "DATA_DIR": str(self.data_dir)}
+        if not self.encryption:
+            env["SYFT_FLWR_ENCRYPTION_ENABLED"] = "false"
+        return env
 
 
 @dataclass

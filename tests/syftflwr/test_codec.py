@@ -29,10 +29,10 @@ from fl_orchestrator.config.schema import LimitsSection
 from fl_orchestrator.core.reasons import Reason
 from fl_orchestrator.intake.reader import Inbound, InboundReader
 from fl_orchestrator.protocols.contract import Broadcast
+from fl_orchestrator.protocols.syft_flwr.keys import ENCRYPTION_HINT
 from fl_orchestrator.protocols.syft_flwr.layout import SyftFlwrLayout, request_id_for_task
 from fl_orchestrator.protocols.syft_flwr.publisher import SyftFlwrPublisher
 from fl_orchestrator.protocols.syft_flwr.replies import (
-    ENCRYPTION_HINT,
     NotYet,
     ReplyTranslator,
     StopAcknowledged,
@@ -251,7 +251,7 @@ def test_an_encrypted_reply_fails_the_owner_with_the_fix(tmp_path: Path) -> None
     assert isinstance(outcome, Translated) and not outcome.ok
     result = setup.native(outcome)
     assert result.error_type == "EncryptedReply" and result.error_message == ENCRYPTION_HINT
-    assert "SYFT_FLWR_ENCRYPTION_ENABLED=false" in ENCRYPTION_HINT
+    assert "encryption = false: set it to true" in ENCRYPTION_HINT
 
 
 def test_a_reply_being_written_is_not_yet(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import structlog
 from fl_orchestrator.protocols.contract import Broadcast
 from fl_orchestrator.protocols.syft_flwr import flower_codec
 from fl_orchestrator.protocols.syft_flwr.envelope import encode_request, node_id_of
+from fl_orchestrator.protocols.syft_flwr.keys import AggregatorKeys, KeysError, SealError
 from fl_orchestrator.protocols.syft_flwr.layout import (
     SyftFlwrLayout,
     first_link_below,
@@ -32,6 +33,7 @@ from fl_orchestrator.protocols.syft_flwr.layout import (
 )
 from fl_orchestrator.protocols.syft_flwr.replies import SyftFlwrState, TaskInfo
 from fl_orchestrator.storage.atomic import atomic_write
+from fl_orchestrator.storage.job_state import StartRefused
 from fl_orchestrator.wire.messages import ModelRef, model_spec
 
 log = structlog.get_logger("fl_orchestrator.protocols.syft_flwr")
@@ -51,8 +53,11 @@ class SyftFlwrPublisher:
         state: SyftFlwrState,
         run_id: str,
         expiry_margin_seconds: float,
+        keys: AggregatorKeys | None = None,
     ) -> None:
         self.datasites = datasites
+        # Encrypted mode: every request is sealed for its owner (protocols/syft_flwr/keys.py).
+        self.keys = keys
         self.target = target
         self.state = state
         self.run_id = run_id
@@ -72,7 +77,17 @@ class SyftFlwrPublisher:
         return self.target.datasites_dir
 
     def prepare(self) -> list[Path]:
-        """Nothing to prepare: each owner's folders are its own (syft-event writes them)."""
+        """In encrypted mode, the aggregator's keys and its published DID; nothing else to prepare.
+
+        Each owner's folders are its own (syft-event writes them). Raises StartRefused
+        when the keys and the published DID disagree: the message says what to do.
+        """
+        if self.keys is not None:
+            try:
+                done = self.keys.ensure()
+            except KeysError as exc:
+                raise StartRefused(f"syft_flwr.encryption: {exc}") from None
+            log.info("syft_flwr.keys", done=done, did=str(self.keys.did_file), keys=str(self.keys.keys_dir))
         return []
 
     def set_run(self, run_id: str) -> None:
@@ -189,6 +204,14 @@ class SyftFlwrPublisher:
     def _write_request(
         self, owner: str, request_id: uuid.UUID, body: bytes, now: float, expires: float
     ) -> int:
+        if self.keys is not None:
+            try:
+                body = self.keys.seal(owner, body)
+            except SealError as exc:
+                log.error(
+                    "syft_flwr.request_not_written", owner=owner, reason=str(exc.reason), why=exc.detail
+                )
+                return 0  # the owner is not present without keys: this is a race with its did.json
         chunks = encode_request(
             request_id=request_id,
             sender=self.target.aggregator,

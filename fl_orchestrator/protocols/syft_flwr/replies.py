@@ -15,7 +15,8 @@ Runs in a worker thread. Every outcome is a value, never an exception:
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
 import math
 import secrets
 import threading
@@ -36,6 +37,13 @@ from fl_orchestrator.protocols.syft_flwr.flower_codec import (
     ReplyError,
     parse_reply,
 )
+from fl_orchestrator.protocols.syft_flwr.keys import (
+    ENCRYPTION_HINT,
+    PLAINTEXT_HINT,
+    AggregatorKeys,
+    SealError,
+    looks_encrypted,
+)
 from fl_orchestrator.protocols.syft_flwr.layout import SyftFlwrLayout, resend_ids
 from fl_orchestrator.wire.messages import Envelope, ModelSpec, ResultMessage
 
@@ -43,10 +51,6 @@ log = structlog.get_logger("fl_orchestrator.protocols.syft_flwr")
 
 # What syft-event answers when it cannot load a request file: its handler never ran.
 TORN_REQUEST_PREFIX = "Error loading request"
-ENCRYPTION_HINT = (
-    "the data owner answered with an encrypted payload; fl-orchestratord speaks syft-flwr's"
-    " plaintext mode only: restart the owner's main.py with SYFT_FLWR_ENCRYPTION_ENABLED=false"
-)
 # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION.
 CLIENT_APP_RAISED = 2
 _MAX_ERROR_CHARS = 1000
@@ -166,11 +170,15 @@ class ReplyTranslator:
         state: SyftFlwrState,
         *,
         max_file_bytes: int,
+        keys: AggregatorKeys | None = None,
     ) -> None:
         self.layout = layout
         self.job = job
         self.state = state
         self.max_file_bytes = max_file_bytes
+        # Encrypted mode: replies are opened with the aggregator's keys (protocols/syft_flwr/keys.py).
+        self.keys = keys
+        self._plaintext_owners: set[str] = set()
         # Of the file the last translate read (per thread: several reads may run at once).
         self._last = threading.local()
 
@@ -178,11 +186,14 @@ class ReplyTranslator:
         """The largest response read: ``max_file_bytes``, or (0) what a reply to this model takes.
 
         A reply carries the arrays as a Flower message in base64: about 4/3 of their
-        bytes, plus each array's header and the envelope.
+        bytes, plus each array's header and the envelope. Encrypted, the message is
+        base64 inside the ciphertext, which is base64 inside the payload: (4/3)^3.
         """
         if self.max_file_bytes:
             return self.max_file_bytes
         payload = sum(math.prod(shape) * dtype.itemsize + 1024 for dtype, shape in self.state.spec.values())
+        if self.keys is not None:
+            return payload * 64 // 27 + 1024 * 1024
         return payload * 4 // 3 + 1024 * 1024
 
     def translate(self, path: Path, owner: str, request_id_hex: str) -> tuple[Outcome, FileIdentity | None]:
@@ -224,30 +235,55 @@ class ReplyTranslator:
             return Unusable(
                 Reason.BAD_FIELD, f"sender {printable(response.sender, 200)!r} writes in {owner}'s folder"
             )
-        torn = response.status_code == 400 and _text(response.body).startswith(TORN_REQUEST_PREFIX)
+        opened = self._open(owner, task_id, response.status_code, response.body)
+        if not isinstance(opened, bytes | None):
+            return opened
+        body = opened
+        torn = response.status_code == 400 and _text(body).startswith(TORN_REQUEST_PREFIX)
         if self.state.stop_requests.get(task_id) == owner:
             if torn:
-                return TornRequest(task_id, True, _text(response.body))
-            return StopAcknowledged(response.status_code, _text(response.body))
+                return TornRequest(task_id, True, _text(body))
+            return StopAcknowledged(response.status_code, _text(body))
         task = self.state.lookup(task_id)
         if task is not None and task.owner != owner:
             return Unusable(
                 Reason.NOT_SELECTED, f"answers a request sent to {task.owner}, from {owner}'s folder"
             )
         if torn and task is not None:
-            return TornRequest(task_id, False, _text(response.body))
+            return TornRequest(task_id, False, _text(body))
         if response.status_code != 200:
-            detail = f"syft-rpc status {response.status_code}: {_text(response.body)}"
+            detail = f"syft-rpc status {response.status_code}: {_text(body)}"
             return self._fail(owner, task_id, task, None, f"SyftRpcStatus{response.status_code}", detail)
-        if not response.body:
+        if not body:
             return self._fail(owner, task_id, task, None, "EmptyReply", "status 200 with no body")
-        if _looks_encrypted(response.body):
-            return self._fail(owner, task_id, task, None, "EncryptedReply", ENCRYPTION_HINT)
         try:
-            reply = parse_reply(response.body)
+            reply = parse_reply(body)
         except ReplyError as exc:
             return self._fail(owner, task_id, task, None, "InvalidReply", str(exc))
         return self._from_reply(owner, task_id, task, reply)
+
+    def _open(self, owner: str, task_id: str, status: int, body: bytes | None) -> bytes | Outcome | None:
+        """The body as the owner wrote it before encryption; or the outcome if it cannot be had.
+
+        A handler's answer (status 200) is the Flower message in base64; syft-event's own
+        answers (a 400 or 419) are plain text.
+        """
+        if not body or not looks_encrypted(body):
+            if body and status == 200 and self.keys is not None and owner not in self._plaintext_owners:
+                self._plaintext_owners.add(owner)
+                log.warning("syft_flwr.plaintext_reply", owner=owner, hint=PLAINTEXT_HINT)
+            return body
+        task = self.state.lookup(task_id)
+        if self.keys is None:
+            return self._fail(owner, task_id, task, None, "EncryptedReply", ENCRYPTION_HINT)
+        try:
+            text = self.keys.open(owner, body)
+            return base64.b64decode(text, validate=True) if status == 200 else text.encode()
+        except SealError as exc:
+            return self._fail(owner, task_id, task, None, "Undecryptable", exc.detail, exc.reason)
+        except binascii.Error as exc:
+            detail = f"the decrypted reply is not base64: {exc}"
+            return self._fail(owner, task_id, task, None, "Undecryptable", detail, Reason.UNDECRYPTABLE)
 
     def fail_task(self, owner: str, task_id: str, error_type: str, detail: str) -> Translated | None:
         """A counted failure for a request of ours that cannot be answered (None: not ours)."""
@@ -333,7 +369,7 @@ class ReplyTranslator:
             action=action if action in ("train", "evaluate") else "train",
         )
         failure = Translated(task_id, result, task is not None, f"{error_type}: {detail}")
-        if error_type in ("InvalidReply", "EmptyReply", "ReplyTooLarge"):
+        if error_type in ("InvalidReply", "EmptyReply", "ReplyTooLarge", "Undecryptable"):
             return Unusable(reason, f"{error_type}: {detail}", failure)
         return failure
 
@@ -355,17 +391,6 @@ def _map_arrays(arrays: list[tuple[str, np.ndarray]], spec: ModelSpec) -> dict[s
     if set(by_name) == set(names):
         return {name: by_name[name] for name in names}
     return {name: array for name, (_, array) in zip(names, arrays, strict=True)}
-
-
-def _looks_encrypted(body: bytes) -> bool:
-    """syft-crypto's payload is a JSON object; a Flower protobuf never starts with '{'."""
-    if not body.lstrip().startswith(b"{"):
-        return False
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(document, dict) and ("ciphertext" in document or "receiver" in document)
 
 
 def _text(body: bytes | None) -> str:

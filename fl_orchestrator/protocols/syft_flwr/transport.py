@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fl_orchestrator.config.schema import JobConfig
+from fl_orchestrator.protocols.syft_flwr.keys import AggregatorKeys
 from fl_orchestrator.protocols.syft_flwr.layout import SyftFlwrLayout
 from fl_orchestrator.protocols.syft_flwr.publisher import SyftFlwrPublisher
 from fl_orchestrator.protocols.syft_flwr.replies import ReplyTranslator, SyftFlwrState
@@ -19,14 +20,23 @@ class SyftFlwrTransport:
             config.syftbox.root, config.syft_flwr.app_name, config.syftbox.aggregator_email
         )
         self.state = SyftFlwrState()
+        keys = None
+        if config.syft_flwr.encryption:
+            keys = AggregatorKeys(
+                email=config.syftbox.aggregator_email,
+                datasites_dir=self.target.datasites_dir,
+                state_dir=config.state.state_dir,
+                server_url=config.syft_flwr.server_url,
+            )
         self.publisher = SyftFlwrPublisher(
             owners,
             target=self.target,
             state=self.state,
             run_id=config.job.name,
             expiry_margin_seconds=config.syft_flwr.request_expiry_margin_seconds,
+            keys=keys,
         )
         translator = ReplyTranslator(
-            self.target, config.job.name, self.state, max_file_bytes=config.limits.max_file_bytes
+            self.target, config.job.name, self.state, max_file_bytes=config.limits.max_file_bytes, keys=keys
         )
         self.wire = SyftFlwrWire(self.target, owners, self.state, self.publisher, translator)

@@ -90,6 +90,7 @@ class SyftFlwrWire:
         self.publisher = publisher
         self.translator = translator
         self.present: set[str] = set()
+        self.keyless: set[str] = set()  # encrypted mode: owners seen without published keys
         # The native encoding of each validated result until it is kept or refused.
         self._unkept: dict[Path, list[Any]] = {}
         self._lock = threading.Lock()
@@ -240,7 +241,19 @@ class SyftFlwrWire:
         identity = _identity(path)
         if identity is None:
             return Refused(path, owner, Reason.VANISHED, "the file vanished before it was read", None)
+        keys = self.translator.keys
+        if keys is not None and not keys.has_public_key(owner):
+            # Not present: nothing can be sent to it. Said at once, not as a timeout; no identity
+            # is kept, so its schema is looked at again (next event or rescan) until its keys appear.
+            with self._lock:
+                first = owner not in self.keyless
+                self.keyless.add(owner)
+            if first:
+                hint = keys.no_key_hint(owner)
+                log.warning("syft_flwr.owner_without_keys", owner=owner, reason="no_public_key", hint=hint)
+            return Settled(path, None, "no published keys")
         with self._lock:
+            self.keyless.discard(owner)
             first = owner not in self.present
             self.present.add(owner)
         if first:
