@@ -17,12 +17,15 @@ from fl_orchestrator.cli.logs import LoggingSetupError, configure_logging, resol
 from fl_orchestrator.config import EX_CONFIG, ConfigError, load_config
 from fl_orchestrator.config.hooks import HookError
 from fl_orchestrator.config.render import config_to_table
+from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.daemon.lifecycle import EXIT_SOFTWARE, Daemon
 from fl_orchestrator.daemon.sdnotify import SystemdNotifier
+from fl_orchestrator.daemon.size_check import size_problems
 from fl_orchestrator.storage.job_state import StartRefused
 from fl_orchestrator.storage.lock import EX_TEMPFAIL, LockHeld
-from fl_orchestrator.storage.models import ModelFileError
+from fl_orchestrator.storage.models import ModelFileError, initial_model
 from fl_orchestrator.storage.retry import EX_IOERR, StateWriteError
+from fl_orchestrator.wire.messages import model_spec
 
 EX_USAGE = 64
 
@@ -68,6 +71,10 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
     except LoggingSetupError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    refused = _sizes_refused(config)
+    if refused is not None:
+        print(refused, file=sys.stderr)
+        return EX_CONFIG
     if args.check:
         print(json.dumps(config_to_table(config), indent=2, sort_keys=True))
         return 0
@@ -104,6 +111,16 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
             return EX_IOERR
         log.exception("daemon.crashed")
         return EXIT_SOFTWARE
+
+
+def _sizes_refused(config: JobConfig) -> str | None:
+    """Why the job's files would not travel or be read, as config error lines; None if they would."""
+    try:
+        spec = model_spec(initial_model(config.model))
+    except ModelFileError as exc:
+        return f"config error: model.checkpoint_path: {exc}"
+    problems = size_problems(config, spec)
+    return "\n".join(f"config error: {problem}" for problem in problems) if problems else None
 
 
 def _only(exc: BaseException, kind: type[BaseException]) -> bool:

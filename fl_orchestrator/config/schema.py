@@ -99,6 +99,15 @@ class SyftBoxSection:
             minimum=0,
         ),
     )
+    server_max_file_bytes: int = field(
+        default=10 * 1024 * 1024,
+        metadata=spec(
+            "the largest file the SyftBox server and clients carry (syftbox 0.4.0: 10 MB); checked"
+            " against the largest file the job writes or reads, at --check and at start; 0: no cap"
+            " (one shared folder, no server)",
+            minimum=0,
+        ),
+    )
     presence_ttl_seconds: float = field(
         default=60.0,
         metadata=spec(

@@ -50,6 +50,19 @@ class Response:
     expires: datetime | None
 
 
+def message_file_bound(array_bytes: list[int], *, encrypted: bool) -> int:
+    """The largest request or reply file that carries arrays of these sizes, whole.
+
+    A Flower message holds each array with a small header (1 KiB allowed each);
+    syft-rpc's JSON carries the body in base64 (4/3). Encrypted, the message is
+    base64 inside the ciphertext, which is base64 inside the payload: (4/3)^3.
+    1 MiB more covers the config, the metrics and the envelope.
+    """
+    payload = sum(size + 1024 for size in array_bytes)
+    grown = payload * 64 // 27 if encrypted else payload * 4 // 3
+    return grown + 1024 * 1024
+
+
 def _iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).isoformat()
 

@@ -30,7 +30,12 @@ import structlog
 
 from fl_orchestrator.core.reasons import Reason, Rejection, printable
 from fl_orchestrator.intake.safe_read import FileIdentity, read_below
-from fl_orchestrator.protocols.syft_flwr.envelope import EnvelopeError, decode_response, node_id_of
+from fl_orchestrator.protocols.syft_flwr.envelope import (
+    EnvelopeError,
+    decode_response,
+    message_file_bound,
+    node_id_of,
+)
 from fl_orchestrator.protocols.syft_flwr.flower_codec import (
     NUM_EXAMPLES_KEY,
     FlowerReply,
@@ -183,18 +188,11 @@ class ReplyTranslator:
         self._last = threading.local()
 
     def reply_limit(self) -> int:
-        """The largest response read: ``max_file_bytes``, or (0) what a reply to this model takes.
-
-        A reply carries the arrays as a Flower message in base64: about 4/3 of their
-        bytes, plus each array's header and the envelope. Encrypted, the message is
-        base64 inside the ciphertext, which is base64 inside the payload: (4/3)^3.
-        """
+        """The largest response read: ``max_file_bytes``, or (0) what a reply to this model takes."""
         if self.max_file_bytes:
             return self.max_file_bytes
-        payload = sum(math.prod(shape) * dtype.itemsize + 1024 for dtype, shape in self.state.spec.values())
-        if self.keys is not None:
-            return payload * 64 // 27 + 1024 * 1024
-        return payload * 4 // 3 + 1024 * 1024
+        sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in self.state.spec.values()]
+        return message_file_bound(sizes, encrypted=self.keys is not None)
 
     def translate(self, path: Path, owner: str, request_id_hex: str) -> tuple[Outcome, FileIdentity | None]:
         """Look at one response file, and say which file was read; never raises for its content."""
