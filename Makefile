@@ -1,6 +1,11 @@
 # Every target sets up its own environment: a fresh clone needs only Python >= 3.11 and make.
 PYTHON ?= python3
+# Another interpreter gets a venv of its own: make test PYTHON=python3.12 -> .venv-python3.12.
+ifeq ($(PYTHON),python3)
 VENV ?= .venv
+else
+VENV ?= .venv-$(notdir $(PYTHON))
+endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -86,4 +91,4 @@ service-install:
 	-systemctl daemon-reload
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .demo
+	rm -rf .venv .venv-* build *.egg-info .mypy_cache .ruff_cache .pytest_cache .demo
