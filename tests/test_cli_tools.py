@@ -520,6 +520,29 @@ def test_init_with_a_malformed_array_flag_is_a_usage_error(tmp_path: Path) -> No
     assert exited.value.code == 64
 
 
+def test_init_without_its_flags_names_the_missing_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert tool_main(["init", "--name", "x"]) == 64
+    err = capsys.readouterr().err
+    assert err.startswith("fl-orchestrator init: error: missing --out, --aggregator, --datasite")
+
+
+def test_init_from_a_syft_flwr_project_outside_its_environment_says_where_to_run_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "proj"
+    (project / "app").mkdir(parents=True)
+    (project / "app" / "__init__.py").write_text("")
+    (project / "app" / "server.py").write_text("import no_such_package_here\n")
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "proj"\n[tool.flwr.app.components]\nserverapp = "app.server:app"\n'
+        '[tool.syft_flwr]\napp_name = "a"\naggregator = "agg@x.org"\ndatasites = ["d@x.org"]\n'
+    )
+    assert tool_main(["init", "--from-syft-flwr", str(project)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "importing app.server failed (ModuleNotFoundError" in err and "project's environment" in err
+    assert not (project / "fl-orchestrator.toml").exists()
+
+
 # ---- against a real run -------------------------------------------------------------------
 
 

@@ -55,14 +55,19 @@ def _number_or_text(text: str) -> float | int | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `fl-orchestrator init`."""
-    parser.add_argument("--out", required=True, type=Path, help="job file to write")
-    parser.add_argument("--name", required=True, help="job name (letters, digits, '.', '-', '_')")
-    parser.add_argument("--aggregator", required=True, help="the aggregator's email")
     parser.add_argument(
-        "--datasite", required=True, action="append", dest="datasites", help="a datasite's email (repeat)"
+        "--from-syft-flwr",
+        type=Path,
+        metavar="PROJECT_DIR",
+        help="translate a bootstrapped syft-flwr project (run in its environment); then only"
+        " --out, --name, --syftbox-root (default ~/SyftBox), --state-dir and --force apply",
     )
-    parser.add_argument("--syftbox-root", required=True, type=Path, help="the SyftBox folder")
-    parser.add_argument("--state-dir", required=True, type=Path, help="the daemon's state folder")
+    parser.add_argument("--out", type=Path, help="job file to write (required without --from-syft-flwr)")
+    parser.add_argument("--name", help="job name (letters, digits, '.', '-', '_')")
+    parser.add_argument("--aggregator", help="the aggregator's email")
+    parser.add_argument("--datasite", action="append", dest="datasites", help="a datasite's email (repeat)")
+    parser.add_argument("--syftbox-root", type=Path, help="the SyftBox folder")
+    parser.add_argument("--state-dir", type=Path, help="the daemon's state folder")
     # Numbers pass through as text when malformed: the loader's message is the one users see.
     parser.add_argument("--num-rounds", type=_number_or_text, default=3)
     parser.add_argument("--round-timeout-seconds", type=_number_or_text, default=600.0)
@@ -141,6 +146,23 @@ def job_table(args: argparse.Namespace) -> dict[str, Any]:
         "strategy": {"name": "fedavg"},
         "state": {"state_dir": _absolute(args.state_dir)},
     }
+
+
+REQUIRED = {
+    "out": "--out",
+    "name": "--name",
+    "aggregator": "--aggregator",
+    "datasites": "--datasite",
+    "syftbox_root": "--syftbox-root",
+    "state_dir": "--state-dir",
+}
+
+
+def missing_flags(args: argparse.Namespace) -> list[str]:
+    """The flags a starter job needs that were not given (none with --from-syft-flwr)."""
+    if args.from_syft_flwr is not None:
+        return []
+    return [flag for key, flag in REQUIRED.items() if getattr(args, key) in (None, [])]
 
 
 def write_job_file(args: argparse.Namespace) -> Path:

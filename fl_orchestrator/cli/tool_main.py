@@ -173,6 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
+    missing = init_job.missing_flags(args)
+    if missing:
+        print(f"fl-orchestrator init: error: missing {', '.join(missing)}", file=sys.stderr)
+        return EX_USAGE
+    if args.from_syft_flwr is not None:
+        return _init_from_syft_flwr(args)
     try:
         out = init_job.write_job_file(args)
     except ConfigError as exc:
@@ -185,6 +191,25 @@ def _init(args: argparse.Namespace) -> int:
         print(f"init: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return init_job.EX_CANTCREAT
     print(str(out))
+    return 0
+
+
+def _init_from_syft_flwr(args: argparse.Namespace) -> int:
+    from fl_orchestrator.cli.init_syft_flwr import report, write_from_project
+    from fl_orchestrator.protocols.syft_flwr.project_import import ImportRefused
+
+    try:
+        out, translation = write_from_project(args)
+    except ImportRefused as exc:
+        print(f"init: cannot translate {args.from_syft_flwr}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except ConfigError as exc:
+        print(exc.line(), file=sys.stderr)
+        return EX_CONFIG
+    except (FileExistsError, OSError) as exc:
+        print(f"init: {exc}", file=sys.stderr)
+        return init_job.EX_CANTCREAT
+    print(report(out, translation))
     return 0
 
 
