@@ -849,7 +849,7 @@ def test_config_to_table_renders_bytes_as_hex(tmp_path: Path) -> None:
     ("argv", "fragment"),
     [
         (["--config", "x.toml", "--bogus"], "unrecognized arguments: --bogus"),
-        ([], "the following arguments are required: --config"),
+        ([], "one of the arguments --config --server-app is required"),
         (["--config"], "argument --config: expected one argument"),
         (["--config", "x.toml", "--log-level", "nope"], "argument --log-level: invalid choice: 'nope'"),
         (["--config", "x.toml", "--log-format", "yaml"], "argument --log-format: invalid choice: 'yaml'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,23 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The daemon's flags."""
     parser = _Parser(prog="fl-orchestratord", description="Federated-learning aggregation service.")
-    parser.add_argument("--config", required=True, type=Path, help="job file (TOML)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", type=Path, help="job file (TOML)")
+    what.add_argument(
+        "--server-app",
+        type=Path,
+        metavar="PROJECT_DIR",
+        help="run a bootstrapped syft-flwr project's own main(grid, context) ServerApp on our transport",
+    )
+    parser.add_argument("--syftbox-root", type=Path, help="with --server-app: the SyftBox folder (~/SyftBox)")
+    parser.add_argument(
+        "--state-dir", type=Path, help="with --server-app: the state folder (PROJECT_DIR/.fl-orchestrator)"
+    )
+    parser.add_argument(
+        "--no-encryption",
+        action="store_true",
+        help="with --server-app: every owner runs with SYFT_FLWR_ENCRYPTION_ENABLED=false",
+    )
     parser.add_argument("--check", action="store_true", help="validate, print the resolved config, exit")
     parser.add_argument(
         "--rerun",
@@ -60,6 +77,8 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
     listens for them (cli/daemon_entry.py); the daemon stops at once if any did.
     """
     args = build_parser().parse_args(argv)
+    if args.server_app is not None:
+        return _server_app(args)
     try:
         config = load_config(args.config)
         level, fmt = resolve_logging(
@@ -111,6 +130,31 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
             return EX_IOERR
         log.exception("daemon.crashed")
         return EXIT_SOFTWARE
+
+
+def _server_app(args: argparse.Namespace) -> int:
+    from fl_orchestrator.daemon.server_app import ServerAppSettings, run_server_app
+
+    try:
+        level, fmt = resolve_logging(args.log_level, args.log_format)
+    except LoggingSetupError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(level, fmt)
+    project = Path(os.path.abspath(args.server_app))
+    settings = ServerAppSettings(
+        project=project,
+        syftbox_root=Path(os.path.abspath(os.path.expanduser(args.syftbox_root or "~/SyftBox"))),
+        state_dir=Path(os.path.abspath(args.state_dir or project / ".fl-orchestrator")),
+        encryption=not args.no_encryption,
+    )
+    try:
+        return anyio.run(run_server_app, settings)
+    except LockHeld as exc:
+        print(f"state error: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except KeyboardInterrupt:
+        return 130
 
 
 def _sizes_refused(config: JobConfig) -> str | None:

@@ -236,6 +236,42 @@ class Federation(FederationLayout):
             name, command, env=self.env.daemon_env(self._daemon_home()), cwd=config_path.parent
         )
 
+    def run_server_app(
+        self,
+        project: Path,
+        state_dir: Path,
+        *,
+        timeout_seconds: float,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> DaemonRun:
+        """``fl-orchestratord --server-app PROJECT`` (a custom-loop ServerApp) to its end."""
+        command = self.server_app_command(project, state_dir)
+        started = time.monotonic()
+        env = self.env.daemon_env(self._daemon_home(), extra_env)
+        process = self.processes.start("server-app", command, env=env, cwd=project)
+        code = _wait_exit(process, timeout_seconds)
+        seconds = time.monotonic() - started
+        return DaemonRun(code, seconds, list(json_lines(process.log_path)), process.log_path, project)
+
+    def server_app_command(self, project: Path, state_dir: Path) -> list[str]:
+        """The command line of ``fl-orchestratord --server-app`` for this federation."""
+        command = [
+            str(self.env.python),
+            "-m",
+            "fl_orchestrator.cli.daemon_main",
+            "--server-app",
+            str(project),
+            "--syftbox-root",
+            str(self.root),
+            "--state-dir",
+            str(state_dir),
+            "--log-format",
+            "json",
+        ]
+        if not self.aggregator.encryption:
+            command.append("--no-encryption")
+        return command
+
     def run_tool(
         self, args: Sequence[str], *, timeout_seconds: float = 60.0
     ) -> subprocess.CompletedProcess[str]:

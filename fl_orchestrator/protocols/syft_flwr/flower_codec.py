@@ -94,6 +94,11 @@ def stop_body(*, dst_node_id: int, run_id: int, reason: str) -> bytes:
     return _serialize(message, run_id)
 
 
+def serialize(message: Message, run_id: int) -> bytes:
+    """A message's bytes, with the run id and the aggregator as its source (as syft-flwr sends)."""
+    return _serialize(message, run_id)
+
+
 def _serialize(message: Message, run_id: int) -> bytes:
     # Metadata has no setters for these: syft-flwr's server writes them the same way.
     message.metadata.__dict__["_run_id"] = run_id

@@ -8,7 +8,9 @@ datasites/<owner>/app_data/flwr/<app_name>/rpc/
 
 from __future__ import annotations
 
+import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -144,3 +146,53 @@ def first_link_below(root: Path, path: Path) -> Path | None:
         if not current.exists():
             return None
     return None
+
+
+@dataclass(frozen=True)
+class SyftFlwrTree:
+    """What the shared watcher follows for a syft-flwr app (intake/adapter.py's WatchedTree)."""
+
+    target: SyftFlwrLayout
+
+    @property
+    def datasites_dir(self) -> Path:
+        """The folder that holds every datasite."""
+        return self.target.datasites_dir
+
+    @property
+    def aggregator(self) -> str:
+        """The aggregator's email."""
+        return self.target.aggregator
+
+    @property
+    def marker(self) -> str:
+        """Every file of this app lies below its rpc folder."""
+        return self.target.marker
+
+    def folders_on_the_way(self, datasite: str) -> list[Path]:
+        """datasites/<owner> down to rpc/messages/<aggregator>/, where the responses land."""
+        rpc = self.target.rpc_dir(datasite)
+        app = rpc.parent
+        return [
+            app.parent.parent.parent,
+            app.parent.parent,
+            app.parent,
+            app,
+            rpc,
+            rpc / ENDPOINT,
+            self.target.messages_dir(datasite),
+        ]
+
+    def scan(self, datasites: tuple[str, ...]) -> Iterator[Path]:
+        """Every owner's rpc.schema.json, responses and refused uploads present now."""
+        for owner in datasites:
+            schema = self.target.schema_path(owner)
+            if os.path.lexists(schema):
+                yield schema
+            try:
+                entries = list(os.scandir(self.target.messages_dir(owner)))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.endswith((".response", REFUSED_SUFFIX)):
+                    yield Path(entry.path)

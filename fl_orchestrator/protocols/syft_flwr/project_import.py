@@ -124,8 +124,21 @@ class _SilentGrid:
         return refuse
 
 
-def read_project(project: Path) -> Translation:
-    """Translate a syft-flwr project folder; raise ImportRefused with the reason."""
+@dataclass(frozen=True)
+class Project:
+    """What a bootstrapped project's pyproject.toml says: the parties, the run config, the ServerApp."""
+
+    folder: Path
+    name: str
+    app_name: str
+    aggregator: str
+    datasites: list[str]
+    run_config: dict[str, Any]
+    server_app: str  # module:attribute
+
+
+def read_pyproject(project: Path) -> Project:
+    """The project's pyproject.toml; ImportRefused if it was never bootstrapped by syft-flwr."""
     try:
         meta = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -141,16 +154,41 @@ def read_project(project: Path) -> Translation:
     component = app.get("components", {}).get("serverapp")
     if not isinstance(component, str) or ":" not in component:
         raise ImportRefused("[tool.flwr.app.components] serverapp = 'module:attribute' is missing")
-    translation = Translation(
-        project_name=str(meta.get("project", {}).get("name", project.name)),
+    return Project(
+        folder=project,
+        name=str(meta.get("project", {}).get("name", project.name)),
         app_name=str(syft["app_name"]),
         aggregator=str(syft["aggregator"]),
         datasites=[str(d) for d in syft["datasites"]],
         run_config=dict(app.get("config", {})),
+        server_app=component,
     )
-    server_app = _load(project, component)
-    _capture(server_app, translation)
+
+
+def read_project(project: Path) -> Translation:
+    """Translate a syft-flwr project folder; raise ImportRefused with the reason."""
+    meta = read_pyproject(project)
+    translation = Translation(
+        project_name=meta.name,
+        app_name=meta.app_name,
+        aggregator=meta.aggregator,
+        datasites=meta.datasites,
+        run_config=meta.run_config,
+    )
+    _capture(load_server_app(meta), translation)
     return translation
+
+
+def load_server_app(meta: Project) -> Any:
+    """Import the project's ServerApp object (ImportRefused if that fails)."""
+    return _load(meta.folder, meta.server_app)
+
+
+def flower_context(run_config: Mapping[str, Any], run_id: int = 0) -> Any:
+    """The Context a ServerApp is called with."""
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
 
 
 def _load(project: Path, component: str) -> Any:
@@ -179,14 +217,8 @@ def _on_path(folder: Path) -> Iterator[None]:
             sys.path.remove(str(folder))
 
 
-def _context(run_config: Mapping[str, Any]) -> Any:
-    from flwr.app import Context, RecordDict
-
-    return Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-
-
 def _capture(server_app: Any, translation: Translation) -> None:
-    context = _context(translation.run_config)
+    context = flower_context(translation.run_config)
     main = getattr(server_app, "_main", None)
     server_fn = getattr(server_app, "_server_fn", None)
     if main is not None:

@@ -38,11 +38,10 @@ from fl_orchestrator.intake.adapter import Outcome, Settled
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, ResultHandle
 from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.protocols.syft_flwr.layout import (
-    ENDPOINT,
-    REFUSED_SUFFIX,
     SCHEMA_FILE,
     SyftFlwrKind,
     SyftFlwrLayout,
+    SyftFlwrTree,
     first_link_below,
 )
 from fl_orchestrator.protocols.syft_flwr.publisher import SyftFlwrPublisher
@@ -85,6 +84,7 @@ class SyftFlwrWire:
         translator: ReplyTranslator,
     ) -> None:
         self.target = target
+        self.tree = SyftFlwrTree(target)
         self.owners = frozenset(owners)
         self.state = state
         self.publisher = publisher
@@ -103,45 +103,25 @@ class SyftFlwrWire:
     @property
     def datasites_dir(self) -> Path:
         """The folder that holds every datasite."""
-        return self.target.datasites_dir
+        return self.tree.datasites_dir
 
     @property
     def aggregator(self) -> str:
         """The aggregator's email."""
-        return self.target.aggregator
+        return self.tree.aggregator
 
     @property
     def marker(self) -> str:
         """Every file of this app lies below its rpc folder."""
-        return self.target.marker
+        return self.tree.marker
 
     def folders_on_the_way(self, datasite: str) -> list[Path]:
         """datasites/<owner> down to rpc/messages/<aggregator>/, where the responses land."""
-        rpc = self.target.rpc_dir(datasite)
-        app = rpc.parent
-        return [
-            app.parent.parent.parent,
-            app.parent.parent,
-            app.parent,
-            app,
-            rpc,
-            rpc / ENDPOINT,
-            self.target.messages_dir(datasite),
-        ]
+        return self.tree.folders_on_the_way(datasite)
 
     def scan(self, datasites: tuple[str, ...]) -> Iterator[Path]:
         """Every owner's rpc.schema.json, responses and refused uploads present now."""
-        for owner in datasites:
-            schema = self.target.schema_path(owner)
-            if os.path.lexists(schema):
-                yield schema
-            try:
-                entries = list(os.scandir(self.target.messages_dir(owner)))
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.name.endswith((".response", REFUSED_SUFFIX)):
-                    yield Path(entry.path)
+        return self.tree.scan(datasites)
 
     def classify(self, path: Path) -> Classified | None:
         """Presence is a heartbeat, a response or refused upload a result; the rest is ignored."""

@@ -102,3 +102,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss = float(np.mean(np.concatenate([a.astype(np.float64).ravel() for a in arrays])))
     metrics = MetricRecord({"num-examples": _num_examples(), "eval_loss": loss})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Federated analytics: a histogram of this owner's FLT_NUM_EXAMPLES values, all equal to FLT_DELTA.
+
+    ``config["bins"]`` edges from ``config["low"]`` to ``config["high"]``; the reply holds the
+    counts and the number of values, as fed-analytics-diabetes's owners answer.
+    """
+    config = cast(Any, msg.content["config"])
+    edges = np.linspace(float(config["low"]), float(config["high"]), int(config["bins"]) + 1)
+    values = np.full(_num_examples(), _delta())
+    counts, _ = np.histogram(values, bins=edges)
+    _trace("query", msg, None)
+    metrics = MetricRecord({"counts": [int(c) for c in counts], "n": int(values.size)})
+    return Message(RecordDict({"histogram": metrics}), reply_to=msg)
