@@ -543,6 +543,32 @@ def test_init_from_a_syft_flwr_project_outside_its_environment_says_where_to_run
     assert not (project / "fl-orchestrator.toml").exists()
 
 
+def test_a_datasite_runs_a_train_function_or_a_client_app_never_both(tmp_path: Path) -> None:
+    base = ["datasite", "--syftbox-root", str(tmp_path), "--email", "a@x.org", "--aggregator", "b@x.org"]
+    base += ["--job", "j"]
+    for extra in ([], ["--train", "m:f", "--client-app", "m:app"]):
+        with pytest.raises(SystemExit) as exited:
+            tool_main([*base, *extra])
+        assert exited.value.code == 64
+
+
+def test_node_config_comes_from_the_data_owners_file_then_its_flags(tmp_path: Path) -> None:
+    from fl_orchestrator.cli.tool_main import _node_config, _node_setting
+
+    settings = tmp_path / "node.toml"
+    settings.write_text('partition-id = 1\ndata-path = "/srv/a"\nfull = true\n')
+    flags = [_node_setting("partition-id=3"), _node_setting("label=left hand")]
+    assert _node_config(settings, flags) == {
+        "partition-id": 3,
+        "data-path": "/srv/a",
+        "full": True,
+        "label": "left hand",
+    }
+    settings.write_text("nested = { a = 1 }\n")
+    with pytest.raises(ValueError, match="must be a string, number or boolean"):
+        _node_config(settings, [])
+
+
 # ---- against a real run -------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,32 @@ def _email(text: str) -> str:
     return text
 
 
+def _node_setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. partition-id=0")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]  # a TOML scalar: 0, 1.5, true, "text"
+    except tomllib.TOMLDecodeError:
+        return key, value  # anything else is text
+
+
+def _node_config(path: Path | None, values: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The data owner's node_config: the TOML file's scalars, then each KEY=VALUE flag."""
+    config: dict[str, Any] = {}
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"--node-config {path}: {exc}") from None
+        for key, value in table.items():
+            if not isinstance(value, str | int | float | bool):
+                raise ValueError(f"--node-config {path}: {key!r} must be a string, number or boolean")
+            config[key] = value
+    config.update(values)
+    return config
+
+
 def _job_name(text: str) -> str:
     if not _JOB_NAME.match(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected 1-64 of letters, digits, '.', '-', '_'")
@@ -85,7 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--email", required=True, type=_email, help="this datasite's email")
     site.add_argument("--aggregator", required=True, type=_email, help="the aggregator's email")
     site.add_argument("--job", required=True, type=_job_name)
-    site.add_argument("--train", required=True, help="'package.module:function'")
+    code = site.add_mutually_exclusive_group(required=True)
+    code.add_argument("--train", help="'package.module:function': train(arrays, config)")
+    code.add_argument(
+        "--client-app",
+        help="'package.module:app': a Flower ClientApp (Message API) whose train and evaluate handlers"
+        " run the tasks (needs flwr on this datasite)",
+    )
+    site.add_argument(
+        "--node-config",
+        type=Path,
+        help="a TOML file of the data owner's own settings for the ClientApp's context.node_config",
+    )
+    site.add_argument(
+        "--node-config-value",
+        action="append",
+        default=[],
+        type=_node_setting,
+        metavar="KEY=VALUE",
+        help="one node_config setting (repeat; over the file's)",
+    )
     site.add_argument(
         "--evaluate", default=None, help="'package.module:function' for federated evaluation (optional)"
     )
@@ -220,6 +266,11 @@ def _datasite(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EX_USAGE
     configure_logging(level, fmt)
+    try:
+        node_config = _node_config(args.node_config, args.node_config_value)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_USAGE
     settings = RunnerSettings(
         root=args.syftbox_root,
         email=args.email,
@@ -227,6 +278,8 @@ def _datasite(args: argparse.Namespace) -> int:
         job=args.job,
         train=args.train,
         evaluate=args.evaluate,
+        client_app=args.client_app,
+        node_config=node_config,
         part_bytes=args.part_bytes,
         heartbeat_interval_seconds=args.heartbeat_interval_seconds,
         rescan_interval_seconds=args.rescan_interval_seconds,

@@ -3,18 +3,19 @@
 The data owner's function is named by an import string and is called as
 ``train(arrays, config) -> (arrays, num_examples, metrics)``. If it raises,
 the aggregator gets a failed result with the exception's type and message
-only: no traceback, no data.
+only: no traceback, no data. A Flower ClientApp can stand in for the
+functions (``--client-app``, datasite/client_app.py); its failures carry the
+first lines of the traceback, as syft-flwr's do.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from watchfiles import Change
 
 from fl_orchestrator.config.hooks import load_callable
 from fl_orchestrator.core.reasons import Reason, Rejection
+from fl_orchestrator.datasite.client_app import ClientAppRunner
+from fl_orchestrator.datasite.outputs import normalise_evaluate_output, normalise_train_output
 from fl_orchestrator.intake.watcher import resilient_awatch, set_when_cancelled
 from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.wire.frames import FrameLimits
@@ -59,7 +62,7 @@ class RunnerSettings:
     email: str
     aggregator: str
     job: str
-    train: str
+    train: str | None
     heartbeat_interval_seconds: float = 2.0
     evaluate: str | None = None
     rescan_interval_seconds: float = 10.0
@@ -67,10 +70,10 @@ class RunnerSettings:
     max_model_bytes: int = 4 * 1024**3
     # Results larger than this are written as parts (SyftBox 0.4.0 refuses files over 10 MB).
     part_bytes: int = 8 * 1024 * 1024
-
-
-class TrainOutputError(TypeError):
-    """The train function returned something other than (arrays, num_examples, metrics)."""
+    # A Flower ClientApp instead of train/evaluate functions (datasite/client_app.py), and
+    # the data owner's own settings for its context.node_config.
+    client_app: str | None = None
+    node_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 class NoEvaluateFunction(Exception):
@@ -85,57 +88,6 @@ class ModelUnusable(Exception):
     """The task's model arrived but can never be used."""
 
 
-def normalise_train_output(
-    output: Any, reference: Mapping[str, np.ndarray] | None = None
-) -> tuple[dict[str, np.ndarray], int, dict[str, int | float]]:
-    """Check the train function's return value against the model it was given.
-
-    A mismatch is reported here, by the data owner's runner, with a message
-    they can act on, rather than as a quarantined file on the server.
-    """
-    if not (isinstance(output, tuple) and len(output) == 3):
-        raise TrainOutputError("train must return (arrays, num_examples, metrics)")
-    arrays, num_examples, metrics = output
-    if not isinstance(arrays, Mapping) or not all(isinstance(v, np.ndarray) for v in arrays.values()):
-        raise TrainOutputError("arrays must be a dict of numpy arrays")
-    if reference is not None:
-        if set(arrays) != set(reference):
-            missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
-            raise TrainOutputError(f"arrays must have the model's names: missing {missing}, extra {extra}")
-        for name, ref in reference.items():
-            got = arrays[name]
-            if got.dtype != ref.dtype or got.shape != ref.shape:
-                raise TrainOutputError(
-                    f"array {name!r} is {got.dtype}{list(got.shape)};"
-                    f" the model's is {ref.dtype}{list(ref.shape)}"
-                )
-            if got.dtype.kind == "f" and not np.isfinite(got).all():
-                raise TrainOutputError(f"array {name!r} holds NaN or Inf")
-    count, clean = _count_and_metrics(num_examples, metrics)
-    return dict(arrays), count, clean
-
-
-def normalise_evaluate_output(output: Any) -> tuple[int, dict[str, int | float]]:
-    """Check the evaluate function's return value: (num_examples, metrics)."""
-    if not (isinstance(output, tuple) and len(output) == 2):
-        raise TrainOutputError("evaluate must return (num_examples, metrics)")
-    return _count_and_metrics(*output)
-
-
-def _count_and_metrics(num_examples: Any, metrics: Any) -> tuple[int, dict[str, int | float]]:
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
-        raise TrainOutputError("num_examples must be a positive int")
-    clean: dict[str, int | float] = {}
-    for key, value in dict(metrics or {}).items():
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-            raise TrainOutputError(f"metric {key!r} must be a number")
-        number = value.item() if isinstance(value, np.generic) else value
-        if isinstance(number, float) and not math.isfinite(number):
-            raise TrainOutputError(f"metric {key!r} is not finite")
-        clean[str(key)] = number
-    return int(num_examples), clean
-
-
 class DatasiteRunner:
     """Serves one job for one datasite."""
 
@@ -147,9 +99,18 @@ class DatasiteRunner:
     ) -> None:
         self.settings = settings
         self.layout = JobLayout(settings.root, settings.job, settings.aggregator)
-        self.train = train or load_callable(settings.train, what="--train")
         self.evaluate = evaluate
-        if evaluate is None and settings.evaluate:
+        if settings.client_app is not None and train is None:
+            app = ClientAppRunner(
+                load_callable(settings.client_app, what="--client-app"),
+                email=settings.email,
+                node_config=settings.node_config,
+            )
+            self.train: TrainFunction = app.train
+            self.evaluate = evaluate or app.evaluate
+        else:
+            self.train = train or load_callable(settings.train or "", what="--train")
+        if self.evaluate is None and settings.evaluate:
             self.evaluate = load_callable(settings.evaluate, what="--evaluate")
         self.tasks_dir = self.layout.tasks_dir(settings.email)
         self.own_dir = self.layout.app_dir(settings.email)
