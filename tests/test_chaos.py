@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fl_orchestrator.config import load_config
-from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.storage.failpoints import ENV as FAILPOINTS_ENV
 from fl_orchestrator.storage.models import ModelStore
 from fl_orchestrator.storage.round_log import ResultRecord, read_records

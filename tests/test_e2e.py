@@ -15,7 +15,7 @@ import pytest
 
 from fl_orchestrator.cli.tool_main import main as tool_main
 from fl_orchestrator.config import load_config
-from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.storage.models import ModelStore, initial_model
 
 from support import scripted

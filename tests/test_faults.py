@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fl_orchestrator.config import load_config
-from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.storage.checkpoints import CheckpointStore
 from fl_orchestrator.storage.failpoints import ENV as FAILPOINTS_ENV
 from fl_orchestrator.storage.failpoints import FAULT_FILE_ENV

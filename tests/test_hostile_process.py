@@ -13,7 +13,7 @@ import pytest
 
 from fl_orchestrator.config import load_config
 from fl_orchestrator.config.schema import JobConfig
-from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.storage.models import ModelStore, initial_model
 from fl_orchestrator.wire.layout import JobLayout
 

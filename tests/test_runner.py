@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,19 @@ async def test_an_exception_is_reported_by_type_and_message_only(tmp_path: Path)
     assert not result.ok and result.error_type == "KeyError"
     assert result.error_message == "\"column 'age' missing\""
     assert result.arrays == {}
+
+
+async def test_a_train_function_that_takes_a_context_learns_who_and_when(tmp_path: Path) -> None:
+    publish(tmp_path, task_id="c7")
+    seen: list[Any] = []
+
+    def train(arrays: dict[str, np.ndarray], config: dict[str, Any], context: Any) -> Any:
+        seen.append(context)
+        return good_train(arrays, config)
+
+    result = await result_of(tmp_path, train, task_id="c7")
+    assert result.ok
+    (context,) = seen
+    assert (context.email, context.round, context.task_id) == (SITE, 1, "c7")
+    assert context.node_id == zlib.crc32(SITE.encode())
+    assert context.node_config == {}  # the data owner gave none (--node-config)

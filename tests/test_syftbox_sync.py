@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from fl_orchestrator.config import load_config
-from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.storage.models import ModelStore, initial_model
 
 from support import scripted

@@ -162,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="one JSON object with stable keys (format fl-orchestrator.status/1)",
     )
 
+    sim = sub.add_parser("simulate", help="run the whole job here, against N simulated datasites")
+    sim.add_argument("--config", required=True, type=Path, help="the job file, as for the live federation")
+    sim.add_argument("--datasites", required=True, type=int, help="how many datasites to simulate")
+    sim_code = sim.add_mutually_exclusive_group(required=True)
+    sim_code.add_argument("--train", help="'package.module:function', as each datasite runs it")
+    sim_code.add_argument("--client-app", help="'package.module:app', a Flower ClientApp (needs flwr)")
+    sim.add_argument("--evaluate", help="'package.module:function' for federated evaluation")
+    sim.add_argument(
+        "--partition",
+        help="'package.module:function': partition(partition_id, num_partitions) -> node_config settings"
+        " giving each datasite its share of the data",
+    )
+    sim.add_argument("--slow", type=int, default=0, help="this many datasites answer after the round timeout")
+    sim.add_argument("--flaky", type=int, default=0, help="this many datasites fail in every even round")
+    sim.add_argument("--seed", type=int, default=0, help="which datasites are slow or flaky")
+    sim.add_argument("--workdir", type=Path, help="default: a new temporary folder")
+    sim.add_argument("--report", type=Path, help="the PNG report (default: WORKDIR/report.png)")
+
     report = sub.add_parser(
         "report", help="plot training curves and participation per round as a PNG (needs matplotlib)"
     )
@@ -180,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _datasite(args)
     if args.command == "init":
         return _init(args)
+    if args.command == "simulate":
+        return _simulate(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -216,6 +236,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     code, text = show_status(config.state.state_dir, as_json=args.json)
     print(text, file=sys.stdout if code == 0 else sys.stderr)
     return code
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fl_orchestrator.simulate.job import SimulationRefused
+    from fl_orchestrator.simulate.run import SimulateSettings, simulate
+
+    settings = SimulateSettings(
+        config=args.config,
+        datasites=args.datasites,
+        train=args.train,
+        client_app=args.client_app,
+        evaluate=args.evaluate,
+        partition=args.partition,
+        slow=args.slow,
+        flaky=args.flaky,
+        seed=args.seed,
+        workdir=args.workdir,
+    )
+    try:
+        result = simulate(settings)
+    except ConfigError as exc:
+        print(exc.line(), file=sys.stderr)
+        return EX_CONFIG
+    except (SimulationRefused, HookError, ValueError) as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return EX_USAGE
+    out = args.report or result.workdir / "report.png"
+    try:
+        print(f"report: {make_report(result.state_dir, out, job=result.job, num_rounds=result.num_rounds)}")
+    except ReportError as exc:
+        print(f"report: skipped ({exc})")
+    return result.code
 
 
 def _init(args: argparse.Namespace) -> int:

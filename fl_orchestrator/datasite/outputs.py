@@ -1,16 +1,49 @@
-"""What the data owner's train and evaluate functions return, checked on the datasite.
+"""How the data owner's train and evaluate functions are called, and what they return.
 
-A mismatch is reported by the data owner's runner, with a message they can
-act on, rather than as a quarantined file on the server.
+A function may take a third argument, ``context``: the datasite's identity,
+the data owner's own settings (``--node-config``), the round and the task id.
+What it returns is checked here: a mismatch is reported by the data owner's
+runner, with a message they can act on, rather than as a quarantined file on
+the server.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a train or evaluate function may learn of where and when it runs."""
+
+    email: str
+    node_id: int
+    node_config: dict[str, Any] = field(default_factory=dict)
+    round: int = 0
+    task_id: str = ""
+
+
+def call_with_context(
+    function: Callable[..., Any], arrays: dict[str, np.ndarray], config: dict[str, Any], context: TaskContext
+) -> Any:
+    """``function(arrays, config)``, or with ``context=`` when it takes that argument."""
+    if _takes_context(function):
+        return function(arrays, config, context=context)
+    return function(arrays, config)
+
+
+def _takes_context(function: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return "context" in parameters
 
 
 class TrainOutputError(TypeError):

@@ -26,8 +26,13 @@ from watchfiles import Change
 
 from fl_orchestrator.config.hooks import load_callable
 from fl_orchestrator.core.reasons import Reason, Rejection
-from fl_orchestrator.datasite.client_app import ClientAppRunner
-from fl_orchestrator.datasite.outputs import normalise_evaluate_output, normalise_train_output
+from fl_orchestrator.datasite.client_app import ClientAppRunner, node_id_of
+from fl_orchestrator.datasite.outputs import (
+    TaskContext,
+    call_with_context,
+    normalise_evaluate_output,
+    normalise_train_output,
+)
 from fl_orchestrator.intake.watcher import resilient_awatch, set_when_cancelled
 from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.wire.frames import FrameLimits
@@ -303,6 +308,16 @@ class DatasiteRunner:
         # Written last, so the aggregator looks for parts only once all were written.
         atomic_write(path, [encode_parts(manifest)])
 
+    def _context(self, task: TaskMessage) -> TaskContext:
+        settings = self.settings
+        return TaskContext(
+            email=settings.email,
+            node_id=node_id_of(settings.email),
+            node_config=dict(settings.node_config),
+            round=task.envelope.round,
+            task_id=task.envelope.message_id,
+        )
+
     def _train_and_encode(
         self, task: TaskMessage, model: dict[str, np.ndarray] | ModelUnusable
     ) -> tuple[list[Any], ResultMessage]:
@@ -317,11 +332,12 @@ class DatasiteRunner:
             if task.action == "evaluate":
                 if self.evaluate is None:
                     raise NoEvaluateFunction("this datasite runs no evaluate function (see --evaluate)")
-                count, scores = normalise_evaluate_output(self.evaluate(model, dict(task.config)))
+                output = call_with_context(self.evaluate, model, dict(task.config), self._context(task))
+                count, scores = normalise_evaluate_output(output)
                 scored = ResultMessage(reply, True, count, scores, action="evaluate")
                 return encode_result_frames(scored), scored
             reference = {k: v.copy() for k, v in model.items()}
-            output = self.train(model, dict(task.config))
+            output = call_with_context(self.train, model, dict(task.config), self._context(task))
             new_arrays, num_examples, metrics = normalise_train_output(output, reference)
             result = ResultMessage(reply, True, num_examples, metrics, arrays=new_arrays)
             return encode_result_frames(result), result

@@ -15,7 +15,7 @@ from typing import Any
 
 from fl_orchestrator.config import ConfigError
 from fl_orchestrator.demo import digits
-from fl_orchestrator.demo.federation import DatasiteSpec, LocalFederation, prepare_workdir
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation, prepare_workdir
 
 TARGET_ACCURACY = 0.90
 BEHAVIOURS = {3: "slow", 4: "flaky"}

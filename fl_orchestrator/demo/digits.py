@@ -102,11 +102,17 @@ def sgd(
 
 
 def train(
-    arrays: dict[str, np.ndarray], config: dict[str, Any]
+    arrays: dict[str, np.ndarray], config: dict[str, Any], context: Any = None
 ) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
-    """The data owner's train function, as the datasite runner calls it."""
-    index = int(os.environ.get(ENV_PARTITION, "0"))
-    count = int(os.environ.get(ENV_NUM_PARTITIONS, "1"))
+    """The data owner's train function, as the datasite runner calls it.
+
+    Its share of the data is ``partition-id`` of ``num-partitions`` in the
+    context's node_config (as `fl-orchestrator simulate` sets it), else in the
+    demo launcher's environment variables.
+    """
+    node = dict(getattr(context, "node_config", None) or {})
+    index = int(node.get("partition-id", os.environ.get(ENV_PARTITION, "0")))
+    count = int(node.get("num-partitions", os.environ.get(ENV_NUM_PARTITIONS, "1")))
     behaviour = os.environ.get(ENV_BEHAVIOUR, "normal")
     rnd = int(config["server-round"])
     if behaviour == "flaky" and rnd % 3 == 0:

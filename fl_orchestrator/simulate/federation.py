@@ -22,11 +22,13 @@ from fl_orchestrator.config import JobConfig, load_config
 
 @dataclass(frozen=True)
 class DatasiteSpec:
-    """One datasite process: its email, train function and environment."""
+    """One datasite process: its email, train function (or other code flags) and environment."""
 
     email: str
     train: str
     env: Mapping[str, str] = field(default_factory=dict)
+    # Instead of ["--train", train] when set: e.g. ["--client-app", "m:app", "--node-config-value", "k=v"].
+    code_args: Sequence[str] = ()
 
 
 @dataclass
@@ -77,8 +79,7 @@ class LocalFederation:
                 config.syftbox.aggregator_email,
                 "--job",
                 config.job.name,
-                "--train",
-                spec.train,
+                *(spec.code_args or ("--train", spec.train)),
                 "--heartbeat-interval-seconds",
                 str(heartbeat_interval_seconds),
                 "--rescan-interval-seconds",

@@ -1,0 +1,187 @@
+"""`fl-orchestrator simulate`: the whole job on this machine, against N simulated datasites.
+
+The real daemon and N real datasite processes (the same runner as a live
+federation, running the same train function or ClientApp) over a scratch
+SyftBox-layout folder. A ``--partition`` function gives each datasite its
+share of the data, as ``context.node_config`` settings. ``--slow K`` and
+``--flaky K`` make K datasites stragglers or failing (simulate/behaviour.py),
+so the timeouts and retries show before going live. It prints one line per
+round and writes the report, as the demo does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fl_orchestrator.config import load_config
+from fl_orchestrator.config.hooks import load_callable
+from fl_orchestrator.simulate import behaviour
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
+from fl_orchestrator.simulate.job import write_simulation_job
+
+# How much longer than the round timeout a --slow datasite takes.
+SLOW_FACTOR = 1.6
+
+
+@dataclass(frozen=True)
+class SimulateSettings:
+    """What to simulate: the job, how many datasites, whose code, and which misbehave."""
+
+    config: Path
+    datasites: int
+    train: str | None = None
+    client_app: str | None = None
+    evaluate: str | None = None
+    partition: str | None = None
+    slow: int = 0
+    flaky: int = 0
+    seed: int = 0
+    workdir: Path | None = None
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """How the simulation ended, and where its state is (for the report)."""
+
+    code: int
+    workdir: Path
+    state_dir: Path
+    job: str
+    num_rounds: int
+
+
+def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationResult:
+    """Run the simulation; its code is the daemon's exit code."""
+    config = load_config(settings.config)
+    workdir = settings.workdir or Path(tempfile.mkdtemp(prefix="fl-orchestrator-simulate-"))
+    job, changes = write_simulation_job(config, settings.datasites, workdir)
+    federation = LocalFederation(job, workdir / "logs", extra_pythonpath=[Path.cwd()])
+    simulated = federation.config
+    emails = list(simulated.syftbox.datasites)
+    behaviours = _behaviours(len(emails), settings.slow, settings.flaky, settings.seed)
+    slow_seconds = simulated.job.round_timeout_seconds * SLOW_FACTOR
+    partition = load_callable(settings.partition, what="--partition") if settings.partition else None
+    specs = [
+        _spec(settings, email, index, len(emails), behaviours[index], slow_seconds, partition)
+        for index, email in enumerate(emails)
+    ]
+    print(
+        f"simulating {settings.config}: {len(emails)} datasites, {simulated.job.num_rounds} rounds", file=out
+    )
+    print(f"  work folder: {workdir}", file=out)
+    for change in changes:
+        print(f"  {change}", file=out)
+    for kind in ("slow", "flaky"):
+        named = [email for email, b in zip(emails, behaviours, strict=True) if b == kind]
+        if named:
+            print(f"  {kind}: {', '.join(named)}", file=out)
+    table = _RoundTable(out)
+    code = 1
+    try:
+        federation.start_datasites(specs, heartbeat_interval_seconds=0.5)
+        limit = simulated.job.num_rounds * (simulated.job.round_timeout_seconds + 10) + 120
+        limit += simulated.job.available_timeout_seconds
+        for event in federation.run_daemon(timeout_seconds=limit):
+            name = event.get("event")
+            if name == "round.completed":
+                table.round(event)
+            elif name in ("job.failed", "round.attempt_failed"):
+                print(f"  {name}: {event.get('reason', '')}", file=out)
+            elif name == "daemon.exit":
+                code = int(event["code"])
+    finally:
+        federation.stop()
+    state = simulated.state.state_dir
+    print(f"\nthe daemon exited {code}; logs: {workdir / 'logs'}   state: {state}", file=out)
+    return SimulationResult(code, workdir, state, simulated.job.name, simulated.job.num_rounds)
+
+
+def _behaviours(count: int, slow: int, flaky: int, seed: int) -> list[str]:
+    if slow + flaky > count:
+        raise ValueError(
+            f"--slow {slow} and --flaky {flaky} need {slow + flaky} datasites; there are {count}"
+        )
+    chosen = random.Random(seed).sample(range(count), slow + flaky)
+    kinds = ["normal"] * count
+    for position, index in enumerate(chosen):
+        kinds[index] = "slow" if position < slow else "flaky"
+    return kinds
+
+
+def _spec(
+    settings: SimulateSettings,
+    email: str,
+    index: int,
+    count: int,
+    kind: str,
+    slow_seconds: float,
+    partition: Any,
+) -> DatasiteSpec:
+    node: dict[str, Any] = {"partition-id": index, "num-partitions": count}
+    if partition is not None:
+        node.update(dict(partition(index, count)))
+    env = {behaviour.ENV_BEHAVIOUR: kind, behaviour.ENV_SLOW_SECONDS: str(slow_seconds)}
+    args: list[str] = []
+    if settings.client_app is not None:
+        env[behaviour.ENV_CLIENT_APP] = settings.client_app
+        args += ["--client-app", "fl_orchestrator.simulate.behaviour:client_app"]
+    else:
+        assert settings.train is not None
+        env[behaviour.ENV_TRAIN] = settings.train
+        args += ["--train", "fl_orchestrator.simulate.behaviour:train"]
+    if settings.evaluate is not None:
+        env[behaviour.ENV_EVALUATE] = settings.evaluate
+        args += ["--evaluate", "fl_orchestrator.simulate.behaviour:evaluate"]
+    for key, value in node.items():
+        args += ["--node-config-value", f"{key}={_toml_scalar(value)}"]
+    return DatasiteSpec(email, settings.train or "", env, tuple(args))
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+class _RoundTable:
+    """One line per completed round: who took part, the metrics, how long collecting took."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.metrics: list[str] | None = None
+
+    def round(self, event: Mapping[str, Any]) -> None:
+        values = dict(event.get("evaluate_metrics") or {}) or dict(event.get("train_metrics") or {})
+        if self.metrics is None:
+            self.metrics = sorted(values, key=lambda k: (k != "accuracy", k))[:2]
+            heads = ["round", "sent", "ok", "fail", "late", *self.metrics, "collect s"]
+            print("\n" + "  ".join(f"{h:>9}" for h in heads) + "  notes", file=self.out)
+        cells = [event["round"], event["sent"], event["succeeded"], event["failed"], event["timed_out"]]
+        shown = [f"{c:>9}" for c in cells] + [_number(values.get(m)) for m in self.metrics]
+        shown.append(f"{float(event.get('collect_seconds', 0.0)):>9.3f}")
+        notes = _notes(event)
+        print("  ".join(shown) + (f"  {notes}" if notes else ""), file=self.out)
+
+
+def _number(value: Any) -> str:
+    return f"{value:>9.4f}" if isinstance(value, int | float) else f"{'-':>9}"
+
+
+def _notes(event: Mapping[str, Any]) -> str:
+    stragglers: Sequence[str] = event.get("stragglers", [])
+    failures: Mapping[str, str] = event.get("failures", {})
+    parts = []
+    if stragglers:
+        parts.append(f"timed out: {', '.join(stragglers)}")
+    if failures:
+        parts.append("failed: " + ", ".join(f"{k} ({v})" for k, v in failures.items()))
+    return "; ".join(parts)
