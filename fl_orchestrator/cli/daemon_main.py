@@ -15,7 +15,7 @@ import structlog
 
 from fl_orchestrator import __version__
 from fl_orchestrator.cli.logs import LoggingSetupError, configure_logging, resolve_logging
-from fl_orchestrator.config import EX_CONFIG, ConfigError, load_config
+from fl_orchestrator.config import EX_CONFIG, EX_USAGE, ConfigError, load_config
 from fl_orchestrator.config.hooks import HookError
 from fl_orchestrator.config.render import config_to_table
 from fl_orchestrator.config.schema import JobConfig
@@ -27,8 +27,6 @@ from fl_orchestrator.storage.lock import EX_TEMPFAIL, LockHeld
 from fl_orchestrator.storage.models import ModelFileError, initial_model
 from fl_orchestrator.storage.retry import EX_IOERR, StateWriteError
 from fl_orchestrator.wire.messages import model_spec
-
-EX_USAGE = 64
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,11 +13,10 @@ import anyio
 
 from fl_orchestrator import __version__
 from fl_orchestrator.cli import init_job
-from fl_orchestrator.cli.daemon_main import EX_USAGE
 from fl_orchestrator.cli.logs import LoggingSetupError, configure_logging, resolve_logging
 from fl_orchestrator.cli.report import ReportError, make_report
 from fl_orchestrator.cli.status_view import show_status
-from fl_orchestrator.config import EX_CONFIG, ConfigError, load_config
+from fl_orchestrator.config import EX_CONFIG, EX_USAGE, ConfigError, load_config
 from fl_orchestrator.config.hooks import HookError
 from fl_orchestrator.config.loader import _EMAIL, _JOB_NAME
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings

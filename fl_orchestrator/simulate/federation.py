@@ -58,7 +58,11 @@ class LocalFederation:
         return env
 
     def start_datasites(
-        self, specs: Sequence[DatasiteSpec], *, heartbeat_interval_seconds: float = 0.5
+        self,
+        specs: Sequence[DatasiteSpec],
+        *,
+        heartbeat_interval_seconds: float = 0.5,
+        rescan_interval_seconds: float = 2.0,
     ) -> None:
         """Start one runner process per datasite."""
         config = self.config
@@ -83,7 +87,7 @@ class LocalFederation:
                 "--heartbeat-interval-seconds",
                 str(heartbeat_interval_seconds),
                 "--rescan-interval-seconds",
-                "2",
+                str(rescan_interval_seconds),
             ]
             self.processes.append(
                 subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env(spec.env))

@@ -85,7 +85,12 @@ def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationRes
     table = _RoundTable(out)
     code = 1
     try:
-        federation.start_datasites(specs, heartbeat_interval_seconds=0.5)
+        # Every datasite's heartbeats and rescans load the one machine: spread them out as N grows.
+        federation.start_datasites(
+            specs,
+            heartbeat_interval_seconds=max(0.5, len(specs) / 40),
+            rescan_interval_seconds=max(2.0, len(specs) / 10),
+        )
         limit = simulated.job.num_rounds * (simulated.job.round_timeout_seconds + 10) + 120
         limit += simulated.job.available_timeout_seconds
         for event in federation.run_daemon(timeout_seconds=limit):
