@@ -147,6 +147,7 @@ class DatasiteRunner:
             datasite=self.settings.email,
             job=self.settings.job,
             tasks_dir=str(self.tasks_dir),
+            node_config=dict(self.settings.node_config),  # the data owner's own settings: stay local
         )
 
     def _write_heartbeat(self) -> None:

@@ -3,14 +3,12 @@
 The data set ships inside scikit-learn (8x8 images, 1,797 samples), so nothing
 is downloaded. A fixed 25% hold-out is the central validation set; the rest is
 split across datasites with a Dirichlet(alpha) label skew, so partitions are
-non-IID. Each datasite process picks its partition and behaviour from
-environment variables set by the demo launcher.
+non-IID. Each datasite process picks its partition from its context's
+node_config, which `fl-orchestrator simulate` sets.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from functools import lru_cache
 from typing import Any
 
@@ -24,11 +22,6 @@ NUM_FEATURES = 64
 NUM_CLASSES = 10
 SPLIT_SEED = 2024
 HOLDOUT_FRACTION = 0.25
-
-ENV_PARTITION = "FL_DEMO_PARTITION"
-ENV_NUM_PARTITIONS = "FL_DEMO_NUM_PARTITIONS"
-ENV_BEHAVIOUR = "FL_DEMO_BEHAVIOUR"
-ENV_SLOW_SECONDS = "FL_DEMO_SLOW_SECONDS"
 
 
 @lru_cache(maxsize=1)
@@ -107,16 +100,12 @@ def train(
     """The data owner's train function, as the datasite runner calls it.
 
     Its share of the data is ``partition-id`` of ``num-partitions`` in the
-    context's node_config (as `fl-orchestrator simulate` sets it), else in the
-    demo launcher's environment variables.
+    context's node_config, as `fl-orchestrator simulate` (and so the demo) sets it.
     """
     node = dict(getattr(context, "node_config", None) or {})
-    index = int(node.get("partition-id", os.environ.get(ENV_PARTITION, "0")))
-    count = int(node.get("num-partitions", os.environ.get(ENV_NUM_PARTITIONS, "1")))
-    behaviour = os.environ.get(ENV_BEHAVIOUR, "normal")
+    index = int(node.get("partition-id", 0))
+    count = int(node.get("num-partitions", 1))
     rnd = int(config["server-round"])
-    if behaviour == "flaky" and rnd % 3 == 0:
-        raise RuntimeError(f"simulated failure in round {rnd}")
     features, labels = partition(index, count)
     new_arrays, loss = sgd(
         arrays,
@@ -127,8 +116,6 @@ def train(
         batch_size=int(config["batch_size"]),
         seed=rnd * 1000 + index,
     )
-    if behaviour == "slow":
-        time.sleep(float(os.environ.get(ENV_SLOW_SECONDS, "5")))
     return (
         new_arrays,
         len(labels),

@@ -67,6 +67,9 @@ def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationRes
     emails = list(simulated.syftbox.datasites)
     behaviours = _behaviours(len(emails), settings.slow, settings.flaky, settings.seed)
     slow_seconds = simulated.job.round_timeout_seconds * SLOW_FACTOR
+    # The datasites find the user's modules in the current folder (extra_pythonpath): so does this process.
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     partition = load_callable(settings.partition, what="--partition") if settings.partition else None
     specs = [
         _spec(settings, email, index, len(emails), behaviours[index], slow_seconds, partition)
