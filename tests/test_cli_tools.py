@@ -543,6 +543,40 @@ def test_init_from_a_syft_flwr_project_outside_its_environment_says_where_to_run
     assert not (project / "fl-orchestrator.toml").exists()
 
 
+def test_export_never_overwrites_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fl_orchestrator.storage.models import ModelStore
+
+    job = write_job(tmp_path, job_table(3))
+    config = load_config(job)
+    ModelStore(config.state.state_dir, config.job.name).save(1, {"w": np.ones(3, np.float32)})
+    out = tmp_path / "model.npz"
+    out.write_bytes(b"the user's own file")
+    assert tool_main(["export", "--config", str(job), "--out", str(out)]) == 73
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's own file"
+    assert tool_main(["export", "--config", str(job), "--out", str(out), "--force"]) == 0
+    with np.load(out) as saved:
+        np.testing.assert_array_equal(saved["w"], np.ones(3, np.float32))
+
+
+def test_a_relative_syftbox_root_is_made_absolute_at_start(tmp_path: Path) -> None:
+    # Relative, the watcher's paths and the runner's disagreed: only the rescan ever saw a task.
+    (tmp_path / "box").mkdir()
+    command = [sys.executable, "-m", "fl_orchestrator.cli.tool_main", "datasite", "--syftbox-root", "box"]
+    command += ["--email", "a@x.org", "--aggregator", "b@x.org", "--job", "j"]
+    command += ["--train", "fl_orchestrator.demo.digits:train"]
+    command += ["--log-format", "json"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        started = json.loads(process.stdout.readline())
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert started["event"] == "datasite.started"
+    assert started["tasks_dir"].startswith(str(tmp_path.resolve() / "box") + "/")
+
+
 def test_a_datasite_runs_a_train_function_or_a_client_app_never_both(tmp_path: Path) -> None:
     base = ["datasite", "--syftbox-root", str(tmp_path), "--email", "a@x.org", "--aggregator", "b@x.org"]
     base += ["--job", "j"]

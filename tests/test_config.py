@@ -883,3 +883,24 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
         daemon_main.main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("fl-orchestrator ")
+
+
+@pytest.mark.parametrize(
+    ("written", "built_in"),
+    [
+        ("FedAvg", "fedavg"),
+        ("FEDPROX", "fedprox"),
+        ("FedTrimmedAvg", "fedtrimmedavg"),
+        ("MultiKrum", "multikrum"),
+        ("DifferentialPrivacyServerSideFixedClipping", "dp_fixed_clipping"),
+    ],
+)
+def test_flowers_strategy_names_are_accepted_in_any_case(tmp_path: Path, written: str, built_in: str) -> None:
+    table = variant({"strategy.name": written})
+    if built_in == "dp_fixed_clipping":
+        dp = {"clipping_norm": 1.0, "noise_multiplier": 0.1, "num_sampled_clients": 2, "strategy": "FedAvg"}
+        table["strategy"].update(dp)
+    config = config_from_table(table, base_dir=tmp_path)
+    assert config.strategy.name == built_in
+    if built_in == "dp_fixed_clipping":
+        assert config.strategy.params["strategy"] == "fedavg"

@@ -208,6 +208,23 @@ STRATEGIES: dict[str, StrategyInfo] = {
     )
 }
 assert set(WRAPPABLE) == set(STRATEGIES) - {"dp_fixed_clipping"}
+
+# Flower's class names whose lower-case spelling is not the built-in name.
+_FLOWER_ALIASES = {"differentialprivacyserversidefixedclipping": "dp_fixed_clipping"}
+
+
+def canonical_strategy_name(name: str) -> str:
+    """The built-in name for a strategy name as written: ours or Flower's class name, any case.
+
+    ``FedAvg``, ``fedavg`` and ``FEDAVG`` are one strategy, as are
+    ``DifferentialPrivacyServerSideFixedClipping`` and ``dp_fixed_clipping``.
+    A name that is neither is returned as written, for the caller to refuse.
+    """
+    folded = name.lower()
+    folded = _FLOWER_ALIASES.get(folded, folded)
+    return folded if folded in STRATEGIES else name
+
+
 _REQUIRED_METHODS = (
     "begin_round",
     "fold",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from fl_orchestrator.storage.models import ModelFileError, ModelStore, export_np
 from fl_orchestrator.wire.parts import MIN_PART_BYTES
 
 EX_NOINPUT = 66
+EX_CANTCREAT = 73
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--config", required=True, type=Path)
     export.add_argument("--round", type=int, default=None, help="round (default: the latest)")
     export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     status = sub.add_parser(
         "status",
@@ -214,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rnd not in rounds:
             print(f"round {rnd} has no saved model; saved rounds: {rounds[0]}..{rounds[-1]}", file=sys.stderr)
             return EX_NOINPUT
+        if args.out.exists() and not args.force:
+            print(f"export: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
+            return EX_CANTCREAT
         try:
             export_npz(store.load(rnd), args.out)
         except ModelFileError as exc:
@@ -323,7 +329,8 @@ def _datasite(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EX_USAGE
     settings = RunnerSettings(
-        root=args.syftbox_root,
+        # Absolute from the start: a relative root silently disabled file events (only the rescan saw tasks).
+        root=Path(os.path.abspath(args.syftbox_root)),
         email=args.email,
         aggregator=args.aggregator,
         job=args.job,

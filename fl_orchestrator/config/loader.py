@@ -104,7 +104,7 @@ def _build(cls: type[Any], table: object, prefix: str, base_dir: Path) -> Any:
 
 def _build_strategy(table: object) -> StrategySection:
     """[strategy]: a name plus that strategy's own parameters as flat keys."""
-    from fl_orchestrator.aggregation.registry import STRATEGIES, check_params
+    from fl_orchestrator.aggregation.registry import STRATEGIES, canonical_strategy_name, check_params
 
     if not isinstance(table, dict):
         raise ConfigError("strategy", table, "a table")
@@ -120,9 +120,16 @@ def _build_strategy(table: object) -> StrategySection:
         if error:
             raise ConfigError("strategy.name", name, f"a loadable strategy class ({error})")
         return StrategySection(name, checked)
+    name = canonical_strategy_name(name)
     info = STRATEGIES.get(name)
     if info is None:
-        raise ConfigError("strategy.name", name, f"one of {', '.join(STRATEGIES)} or 'package.module:Class'")
+        raise ConfigError(
+            "strategy.name",
+            name,
+            f"one of {', '.join(STRATEGIES)} (or Flower's class name, e.g. FedAvg) or 'package.module:Class'",
+        )
+    if "strategy" in params and isinstance(params["strategy"], str):
+        params["strategy"] = canonical_strategy_name(params["strategy"])  # the strategy DP wraps
     built = _build(info.params_type, params, "strategy.", Path("."))
     error = check_params(name, built)
     if error:

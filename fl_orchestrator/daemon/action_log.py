@@ -43,7 +43,8 @@ def log_action(action: ev.Action, clock: Callable[[], float], waiting: WaitingLo
     elif isinstance(action, ev.AwaitNodes):
         if waiting is not None and not waiting.due(action.round, clock()):
             return
-        log.warning(
+        # Waiting is the normal start of a round (datasites come and go): info, not a warning.
+        log.info(
             "round.waiting_for_nodes",
             round=action.round,
             available=len(action.available),
