@@ -904,3 +904,24 @@ def test_flowers_strategy_names_are_accepted_in_any_case(tmp_path: Path, written
     assert config.strategy.name == built_in
     if built_in == "dp_fixed_clipping":
         assert config.strategy.params["strategy"] == "fedavg"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_check_imports_the_hooks_and_looks_at_the_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --check does everything but run: a typo in a hook fails now, not at round 1.
+    table = variant({"evaluate.global_evaluate": "fl_orchestrator.demo.digits:evaluat"})
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    table["state"]["state_dir"] = str(tmp_path / "blocked" / "state")
+    path = write(tmp_path, table)
+    assert daemon_main.main(["--config", str(path), "--check"]) == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert lines[0].startswith(
+        "config error: evaluate.global_evaluate = 'fl_orchestrator.demo.digits:evaluat'"
+    )
+    assert "has no callable 'evaluat'" in lines[0]
+    blocked = tmp_path / "blocked"
+    assert lines[1] == f"config error: state.state_dir = {blocked / 'state'}: {blocked} is not a folder"

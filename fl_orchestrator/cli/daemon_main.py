@@ -16,7 +16,7 @@ import structlog
 from fl_orchestrator import __version__
 from fl_orchestrator.cli.logs import LoggingSetupError, configure_logging, resolve_logging
 from fl_orchestrator.config import EX_CONFIG, EX_USAGE, ConfigError, load_config
-from fl_orchestrator.config.hooks import HookError
+from fl_orchestrator.config.hooks import HookError, load_callable
 from fl_orchestrator.config.render import config_to_table
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.daemon.lifecycle import EXIT_SOFTWARE, Daemon
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
     except LoggingSetupError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    refused = _sizes_refused(config)
+    refused = _sizes_refused(config) or _not_ready(config)
     if refused is not None:
         print(refused, file=sys.stderr)
         return EX_CONFIG
@@ -153,6 +153,35 @@ def _server_app(args: argparse.Namespace) -> int:
         return EX_TEMPFAIL
     except KeyboardInterrupt:
         return 130
+
+
+def _not_ready(config: JobConfig) -> str | None:
+    """What would stop the job once running, found now: hooks, the state folder, the SyftBox root.
+
+    ``--check`` does everything but run: a typo in a hook fails here, not at round 1.
+    """
+    problems = []
+    for key, name in (
+        ("evaluate.global_evaluate", config.evaluate.global_evaluate),
+        ("job.configure_round", config.job.configure_round),
+        ("job.metrics_aggregation", config.job.metrics_aggregation),
+    ):
+        if name:
+            try:
+                load_callable(name, what=key)
+            except HookError as exc:
+                problems.append(str(exc))
+    for key, folder, access in (
+        ("state.state_dir", config.state.state_dir, os.W_OK | os.X_OK),
+        ("syftbox.root", config.syftbox.root, os.R_OK | os.X_OK),
+    ):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            problems.append(f"{key} = {folder}: {existing} is not a folder")
+        elif not os.access(existing, access | (0 if existing == folder else os.W_OK)):
+            what = "writable" if access & os.W_OK or existing != folder else "readable"
+            problems.append(f"{key} = {folder}: {existing} is not {what} by this user (uid {os.getuid()})")
+    return "\n".join(f"config error: {problem}" for problem in problems) if problems else None
 
 
 def _sizes_refused(config: JobConfig) -> str | None:
