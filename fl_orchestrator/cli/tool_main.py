@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 
 from fl_orchestrator import __version__
 from fl_orchestrator.cli import init_job
@@ -23,6 +25,8 @@ from fl_orchestrator.config.loader import _EMAIL, _JOB_NAME
 from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
 from fl_orchestrator.storage.models import ModelFileError, ModelStore, export_npz
 from fl_orchestrator.wire.parts import MIN_PART_BYTES
+
+log = structlog.get_logger("fl_orchestrator.datasite")
 
 EX_NOINPUT = 66
 EX_CANTCREAT = 73
@@ -135,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     site.add_argument(
         "--evaluate", default=None, help="'package.module:function' for federated evaluation (optional)"
+    )
+    site.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="serve on after the aggregator says the job has ended (by default: exit 0 then)",
     )
     site.add_argument("--heartbeat-interval-seconds", type=_positive_float, default=2.0)
     site.add_argument(
@@ -338,6 +347,7 @@ def _datasite(args: argparse.Namespace) -> int:
         evaluate=args.evaluate,
         client_app=args.client_app,
         node_config=node_config,
+        keep_running=args.keep_running,
         part_bytes=args.part_bytes,
         heartbeat_interval_seconds=args.heartbeat_interval_seconds,
         rescan_interval_seconds=args.rescan_interval_seconds,
@@ -348,10 +358,33 @@ def _datasite(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EX_USAGE
     try:
-        anyio.run(runner.run)
+        anyio.run(_serve, runner)
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+async def _serve(runner: DatasiteRunner) -> None:
+    """The runner until its job ends, or until SIGTERM/SIGINT (the task in hand is then abandoned)."""
+    async with anyio.create_task_group() as group:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for number in signals:
+                    # A task abandoned here has no result yet: it is answered again after a restart.
+                    log.info(
+                        "datasite.stopped",
+                        datasite=runner.settings.email,
+                        signal=signal.Signals(number).name,
+                        abandoned_task=runner.current_task,
+                    )
+                    group.cancel_scope.cancel()
+                    return
+
+        group.start_soon(stop_on_signal)
+        await runner.run()
+        log.info("datasite.stopped", datasite=runner.settings.email, reason="the job has ended")
+        group.cancel_scope.cancel()
 
 
 def run() -> None:

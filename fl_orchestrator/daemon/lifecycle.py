@@ -110,6 +110,7 @@ class Daemon:
         else:
             publisher = NativePublisher(self.layout, config.syftbox.datasites, config.syftbox.part_bytes)
             self.wire = NativeWire(self.layout)
+        self.publisher = publisher
         self.kept = KeptResults(self.state_dir, self.layout.datasites_dir)
         self.work = RoundWork(
             config,
@@ -182,7 +183,10 @@ class Daemon:
             self.rounds.failure_reason = start.run.reason
             if self.syft_flwr is not None:
                 await self._resend_stop(start.run.reason or "job complete")
+            # Killed after the end and before the datasites were told: tell them now.
+            await self._announce_end(start.run.run_id, start.run.status, start.run.reason)
             return EXIT_DONE if start.run.status == "done" else EXIT_JOB_FAILED
+        await self._announce_end(start.run.run_id, None, None)
         if self.syft_flwr is not None:
             self.syft_flwr.publisher.set_run(start.run.run_id)
         self.rounds.machine = machine
@@ -233,6 +237,8 @@ class Daemon:
                 reason = self.rounds.failure_reason or "job complete"
                 await self.syft_flwr.finish(reason, wait_seconds=self.config.syft_flwr.stop_wait_seconds)
             await self.rounds.write_last_status()
+            outcome = "done" if self.rounds.exit_code == EXIT_DONE else "failed"
+            await self._announce_end(start.run.run_id, outcome, self.rounds.failure_reason)
             root.cancel_scope.cancel()
         # ---- shutdown
         self.notifier.stopping(self.rounds.status_line())
@@ -247,6 +253,20 @@ class Daemon:
             await self.rounds.write_last_status("stopped")
         log.info("daemon.stopped", round=machine.round, phase=str(machine.phase))
         return EXIT_DONE
+
+    async def _announce_end(self, run_id: str, outcome: str | None, reason: str | None) -> None:
+        """Native datasites learn that the job ended (their runners exit); None: a run is under way."""
+        if not isinstance(self.publisher, NativePublisher):
+            return  # syft-flwr owners get the stop message instead
+        publisher = self.publisher
+        try:
+            if outcome is None:
+                await anyio.to_thread.run_sync(publisher.withdraw_end)
+            else:
+                await anyio.to_thread.run_sync(publisher.announce_end, run_id, outcome, reason)
+                log.info("job.end_announced", outcome=outcome, datasites=len(publisher.datasites))
+        except OSError as exc:  # the datasites then run on until stopped: said, not fatal
+            log.error("job.end_not_announced", error=str(exc))
 
     async def _resend_stop(self, reason: str) -> None:
         """Killed after the job ended but before the stop went out: send it now."""

@@ -10,7 +10,7 @@ first lines of the traceback, as syft-flwr's do.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import secrets
 import time
@@ -27,6 +27,7 @@ from watchfiles import Change
 from fl_orchestrator.config.hooks import load_callable
 from fl_orchestrator.core.reasons import Reason, Rejection
 from fl_orchestrator.datasite.client_app import ClientAppRunner, node_id_of
+from fl_orchestrator.datasite.model_files import ModelNotReady, ModelUnusable, read_model_bytes
 from fl_orchestrator.datasite.outputs import (
     TaskContext,
     call_with_context,
@@ -36,12 +37,11 @@ from fl_orchestrator.datasite.outputs import (
 from fl_orchestrator.intake.watcher import resilient_awatch, set_when_cancelled
 from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.wire.frames import FrameLimits
-from fl_orchestrator.wire.layout import JobLayout
+from fl_orchestrator.wire.layout import JOB_ENDED, JobLayout
 from fl_orchestrator.wire.messages import (
     Envelope,
     HeartbeatMessage,
     ModelMessage,
-    ModelRef,
     PartsMessage,
     ResultMessage,
     TaskMessage,
@@ -51,7 +51,7 @@ from fl_orchestrator.wire.messages import (
     encode_result_frames,
     sha256_of_frames,
 )
-from fl_orchestrator.wire.parts import assemble, part_name, split_frames
+from fl_orchestrator.wire.parts import part_name, split_frames
 from fl_orchestrator.wire.permissions import datasite_permissions
 
 log = structlog.get_logger("fl_orchestrator.datasite")
@@ -79,18 +79,12 @@ class RunnerSettings:
     # the data owner's own settings for its context.node_config.
     client_app: str | None = None
     node_config: Mapping[str, Any] = field(default_factory=dict)
+    # Serve on after the aggregator says the job has ended (by default the runner exits 0).
+    keep_running: bool = False
 
 
 class NoEvaluateFunction(Exception):
     """An evaluation task reached a runner started without --evaluate."""
-
-
-class ModelNotReady(Exception):
-    """The task's model has not (fully) arrived yet: try again on the next event or rescan."""
-
-
-class ModelUnusable(Exception):
-    """The task's model arrived but can never be used."""
 
 
 class DatasiteRunner:
@@ -120,13 +114,15 @@ class DatasiteRunner:
         self.tasks_dir = self.layout.tasks_dir(settings.email)
         self.own_dir = self.layout.app_dir(settings.email)
         self.state = "idle"
+        self.current_task: str | None = None  # being trained or written: abandoned if stopped now
         self.done: set[str] = set()
         self.waiting: set[str] = set()
         self._model_cache: tuple[str, dict[str, np.ndarray]] | None = None
+        self._ended_seen: dict[str, Any] | None = None
         self._limits = FrameLimits(max_header_bytes=16 * 1024 * 1024, max_elements=2**34)
 
     async def run(self) -> None:
-        """Run until cancelled."""
+        """Run until cancelled, or until the job has ended (unless ``keep_running``)."""
         await anyio.to_thread.run_sync(self._prepare)
         send, receive = anyio.create_memory_object_stream[Path](1024)
         async with anyio.create_task_group() as group:
@@ -135,7 +131,30 @@ class DatasiteRunner:
             group.start_soon(self._rescan_forever, send.clone())
             async with receive:
                 async for path in receive:
+                    if path.name == JOB_ENDED:
+                        if self._job_ended(path) and not self.settings.keep_running:
+                            group.cancel_scope.cancel()
+                        continue
                     await self._handle(path)
+
+    def _job_ended(self, path: Path) -> bool:
+        """The aggregator's end-of-job marker: logged once; True if it is there."""
+        try:
+            marker = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False  # gone again (a new run started), or still arriving
+        if not isinstance(marker, dict) or self._ended_seen == marker:
+            return isinstance(marker, dict)
+        self._ended_seen = marker
+        log.info(
+            "datasite.job_ended",
+            datasite=self.settings.email,
+            outcome=marker.get("outcome"),
+            reason=marker.get("reason"),
+            run=marker.get("run"),
+            hint="exiting" if not self.settings.keep_running else "--keep-running: still serving",
+        )
+        return True
 
     def _prepare(self) -> None:
         self.layout.results_dir(self.settings.email).mkdir(parents=True, exist_ok=True)
@@ -171,9 +190,9 @@ class DatasiteRunner:
         def accept(change: Change, path: str) -> bool:
             if change == Change.deleted or path.endswith(".tmp"):
                 return False
-            return (path.startswith(tasks_marker) and path.endswith(".task")) or path.startswith(
-                models_marker
-            )
+            if path.startswith(tasks_marker):
+                return path.endswith((".task", os.sep + JOB_ENDED))
+            return path.startswith(models_marker)
 
         async with anyio.create_task_group() as group:
             group.start_soon(set_when_cancelled, stop)
@@ -202,9 +221,11 @@ class DatasiteRunner:
 
     def _scan(self) -> list[Path]:
         try:
-            return sorted(self.tasks_dir.glob("*.task"))
+            found = sorted(self.tasks_dir.glob("*.task"))
         except OSError:
             return []
+        ended = self.tasks_dir / JOB_ENDED
+        return [*found, ended] if ended.exists() else found
 
     async def _handle(self, path: Path) -> None:
         if not path.name.endswith(".task"):
@@ -242,12 +263,14 @@ class DatasiteRunner:
         self.done.add(task_id)
         log.info("task.received", datasite=self.settings.email, round=env.round, task=task_id)
         self.state = "training"
+        self.current_task = task_id
         started = time.perf_counter()
         try:
             frames, result = await anyio.to_thread.run_sync(self._train_and_encode, task, model)
+            await anyio.to_thread.run_sync(lambda: self._write_result(result_path, result, frames))
         finally:
             self.state = "idle"
-        await anyio.to_thread.run_sync(lambda: self._write_result(result_path, result, frames))
+            self.current_task = None
         log.info(
             "task.answered",
             datasite=self.settings.email,
@@ -277,7 +300,7 @@ class DatasiteRunner:
             return ModelUnusable(
                 f"the model is {ref.nbytes} bytes; this runner's limit is {self.settings.max_model_bytes}"
             )
-        data = _read_model_bytes(path, ref)
+        data = read_model_bytes(path, ref)
         try:
             message = decode_message(
                 data, expect_kind="model", expect_job=self.settings.job, limits=self._limits
@@ -354,32 +377,3 @@ class DatasiteRunner:
                 reply, False, 0, {}, type(exc).__name__, str(exc)[:2000], action=task.action
             )
             return encode_result_frames(failed), failed
-
-
-def _read_model_bytes(path: Path, ref: ModelRef) -> bytes | memoryview:
-    """The model file, or its parts joined; ModelNotReady until all of it has arrived."""
-    if not ref.parts:
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ModelNotReady(f"{path.name} has not arrived") from None
-        if size != ref.nbytes:
-            raise ModelNotReady(f"{path.name} has {size} of {ref.nbytes} bytes")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise ModelNotReady(f"{path.name} does not match its sha256 yet")
-        return data
-    paths = [path.with_name(part_name(path.name, index)) for index in range(ref.parts)]
-    total = 0
-    for index, part in enumerate(paths):
-        try:
-            total += part.stat().st_size  # stat all first: no reads until every part is there
-        except FileNotFoundError:
-            raise ModelNotReady(f"part {index} of {ref.parts} of {path.name} has not arrived") from None
-    if total != ref.nbytes:
-        raise ModelNotReady(f"the parts of {path.name} hold {total} of {ref.nbytes} bytes")
-    chunks = [part.read_bytes() for part in paths]
-    try:
-        return assemble(chunks, ref.nbytes, ref.sha256)
-    except Rejection as exc:
-        raise ModelNotReady(f"{path.name}: {exc.detail}") from None

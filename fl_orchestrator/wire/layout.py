@@ -22,6 +22,8 @@ from pathlib import Path
 
 APP_NAME = "fl_orchestrator"
 TEMP_SUFFIX = ".tmp"
+# Written into each datasite's task folder when the job ends, done or failed.
+JOB_ENDED = "job.ended"
 _ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
 
 
@@ -80,6 +82,10 @@ class JobLayout:
     def task_path(self, datasite: str, task_id: str) -> Path:
         """One task file."""
         return self.tasks_dir(datasite) / f"{task_id}.task"
+
+    def job_ended_path(self, datasite: str) -> Path:
+        """The marker that tells a datasite the job has ended (in its own task folder)."""
+        return self.tasks_dir(datasite) / JOB_ENDED
 
     def results_dir(self, datasite: str) -> Path:
         """Where a datasite writes its results."""

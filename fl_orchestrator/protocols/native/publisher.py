@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -61,6 +62,19 @@ class Publisher:
         self.layout.aggregator_dir.mkdir(parents=True, exist_ok=True)
         self.write_permissions()
         return leftovers
+
+    def announce_end(self, run_id: str, outcome: str, reason: str | None) -> None:
+        """Tell every datasite the job has ended (their runners exit): one marker in each task folder."""
+        text = json.dumps({"job": self.layout.job, "run": run_id, "outcome": outcome, "reason": reason})
+        for datasite in self.datasites:
+            path = self.layout.job_ended_path(datasite)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text + "\n")
+
+    def withdraw_end(self) -> None:
+        """A run is under way: no marker of an earlier run may stop a datasite."""
+        for datasite in self.datasites:
+            self.layout.job_ended_path(datasite).unlink(missing_ok=True)
 
     def write_permissions(self) -> None:
         """Grant the datasites read access to models and to their own tasks."""

@@ -1,0 +1,59 @@
+"""The datasite runner's lifecycle, as processes: it exits when the job ends, and says why it stops."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
+
+from support import scripted
+from support.jobs import job_table, site_emails, write_job
+
+TESTS_DIR = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
+
+
+def _events(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
+def _wait_exit(federation: LocalFederation, count: int, seconds: float) -> list[int | None]:
+    deadline = time.monotonic() + seconds
+    sites = federation.processes[:count]
+    while time.monotonic() < deadline and any(p.poll() is None for p in sites):
+        time.sleep(0.05)
+    return [p.poll() for p in sites]
+
+
+def test_runners_exit_0_when_the_job_ends_and_one_told_to_keep_running_does_not(tmp_path: Path) -> None:
+    job = write_job(tmp_path, job_table(3, job={"num_rounds": 2}))
+    federation = LocalFederation(job, tmp_path / "logs", extra_pythonpath=[TESTS_DIR])
+    emails = site_emails(3)
+    specs = [
+        DatasiteSpec(e, "support.scripted:train", {scripted.ENV_INDEX: str(i)}) for i, e in enumerate(emails)
+    ]
+    keep = ("--train", "support.scripted:train", "--keep-running")
+    specs[2] = DatasiteSpec(emails[2], "", {scripted.ENV_INDEX: "2"}, keep)
+    try:
+        federation.start_datasites(specs)
+        events = list(federation.run_daemon(timeout_seconds=90))
+        assert events[-1]["code"] == 0
+        assert any(e.get("event") == "job.end_announced" for e in events)
+        codes = _wait_exit(federation, 3, 20)
+        assert codes[:2] == [0, 0]  # told by the aggregator's marker, they ended by themselves
+        assert codes[2] is None  # --keep-running serves on
+        for email in emails[:2]:
+            names = [e["event"] for e in _events(tmp_path / "logs" / f"{email}.log")]
+            assert "datasite.job_ended" in names and names[-1] == "datasite.stopped"
+        federation.processes[2].send_signal(signal.SIGTERM)
+        assert federation.processes[2].wait(timeout=10) == 0
+        last = _events(tmp_path / "logs" / f"{emails[2]}.log")[-1]
+        assert last["event"] == "datasite.stopped" and last["signal"] == "SIGTERM"
+        assert last["abandoned_task"] is None  # nothing was being trained
+    finally:
+        federation.stop()
