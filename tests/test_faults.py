@@ -64,6 +64,8 @@ def federation_for() -> Iterator[object]:
                     email,
                     "support.scripted:train",
                     {scripted.ENV_INDEX: str(i), scripted.ENV_DELAY: str(delay_seconds)},
+                    # These owners outlive a job: the tests restart and rerun it under them.
+                    ("--train", "support.scripted:train", "--keep-running"),
                 )
                 for i, email in enumerate(site_emails(3))
             ],
