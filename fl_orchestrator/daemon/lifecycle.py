@@ -204,6 +204,7 @@ class Daemon:
             self.quarantine,
             self.clock,
             settle_seconds=self.config.daemon.partial_file_settle_seconds,
+            unlisted_log_seconds=self.config.syftbox.presence_ttl_seconds,
         )
         intake.on_refused = self.rounds.want_status
         await self.startup.resume(self.rounds, intake)

@@ -41,6 +41,7 @@ from fl_orchestrator.intake.fair_queue import FairQueue
 from fl_orchestrator.intake.quarantine import Quarantine
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused
 from fl_orchestrator.intake.safe_read import FileIdentity
+from fl_orchestrator.intake.unlisted import UnlistedLog, unlisted_presence
 from fl_orchestrator.intake.watcher import PathBatch
 from fl_orchestrator.wire.layout import Classified, FileKind
 from fl_orchestrator.wire.messages import ResultMessage
@@ -83,12 +84,15 @@ class IntakeLoop:
         quarantine: Quarantine,
         clock: Callable[[], float],
         settle_seconds: float = 2.0,
+        unlisted_log_seconds: float = 60.0,
     ) -> None:
         self.wire = wire
         self.reader = reader
         self.quarantine = quarantine
         self.clock = clock
         self.settle_seconds = settle_seconds
+        # A datasite outside the job that writes heartbeats: said once per this many seconds.
+        self.unlisted = UnlistedLog(unlisted_log_seconds)
         self.seen: dict[Path, FileIdentity] = {}
         # Files that looked partial: their state (identity and parts) and since when it held.
         self.unsettled: dict[Path, tuple[object, float]] = {}
@@ -273,6 +277,10 @@ class IntakeLoop:
         if isinstance(outcome, Refused) and outcome.reason == Reason.VANISHED:
             self.unsettled.pop(path, None)
             return []  # nothing to refuse: its next event or the rescan says if it comes back
+        if unlisted_presence(outcome, item.classified):
+            self.seen[path] = identity  # this heartbeat is done with; the next one is looked at
+            self.unlisted.say(outcome.datasite)
+            return []
         if isinstance(outcome, Refused):
             if self._still_arriving(path, item.classified.kind, outcome, (identity, parts)):
                 return []
@@ -308,6 +316,8 @@ class IntakeLoop:
     ) -> tuple[Outcome, object]:
         """Read in the worker thread; quarantine there too a refusal that waiting cannot change."""
         outcome = self.wire.read(path, classified, self.reader)
+        if unlisted_presence(outcome, classified):
+            return outcome, _NOT_YET  # not a file to refuse: said by the event loop, now and then
         if isinstance(outcome, Refused) and outcome.reason not in _NOT_FINAL:
             moved = self._quarantine(path, outcome.datasite, outcome.reason, outcome.detail, outcome.content)
             return outcome, moved
