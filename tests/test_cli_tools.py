@@ -559,6 +559,16 @@ def test_export_never_overwrites_without_force(tmp_path: Path, capsys: pytest.Ca
         np.testing.assert_array_equal(saved["w"], np.ones(3, np.float32))
 
 
+def test_a_missing_syftbox_root_is_an_error_unless_create(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "fl_orchestrator.cli.tool_main", "datasite", "--syftbox-root"]
+    command += [str(tmp_path / "SyftBx"), "--email", "a@x.org", "--aggregator", "b@x.org", "--job", "j"]
+    command += ["--train", "fl_orchestrator.demo.digits:train"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 66
+    assert f"--syftbox-root {tmp_path / 'SyftBx'} does not exist" in done.stderr and "--create" in done.stderr
+    assert not (tmp_path / "SyftBx").exists()  # a typo is not silently made into a folder
+
+
 def test_a_relative_syftbox_root_is_made_absolute_at_start(tmp_path: Path) -> None:
     # Relative, the watcher's paths and the runner's disagreed: only the rescan ever saw a task.
     (tmp_path / "box").mkdir()

@@ -192,6 +192,7 @@ def _start_runner(
         "datasite",
         "--syftbox-root",
         str(network.party(email).data_dir),
+        "--create",  # the client may not have made its folder yet
         "--email",
         email,
         "--aggregator",

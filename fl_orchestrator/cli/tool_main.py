@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluate", default=None, help="'package.module:function' for federated evaluation (optional)"
     )
     site.add_argument(
+        "--create",
+        action="store_true",
+        help="make --syftbox-root if it does not exist (by default a missing folder is an error:"
+        " it is most likely the wrong one)",
+    )
+    site.add_argument(
         "--keep-running",
         action="store_true",
         help="serve on after the aggregator says the job has ended (by default: exit 0 then)",
@@ -337,9 +343,19 @@ def _datasite(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EX_USAGE
+    root = Path(os.path.abspath(args.syftbox_root))
+    if not root.is_dir():
+        if not args.create:
+            print(
+                f"error: --syftbox-root {root} does not exist: point it at the SyftBox client's folder"
+                " (the one that holds datasites/), or pass --create to make it",
+                file=sys.stderr,
+            )
+            return EX_NOINPUT
+        root.mkdir(parents=True, exist_ok=True)
     settings = RunnerSettings(
         # Absolute from the start: a relative root silently disabled file events (only the rescan saw tasks).
-        root=Path(os.path.abspath(args.syftbox_root)),
+        root=root,
         email=args.email,
         aggregator=args.aggregator,
         job=args.job,

@@ -77,6 +77,7 @@ class LocalFederation:
                 "datasite",
                 "--syftbox-root",
                 str(config.syftbox.root),
+                "--create",  # the daemon may not have made the shared folder yet
                 "--email",
                 spec.email,
                 "--aggregator",

@@ -58,6 +58,7 @@ def test_an_unchanged_flower_client_app_trains_under_the_native_protocol(tmp_pat
                 "datasite",
                 "--syftbox-root",
                 str(config.syftbox.root),
+                "--create",
                 "--email",
                 email,
                 "--aggregator",
