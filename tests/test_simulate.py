@@ -61,7 +61,8 @@ def test_simulate_runs_the_job_against_n_datasites_with_their_partitions(tmp_pat
 def test_slow_and_flaky_datasites_show_as_timeouts_and_failures(tmp_path: Path) -> None:
     table = job_table(
         3,
-        job={"num_rounds": 2, "min_train_nodes": 1, "round_timeout_seconds": 1.5, "max_round_retries": 0},
+        # Long enough for a healthy datasite on a loaded machine; the slow one takes 1.6 x this.
+        job={"num_rounds": 2, "min_train_nodes": 1, "round_timeout_seconds": 4.0, "max_round_retries": 1},
     )
     job = write_job(tmp_path, table)
     done = _simulate(
