@@ -162,6 +162,18 @@ def test_keys_and_a_did_that_disagree_refuse_the_start_with_the_fix(tmp_path: Pa
         setup.keys.ensure()
 
 
+def test_a_key_file_torn_by_a_kill_before_any_did_is_made_again(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    assert setup.keys is not None
+    (key_file,) = setup.keys.keys_dir.rglob("pvt.jwks.json")
+    key_file.write_text(key_file.read_text()[:40])  # kill -9 in the middle of the first write
+    with pytest.raises(KeysError, match="cannot be read"):  # a DID went out: never replaced silently
+        setup.keys.ensure()
+    setup.keys.did_file.unlink()  # ... the kill came before the DID was published
+    assert setup.keys.ensure() == "created"
+    assert setup.keys.ensure() == "loaded"
+
+
 def test_a_request_is_sealed_for_its_owner_and_its_encrypted_reply_is_read(tmp_path: Path) -> None:
     setup = Setup(tmp_path)
     request_path = setup.dispatch()

@@ -135,6 +135,14 @@ class AggregatorKeys:
         if key_file.resolve().is_relative_to(self.datasites_dir.resolve()):
             raise KeysError(f"{key_file} would be inside the synced tree: move state.state_dir out of it")
         did = _read_json(self.did_file)
+        if key_file.exists() and not self._loadable():
+            if did is not None:
+                raise KeysError(
+                    f"{key_file} cannot be read (cut short by a crash?) and {self.did_file} publishes keys:"
+                    f" restore {self.keys_dir} from a backup, or delete both to make a new identity"
+                )
+            # Torn by a kill before any DID went out: nobody has encrypted to these keys yet.
+            key_file.unlink()
         if not key_file.exists():
             if did is not None:
                 raise KeysError(
@@ -156,6 +164,13 @@ class AggregatorKeys:
                 " (replies encrypted to the old keys then cannot be read)"
             )
         return "loaded"
+
+    def _loadable(self) -> bool:
+        try:
+            self._public_keys()
+        except Exception:  # jwcrypto, json and key-type errors alike: the file is not usable keys
+            return False
+        return True
 
     def has_public_key(self, owner: str) -> bool:
         """True if the owner has published a DID (it has run syft-flwr with encryption on)."""
