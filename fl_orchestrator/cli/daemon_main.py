@@ -171,16 +171,19 @@ def _not_ready(config: JobConfig) -> str | None:
                 load_callable(name, what=key)
             except HookError as exc:
                 problems.append(str(exc))
-    for key, folder, access in (
-        ("state.state_dir", config.state.state_dir, os.W_OK | os.X_OK),
-        ("syftbox.root", config.syftbox.root, os.R_OK | os.X_OK),
+    for key, folder, need in (
+        ("state.state_dir", config.state.state_dir, "writable"),
+        ("syftbox.root", config.syftbox.root, "readable"),
     ):
+        # A folder that is not there yet is made at start: its nearest existing parent must take it.
         existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if existing != folder:
+            need = "writable"
+        mode = os.W_OK | os.X_OK if need == "writable" else os.R_OK | os.X_OK
         if not existing.is_dir():
             problems.append(f"{key} = {folder}: {existing} is not a folder")
-        elif not os.access(existing, access | (0 if existing == folder else os.W_OK)):
-            what = "writable" if access & os.W_OK or existing != folder else "readable"
-            problems.append(f"{key} = {folder}: {existing} is not {what} by this user (uid {os.getuid()})")
+        elif not os.access(existing, mode):
+            problems.append(f"{key} = {folder}: {existing} is not {need} by this user (uid {os.getuid()})")
     return "\n".join(f"config error: {problem}" for problem in problems) if problems else None
 
 
