@@ -53,6 +53,9 @@ class Sizes:
     flood_params: int
     flood_junk_files: int
     flood_repeats: int
+    # fl-orchestrator simulate: N for the in-process runners, and N for one process each (the baseline).
+    simulate_sites: tuple[int, ...]
+    simulate_process_sites: int
     daemon_timeout_seconds: float
 
 
@@ -76,6 +79,8 @@ FULL = Sizes(
     flood_params=1_000_000,
     flood_junk_files=10_000,
     flood_repeats=3,
+    simulate_sites=(100, 1000),
+    simulate_process_sites=100,
     daemon_timeout_seconds=900.0,
 )
 
@@ -99,6 +104,8 @@ SMOKE = Sizes(
     flood_params=1_000,
     flood_junk_files=200,
     flood_repeats=1,
+    simulate_sites=(5, 25),
+    simulate_process_sites=5,
     daemon_timeout_seconds=60.0,
 )
 

@@ -33,6 +33,7 @@ import bench_latency
 import bench_overhead
 import bench_robust
 import bench_rss
+import bench_simulate
 import simulator
 from harness import BENCH_DIR, FULL, SMOKE, Outcome, Row, Sizes, environment, render_table
 
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, Runner] = {
     "detection_latency": bench_latency.run,
     "round_overhead": bench_overhead.run,
     "flood": bench_flood.run,
+    "simulate": bench_simulate.run,
 }
 _SHARED_FILES_OWNER = "ingest"
 _SHARED_FILES_LAST_USER = "robust"

@@ -597,7 +597,8 @@ def test_a_datasite_runs_a_train_function_or_a_client_app_never_both(tmp_path: P
 
 
 def test_node_config_comes_from_the_data_owners_file_then_its_flags(tmp_path: Path) -> None:
-    from fl_orchestrator.cli.tool_main import _node_config, _node_setting
+    from fl_orchestrator.cli.datasite_cmd import node_config_of as _node_config
+    from fl_orchestrator.cli.datasite_cmd import node_setting as _node_setting
 
     settings = tmp_path / "node.toml"
     settings.write_text('partition-id = 1\ndata-path = "/srv/a"\nfull = true\n')

@@ -28,7 +28,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def runner(root: Path, train: Any) -> DatasiteRunner:
+def runner(root: Path, train: Any, rescan_interval_seconds: float = 0.3) -> DatasiteRunner:
     settings = RunnerSettings(
         root=root,
         email=SITE,
@@ -36,7 +36,7 @@ def runner(root: Path, train: Any) -> DatasiteRunner:
         job=JOB,
         train="x:y",
         heartbeat_interval_seconds=0.2,
-        rescan_interval_seconds=0.3,
+        rescan_interval_seconds=rescan_interval_seconds,
     )
     return DatasiteRunner(settings, train=train)
 
@@ -79,6 +79,52 @@ async def test_trains_and_replies_with_arrays_examples_and_metrics(tmp_path: Pat
     assert result.ok and result.num_examples == 7 and result.metrics == {"loss": 0.25}
     assert result.envelope.reply_to == "a1" and result.envelope.round == 1
     np.testing.assert_array_equal(result.arrays["w"], MODEL["w"] + 1)
+
+
+async def test_a_task_sent_right_after_the_first_heartbeat_is_seen_by_its_file_event(tmp_path: Path) -> None:
+    # The rescan is a minute away: only file events can bring this task in time. The aggregator's
+    # job folder arrives in one move, tasks and model inside it, as a sync may make a folder; no
+    # event names the task itself, so the folder's arrival must make the runner look inside.
+    root, staging = tmp_path / "root", tmp_path / "staging"
+    layout = JobLayout(root, JOB, AGG)
+    result = layout.result_path(SITE, "a1")
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(runner(root, good_train, rescan_interval_seconds=60).run)
+            while not layout.heartbeat_path(SITE).exists():
+                await anyio.sleep(0.005)
+            await anyio.sleep(0.3)  # past the runner's first scan, which is at its start
+            publish(staging)
+            layout.aggregator_dir.parent.mkdir(parents=True)
+            JobLayout(staging, JOB, AGG).aggregator_dir.rename(layout.aggregator_dir)
+            while not result.exists():
+                await anyio.sleep(0.02)
+            group.cancel_scope.cancel()
+    assert not (layout.app_dir(SITE) / ".watch-probe").exists()  # the readiness probe is cleaned up
+
+
+async def test_a_runner_answers_its_own_tasks_only(tmp_path: Path) -> None:
+    # Every runner watches the whole tree; another datasite's task is never its to answer.
+    other = "ds1@example.org"
+    layout = JobLayout(tmp_path, JOB, AGG)
+    publisher = Publisher(layout, (SITE, other))
+    broadcast = publisher.write_model(1, MODEL)
+    deadline = time.time() + 30
+    calls: list[int] = []
+
+    def counting_train(arrays: dict[str, np.ndarray], config: dict[str, Any]) -> Any:
+        calls.append(1)
+        return good_train(arrays, config)
+
+    async def then_its_own() -> None:
+        await anyio.sleep(0.2)
+        publisher.write_tasks(broadcast, {other: "b1"}, attempt=1, deadline=deadline, config={})
+        await anyio.sleep(0.3)
+        publisher.write_tasks(broadcast, {SITE: "a1"}, attempt=1, deadline=deadline, config={})
+
+    await result_of(tmp_path, counting_train, before=then_its_own)
+    assert calls == [1]
+    assert sorted(p.name for p in layout.results_dir(SITE).iterdir()) == ["a1.result"]
 
 
 async def test_waits_for_a_model_that_has_not_synced_yet(tmp_path: Path) -> None:

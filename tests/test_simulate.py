@@ -58,7 +58,39 @@ def test_simulate_runs_the_job_against_n_datasites_with_their_partitions(tmp_pat
     assert str(config.state.state_dir).startswith(str(tmp_path / "sim"))
 
 
-def test_slow_and_flaky_datasites_show_as_timeouts_and_failures(tmp_path: Path) -> None:
+def test_many_datasites_run_in_process_and_the_model_is_the_hand_computed_one(tmp_path: Path) -> None:
+    # 60 datasites: past 20, simulate hosts them in one pool process (simulate/pool.py).
+    count = 60
+    job = write_job(tmp_path, job_table(count, job={"num_rounds": 2, "min_train_nodes": count}))
+    done = _simulate(
+        job,
+        tmp_path / "sim",
+        "--datasites",
+        str(count),
+        "--train",
+        "support.sim_code:train",
+        "--partition",
+        "support.sim_code:partition",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "in-process runners" in done.stdout
+    assert (tmp_path / "sim" / "logs" / "pool-0.log").exists()
+    assert not list((tmp_path / "sim" / "logs").glob("sim-*.log"))  # no datasite processes
+    lines = [line.split() for line in done.stdout.splitlines() if line.strip().split()[:1] in (["1"], ["2"])]
+    assert [row[:5] for row in lines] == [["1", "60", "60", "0", "0"], ["2", "60", "60", "0", "0"]]
+    # Datasite i steps i + 1 with 10 (i + 1) examples: sum(k^2) / sum(k) = (2n + 1) / 3 per round.
+    step = sum(k * 10 * k for k in range(1, count + 1)) / sum(10 * k for k in range(1, count + 1))
+    config = load_config(tmp_path / "sim" / "job.toml")
+    start = initial_model(load_config(job).model)
+    final = ModelStore(config.state.state_dir, config.job.name).load(2)
+    for name, array in start.items():
+        np.testing.assert_allclose(final[name], array + 2 * step, rtol=1e-6)
+    # The whole job went by file events: no round waited for a rescan (10 s in a pool).
+    assert all(float(row[6]) < 8.0 for row in lines), done.stdout
+
+
+@pytest.mark.parametrize("runners", ["processes", "threads"])
+def test_slow_and_flaky_datasites_show_as_timeouts_and_failures(tmp_path: Path, runners: str) -> None:
     table = job_table(
         3,
         # Long enough for a healthy datasite on a loaded machine; the slow one takes 1.6 x this.
@@ -78,6 +110,8 @@ def test_slow_and_flaky_datasites_show_as_timeouts_and_failures(tmp_path: Path) 
         "1",
         "--flaky",
         "1",
+        "--runners",
+        runners,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "slow: sim-" in done.stdout and "flaky: sim-" in done.stdout

@@ -11,18 +11,18 @@ first lines of the traceback, as syft-flwr's do.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 import structlog
-from watchfiles import Change
+from anyio.abc import ObjectReceiveStream
 
 from fl_orchestrator.config.hooks import load_callable
 from fl_orchestrator.core.reasons import Reason, Rejection
@@ -34,7 +34,7 @@ from fl_orchestrator.datasite.outputs import (
     normalise_evaluate_output,
     normalise_train_output,
 )
-from fl_orchestrator.intake.watcher import resilient_awatch, set_when_cancelled
+from fl_orchestrator.datasite.task_watch import TaskPaths, watch_tasks
 from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JOB_ENDED, JobLayout
@@ -112,6 +112,7 @@ class DatasiteRunner:
         if self.evaluate is None and settings.evaluate:
             self.evaluate = load_callable(settings.evaluate, what="--evaluate")
         self.tasks_dir = self.layout.tasks_dir(settings.email)
+        self.paths = TaskPaths(self.layout, (settings.email,))
         self.own_dir = self.layout.app_dir(settings.email)
         self.state = "idle"
         self.current_task: str | None = None  # being trained or written: abandoned if stopped now
@@ -123,19 +124,45 @@ class DatasiteRunner:
 
     async def run(self) -> None:
         """Run until cancelled, or until the job has ended (unless ``keep_running``)."""
-        await anyio.to_thread.run_sync(self._prepare)
+        await anyio.to_thread.run_sync(self.prepare)
         send, receive = anyio.create_memory_object_stream[Path](1024)
+        watching = anyio.Event()
         async with anyio.create_task_group() as group:
+            group.start_soon(
+                partial(
+                    watch_tasks,
+                    self.paths,
+                    self.layout,
+                    self.own_dir,
+                    send,
+                    watching,
+                    debounce_milliseconds=self.settings.debounce_milliseconds,
+                )
+            )
+            # Announced only once tasks are seen as they land (datasite/task_watch.py).
+            await watching.wait()
+            await anyio.to_thread.run_sync(self.write_heartbeat)
+            log.info("datasite.ready", datasite=self.settings.email)
             group.start_soon(self._heartbeat_forever)
-            group.start_soon(self._watch_tasks, send)
             group.start_soon(self._rescan_forever, send.clone())
-            async with receive:
-                async for path in receive:
-                    if path.name == JOB_ENDED:
-                        if self._job_ended(path) and not self.settings.keep_running:
-                            group.cancel_scope.cancel()
-                        continue
-                    await self._handle(path)
+            await self.serve(receive)
+            group.cancel_scope.cancel()
+
+    async def serve(self, receive: ObjectReceiveStream[Path]) -> None:
+        """Handle the paths received until the job has ended (unless ``keep_running``)."""
+        async with receive:
+            async for received in receive:
+                if self.paths.is_folder(str(received)):
+                    found = await anyio.to_thread.run_sync(self.scan)
+                else:
+                    found = [received]
+                for path in found:
+                    if path.parent != self.tasks_dir and path.name.endswith((".task", JOB_ENDED)):
+                        continue  # another datasite's: never this runner's to answer
+                    if path.name != JOB_ENDED:
+                        await self._handle(path)
+                    elif self._job_ended(path) and not self.settings.keep_running:
+                        return
 
     def _job_ended(self, path: Path) -> bool:
         """The aggregator's end-of-job marker: logged once; True if it is there."""
@@ -156,11 +183,11 @@ class DatasiteRunner:
         )
         return True
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Make this datasite's folders and permission files (before the first heartbeat)."""
         self.layout.results_dir(self.settings.email).mkdir(parents=True, exist_ok=True)
         for name, text in datasite_permissions(self.settings.aggregator).items():
             atomic_write_text(self.own_dir / name, text)
-        self._write_heartbeat()
         log.info(
             "datasite.started",
             datasite=self.settings.email,
@@ -169,7 +196,8 @@ class DatasiteRunner:
             node_config=dict(self.settings.node_config),  # the data owner's own settings: stay local
         )
 
-    def _write_heartbeat(self) -> None:
+    def write_heartbeat(self) -> None:
+        """Say this datasite is here, and whether it is training."""
         beat = HeartbeatMessage(
             Envelope(self.settings.job, 0, secrets.token_hex(8), None, time.time(), None), self.state
         )
@@ -178,48 +206,17 @@ class DatasiteRunner:
     async def _heartbeat_forever(self) -> None:
         while True:
             await anyio.sleep(self.settings.heartbeat_interval_seconds)
-            await anyio.to_thread.run_sync(self._write_heartbeat)
-
-    async def _watch_tasks(self, send: Any) -> None:
-        stop = anyio.Event()
-        tasks_marker = str(self.tasks_dir) + os.sep
-        models_marker = str(self.layout.models_dir) + os.sep
-        watch_root = self.layout.datasites_dir
-        watch_root.mkdir(parents=True, exist_ok=True)
-
-        def accept(change: Change, path: str) -> bool:
-            if change == Change.deleted or path.endswith(".tmp"):
-                return False
-            if path.startswith(tasks_marker):
-                return path.endswith((".task", os.sep + JOB_ENDED))
-            return path.startswith(models_marker)
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(set_when_cancelled, stop)
-            await self._forward_task_events(watch_root, accept, stop, send)
-            group.cancel_scope.cancel()
-
-    async def _forward_task_events(
-        self, watch_root: Path, accept: Callable[[Change, str], bool], stop: anyio.Event, send: Any
-    ) -> None:
-        async for changes in resilient_awatch(
-            watch_root,
-            stop_event=stop,
-            watch_filter=accept,
-            debounce=self.settings.debounce_milliseconds,
-            step=1,
-        ):
-            for _, path in sorted(changes):
-                await send.send(Path(path))
+            await anyio.to_thread.run_sync(self.write_heartbeat)
 
     async def _rescan_forever(self, send: Any) -> None:
         while True:
-            paths = await anyio.to_thread.run_sync(self._scan)
+            paths = await anyio.to_thread.run_sync(self.scan)
             for path in paths:
                 await send.send(path)
             await anyio.sleep(self.settings.rescan_interval_seconds)
 
-    def _scan(self) -> list[Path]:
+    def scan(self) -> list[Path]:
+        """Every task file and the job-ended marker in this datasite's task folder, as found now."""
         try:
             found = sorted(self.tasks_dir.glob("*.task"))
         except OSError:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fl_orchestrator.config import JobConfig, load_config
+from fl_orchestrator.simulate.pool import PoolSpec
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,20 @@ class LocalFederation:
             ]
             self.processes.append(
                 subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env(spec.env))
+            )
+
+    def start_pools(self, specs: Sequence[PoolSpec]) -> None:
+        """Start one process per pool of in-process datasite runners (simulate/pool.py)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for index, spec in enumerate(specs):
+            spec_path = self.log_dir / f"pool-{index}.json"
+            spec.write(spec_path)
+            log = open(self.log_dir / f"pool-{index}.log", "wb")  # noqa: SIM115 - closed in stop()
+            self._logs.append(log)
+            # By module name: cli sits above simulate, so this layer starts it without importing it.
+            command = [sys.executable, "-m", "fl_orchestrator.cli.datasite_cmd", "--spec", str(spec_path)]
+            self.processes.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env({}))
             )
 
     def run_daemon(

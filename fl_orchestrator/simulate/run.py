@@ -20,14 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_orchestrator.config import load_config
+from fl_orchestrator.config import JobConfig, load_config
 from fl_orchestrator.config.hooks import load_callable
 from fl_orchestrator.simulate import behaviour
 from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.simulate.job import write_simulation_job
+from fl_orchestrator.simulate.pool import POOL_SIZE, PooledDatasite, PoolSpec
 
 # How much longer than the round timeout a --slow datasite takes.
 SLOW_FACTOR = 1.6
+RUNNER_KINDS = ("auto", "processes", "threads")
+# Past this many datasites, processes cost more than they show (an interpreter and a watcher each).
+PROCESSES_UP_TO = 20
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class SimulateSettings:
     flaky: int = 0
     seed: int = 0
     workdir: Path | None = None
+    # "processes": one datasite process each; "threads": in-process runners (simulate/pool.py);
+    # "auto": processes up to PROCESSES_UP_TO datasites, threads past that.
+    runners: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -71,14 +78,14 @@ def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationRes
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     partition = load_callable(settings.partition, what="--partition") if settings.partition else None
-    specs = [
-        _spec(settings, email, index, len(emails), behaviours[index], slow_seconds, partition)
-        for index, email in enumerate(emails)
-    ]
+    node_configs = [_node_config(index, len(emails), partition) for index in range(len(emails))]
+    in_process = _in_process(settings.runners, len(emails))
     print(
         f"simulating {settings.config}: {len(emails)} datasites, {simulated.job.num_rounds} rounds", file=out
     )
     print(f"  work folder: {workdir}", file=out)
+    kind = "in-process runners on a thread pool" if in_process else "one process per datasite"
+    print(f"  datasites: {kind}", file=out)
     for change in changes:
         print(f"  {change}", file=out)
     for kind in ("slow", "flaky"):
@@ -88,12 +95,21 @@ def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationRes
     table = _RoundTable(out)
     code = 1
     try:
-        # Every datasite's heartbeats and rescans load the one machine: spread them out as N grows.
-        federation.start_datasites(
-            specs,
-            heartbeat_interval_seconds=max(0.5, len(specs) / 40),
-            rescan_interval_seconds=max(2.0, len(specs) / 10),
-        )
+        if in_process:
+            federation.start_pools(
+                _pool_specs(settings, simulated, emails, behaviours, node_configs, slow_seconds)
+            )
+        else:
+            specs = [
+                _spec(settings, email, behaviours[index], slow_seconds, node_configs[index])
+                for index, email in enumerate(emails)
+            ]
+            # Every datasite's heartbeats and rescans load the one machine: spread them out as N grows.
+            federation.start_datasites(
+                specs,
+                heartbeat_interval_seconds=max(0.5, len(specs) / 40),
+                rescan_interval_seconds=max(2.0, len(specs) / 10),
+            )
         limit = simulated.job.num_rounds * (simulated.job.round_timeout_seconds + 10) + 120
         limit += simulated.job.available_timeout_seconds
         for event in federation.run_daemon(timeout_seconds=limit):
@@ -123,18 +139,52 @@ def _behaviours(count: int, slow: int, flaky: int, seed: int) -> list[str]:
     return kinds
 
 
-def _spec(
-    settings: SimulateSettings,
-    email: str,
-    index: int,
-    count: int,
-    kind: str,
-    slow_seconds: float,
-    partition: Any,
-) -> DatasiteSpec:
+def _in_process(runners: str, count: int) -> bool:
+    if runners not in RUNNER_KINDS:
+        raise ValueError(f"--runners {runners!r}: expected one of {', '.join(RUNNER_KINDS)}")
+    return runners == "threads" or (runners == "auto" and count > PROCESSES_UP_TO)
+
+
+def _node_config(index: int, count: int, partition: Any) -> dict[str, Any]:
     node: dict[str, Any] = {"partition-id": index, "num-partitions": count}
     if partition is not None:
         node.update(dict(partition(index, count)))
+    return node
+
+
+def _pool_specs(
+    settings: SimulateSettings,
+    simulated: JobConfig,
+    emails: Sequence[str],
+    behaviours: Sequence[str],
+    node_configs: Sequence[Mapping[str, Any]],
+    slow_seconds: float,
+) -> list[PoolSpec]:
+    sites = [
+        PooledDatasite(email, kind, node)
+        for email, kind, node in zip(emails, behaviours, node_configs, strict=True)
+    ]
+    return [
+        PoolSpec(
+            root=str(simulated.syftbox.root),
+            aggregator=simulated.syftbox.aggregator_email,
+            job=simulated.job.name,
+            datasites=sites[start : start + POOL_SIZE],
+            train=settings.train,
+            evaluate=settings.evaluate,
+            client_app=settings.client_app,
+            slow_seconds=slow_seconds,
+            # One heartbeat file per datasite per interval: the daemon reads every one.
+            heartbeat_interval_seconds=max(2.0, len(sites) / 100),
+            rescan_interval_seconds=10.0,
+        )
+        for start in range(0, len(sites), POOL_SIZE)
+    ]
+
+
+def _spec(
+    settings: SimulateSettings, email: str, kind: str, slow_seconds: float, node: Mapping[str, Any]
+) -> DatasiteSpec:
     env = {behaviour.ENV_BEHAVIOUR: kind, behaviour.ENV_SLOW_SECONDS: str(slow_seconds)}
     args: list[str] = []
     if settings.client_app is not None:
