@@ -172,3 +172,13 @@ async def test_the_shared_watcher_follows_the_adapters_folders(tmp_path: Path) -
         group.cancel_scope.cancel()
     assert isinstance(event, ev.ResultReceived)
     assert event.reply_to == "t9" and event.num_examples == 2
+
+
+def test_heartbeats_read_in_one_hop_become_one_event_ahead_of_the_results() -> None:
+    from fl_orchestrator.intake.adapter import presence_first
+
+    a, b = ev.NodeSeen(1.0, "a@x.org"), ev.NodeSeen(2.0, "b@x.org", seen_at=0.5)
+    result = ev.Tick(3.0)  # any other event keeps its place after the presence
+    assert presence_first([a, result, b]) == [ev.NodesSeen(2.0, (a, b)), result]
+    assert presence_first([a, result]) == [a, result]  # one heartbeat stays as it is
+    assert presence_first([]) == []

@@ -84,6 +84,22 @@ def test_waits_for_nodes_then_dispatches_when_enough_are_seen() -> None:
     assert machine.phase == Phase.TRAINING and machine.next_wakeup() == 13.0
 
 
+def test_heartbeats_read_together_all_count_before_the_round_starts() -> None:
+    # One scan finds all four: fed one by one, the round would start with the first one that
+    # met min_available_nodes (1 here) and leave out three datasites present all along.
+    machine = RoundMachine(rules(min_available_nodes=1, min_train_nodes=1))
+    machine.handle(ev.Started(0.0))
+    batch = ev.NodesSeen(
+        2.0, tuple(ev.NodeSeen(2.0, site, seen_at=1.5) for site in (*SITES, "stranger@x.org"))
+    )
+    (dispatch,) = only(machine.handle(batch), ev.Dispatch)
+    assert set(dispatch.tasks) == set(SITES) and dispatch.deadline == 12.0
+    assert machine.records["a@x.org"].last_seen == 1.5
+    # Outside the waiting phase a batch only records presence.
+    assert machine.handle(ev.NodesSeen(3.0, (ev.NodeSeen(3.0, "a@x.org"),))) == []
+    assert machine.records["a@x.org"].last_seen == 3.0
+
+
 def test_unknown_heartbeats_are_ignored() -> None:
     machine = RoundMachine(rules())
     machine.handle(ev.Started(0.0))

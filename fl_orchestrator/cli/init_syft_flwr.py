@@ -61,6 +61,8 @@ def job_table(translation: Translation, args: argparse.Namespace, model_path: Pa
         "num_rounds": translation.run_config.get("num-server-rounds", 3),
     }
     job.update(translation.job)
+    # The project's own timeout (strategy.start(timeout=...)) wins; a server_fn project has none.
+    job.setdefault("round_timeout_seconds", getattr(args, "round_timeout_seconds", 600.0))
     job["train_config"] = translation.train_config
     root = args.syftbox_root or Path(DEFAULT_SYFTBOX_ROOT)
     state = args.state_dir or model_path.parent / "state"
@@ -74,7 +76,7 @@ def job_table(translation: Translation, args: argparse.Namespace, model_path: Pa
             "aggregator_email": translation.aggregator,
             "datasites": translation.datasites,
         },
-        "syft_flwr": {"app_name": translation.app_name},
+        "syft_flwr": {"app_name": translation.app_name, "content_format": translation.content_format},
         "model": {"source": "checkpoint", "checkpoint_path": str(model_path)},
         "strategy": strategy,
         "state": {"state_dir": os.path.abspath(os.path.expanduser(state))},

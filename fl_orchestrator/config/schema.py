@@ -347,6 +347,16 @@ class SyftFlwrSection:
             " SYFT_FLWR_ENCRYPTION_ENABLED=false",
         ),
     )
+    content_format: str = field(
+        default="message",
+        metadata=spec(
+            "what the owners' ClientApp reads: 'message' (arrays/config records, a Message-API"
+            " ClientApp with @app.train()) or 'legacy' (fitins/evaluateins records, a"
+            " ClientApp(client_fn=...) with a NumPyClient, as server_fn projects use); replies are"
+            " read in either",
+            choices=("message", "legacy"),
+        ),
+    )
     server_url: str = field(
         default="https://syftbox.net",
         metadata=spec(

@@ -63,6 +63,18 @@ class NodeSeen:
 
 
 @dataclass(frozen=True)
+class NodesSeen:
+    """Several heartbeats read together (one scan): a round starts only after all of them count.
+
+    Fed one by one, the first would start a round whose minimum it meets, and
+    the others, present all along, would miss it.
+    """
+
+    now: float
+    seen: tuple[NodeSeen, ...]
+
+
+@dataclass(frozen=True)
 class ResultReceived:
     """A result file decoded cleanly; the machine decides whether it counts.
 
@@ -113,6 +125,7 @@ Event = (
     | AttemptReplayed
     | Aborted
     | NodeSeen
+    | NodesSeen
     | ResultReceived
     | Tick
     | RoundAggregated

@@ -24,6 +24,7 @@ from fl_orchestrator.core.events import (
     JobFailed,
     JobFinished,
     NodeSeen,
+    NodesSeen,
     RecordFailure,
     Reject,
     ResultReceived,
@@ -83,6 +84,10 @@ class RoundMachine:
         """Apply one event; return the actions it calls for."""
         if isinstance(event, NodeSeen):
             return self._on_node_seen(event)
+        if isinstance(event, NodesSeen):
+            for seen in event.seen:
+                self._note_presence(seen)
+            return self._try_dispatch(event.now) if self.phase == Phase.WAITING_FOR_NODES else []
         if isinstance(event, ResultReceived):
             return self._on_result(event)
         if self.phase in (Phase.DONE, Phase.FAILED):
@@ -154,14 +159,18 @@ class RoundMachine:
     # ---- presence and dispatch ---------------------------------------------------------
 
     def _on_node_seen(self, event: NodeSeen) -> list[Action]:
-        record = self.records.get(event.datasite)
-        if record is None:
-            return []
-        seen_at = event.now if event.seen_at is None else min(event.seen_at, event.now)
-        record.last_seen = max(record.last_seen or seen_at, seen_at)
-        if self.phase == Phase.WAITING_FOR_NODES:
+        if self._note_presence(event) and self.phase == Phase.WAITING_FOR_NODES:
             return self._try_dispatch(event.now)
         return []
+
+    def _note_presence(self, event: NodeSeen) -> bool:
+        """Record a heartbeat; False if the datasite is not in the job."""
+        record = self.records.get(event.datasite)
+        if record is None:
+            return False
+        seen_at = event.now if event.seen_at is None else min(event.seen_at, event.now)
+        record.last_seen = max(record.last_seen or seen_at, seen_at)
+        return True
 
     def _enter_waiting(self, now: float) -> list[Action]:
         self.phase = Phase.WAITING_FOR_NODES

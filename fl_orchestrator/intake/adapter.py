@@ -119,3 +119,12 @@ def event_of(inbound: Inbound, now: float) -> ev.Event:
         purpose=message.action,
         update_norm=inbound.update_norm,
     )
+
+
+def presence_first(events: list[ev.Event]) -> list[ev.Event]:
+    """The heartbeats read in one hop as one event, ahead of the rest (see ``NodesSeen``)."""
+    seen = [e for e in events if isinstance(e, ev.NodeSeen)]
+    if len(seen) < 2:
+        return events
+    rest = [e for e in events if not isinstance(e, ev.NodeSeen)]
+    return [ev.NodesSeen(max(e.now for e in seen), tuple(seen)), *rest]

@@ -36,7 +36,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.reasons import Reason, printable
-from fl_orchestrator.intake.adapter import Outcome, Settled, WireAdapter, event_of
+from fl_orchestrator.intake.adapter import Outcome, Settled, WireAdapter, event_of, presence_first
 from fl_orchestrator.intake.fair_queue import FairQueue
 from fl_orchestrator.intake.quarantine import Quarantine
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused
@@ -225,9 +225,11 @@ class IntakeLoop:
         ready = [item for item in map(self._prepare, paths) if item is not None]
         while ready:
             done = await anyio.to_thread.run_sync(self._read_batch, ready, abandon_on_cancel=True)
+            events: list[ev.Event] = []
             for item, (outcome, moved) in zip(ready, done, strict=False):
-                for event in await self._finish(item, outcome, moved):
-                    await send(event)
+                events += await self._finish(item, outcome, moved)
+            for event in presence_first(events):
+                await send(event)
             ready = ready[len(done) :]
 
     def _prepare(self, path: Path) -> _Pending | None:

@@ -315,6 +315,7 @@ def make_federation(
     log_dir: Path | None = None,
     extra_params: int = 0,
     encryption: bool = True,
+    components: tuple[str, str] | None = None,
 ) -> Federation:
     """Lay out one federation: shared root, configs, a bootstrapped project per party.
 
@@ -335,7 +336,7 @@ def make_federation(
     (work / "traces").mkdir(parents=True, exist_ok=True)
     parties_dir = work / "parties"
 
-    source, app_name = bootstrap_app(env, work, aggregator, dos)
+    source, app_name = bootstrap_app(env, work, aggregator, dos, components)
 
     def party(email: str) -> Party:
         p = Party(email, parties_dir / email, root, encryption)

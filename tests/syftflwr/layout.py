@@ -165,8 +165,20 @@ class FederationLayout:
         return "\n".join(parts)
 
 
-def bootstrap_app(env: SyftFlwrEnv, work: Path, aggregator: str, data_owners: list[str]) -> tuple[Path, str]:
+LEGACY_COMPONENTS = ("flt_app.legacy_server_app:app", "flt_app.legacy_client_app:app")
+
+
+def bootstrap_app(
+    env: SyftFlwrEnv,
+    work: Path,
+    aggregator: str,
+    data_owners: list[str],
+    components: tuple[str, str] | None = None,
+) -> tuple[Path, str]:
     """Copy ``app_template/`` to ``work/bootstrapped``, run ``syft_flwr.bootstrap`` on it there.
+
+    ``components`` (serverapp, clientapp) replaces the template's, e.g. ``LEGACY_COMPONENTS``:
+    the same app written with ``server_fn`` and a NumPyClient.
 
     Returns that folder and the ``app_name`` bootstrap wrote into its ``[tool.syft_flwr]``
     (SyftFlwrUnavailable if that table names other parties).
@@ -174,6 +186,12 @@ def bootstrap_app(env: SyftFlwrEnv, work: Path, aggregator: str, data_owners: li
     source = work / "bootstrapped"
     shutil.rmtree(source, ignore_errors=True)
     shutil.copytree(TEMPLATE_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))
+    if components is not None:
+        pyproject = source / "pyproject.toml"
+        text = pyproject.read_text(encoding="utf-8")
+        text = text.replace('serverapp = "flt_app.server_app:app"', f'serverapp = "{components[0]}"')
+        text = text.replace('clientapp = "flt_app.client_app:app"', f'clientapp = "{components[1]}"')
+        pyproject.write_text(text, encoding="utf-8")
     script = (
         "import sys, syft_flwr\n"
         "syft_flwr.bootstrap(\n"

@@ -100,7 +100,7 @@ def test_a_server_fn_project_with_syft_flwrs_strategy_becomes_a_job(tmp_path: Pa
     assert table["job"]["train_config"] == {"lr": 0.01, "local-epochs": 2}
     assert table["strategy"] == {"name": "fedavg"}
     assert table["syftbox"]["datasites"] == ["do1@example.org", "do2@example.org", "do3@example.org"]
-    assert table["syft_flwr"] == {"app_name": "agg@example.org_proj_1700000000"}
+    assert table["syft_flwr"] == {"app_name": "agg@example.org_proj_1700000000", "content_format": "legacy"}
     loaded = load_config(out)  # the daemon's own loader takes it as written
     assert loaded.model.checkpoint_path == out.parent / "initial.npz"
     with np.load(out.parent / "initial.npz") as saved:
@@ -125,6 +125,12 @@ def test_the_message_api_template_unchanged_becomes_a_job(tmp_path: Path) -> Non
     assert translation.train_config == {"lr": 0.1}
     assert [a.shape for a in translation.arrays.values()] == [(4, 3), (3,)]
     assert [what for what, _ in translation.by_hand] == ["strategy.start(evaluate_fn=...)"]
+    # Its owners run @app.train() handlers: the Message API's arrays/config records.
+    assert translation.content_format == "message"
+    assert (
+        "the owners' ClientApp",
+        "[syft_flwr] content_format = 'message' (flt_app.client_app:app has @app handlers)",
+    ) in translation.translated
 
 
 CUSTOM = """

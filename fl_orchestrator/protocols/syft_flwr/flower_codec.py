@@ -1,7 +1,16 @@
 """Flower ``Message`` protobufs, built and read with Flower's own definitions.
 
 This is the only module that imports ``flwr`` (the ``[syft-flwr]`` extra), so
-the format stays in step with Flower. Arrays travel as Flower ``Array``s,
+the format stays in step with Flower. Content comes in two formats, both built
+and read with Flower's own converters:
+
+- ``message``: ``arrays`` / ``config`` / ``metrics`` records, what a Message-API
+  ClientApp (``@app.train()``, ``@app.evaluate()``) reads and writes;
+- ``legacy``: ``fitins.*`` / ``evaluateins.*`` and ``fitres.*`` /
+  ``evaluateres.*`` records, what a ``ClientApp(client_fn=...)`` with a
+  NumPyClient reads and writes (the ``server_fn`` projects' owners).
+
+Replies are read in either format, whichever they hold. Arrays travel as Flower ``Array``s,
 which Flower writes with ``np.save(allow_pickle=False)`` and reads with
 ``np.load(allow_pickle=False)``: nothing here unpickles.
 """
@@ -15,7 +24,14 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import Code, EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import MessageType
+from flwr.common.recorddict_compat import (
+    evaluateins_to_recorddict,
+    fitins_to_recorddict,
+    recorddict_to_evaluateres,
+    recorddict_to_fitres,
+)
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
@@ -30,6 +46,8 @@ SERVER_ROUND_KEY = "server-round"
 STOP_GROUP_ID = "final"
 
 MESSAGE_TYPES = {"train": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+CONTENT_FORMATS = ("message", "legacy")
+_LEGACY_REPLY_KEYS = {"train": "fitres.parameters", "evaluate": "evaluateres.loss"}
 
 
 class ReplyError(Exception):
@@ -55,8 +73,20 @@ class FlowerReply:
         return self.error_code is None
 
 
-def round_content(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> RecordDict:
+def round_content(
+    arrays: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    *,
+    purpose: str = "train",
+    content_format: str = "message",
+) -> RecordDict:
     """A round's content, built once and sent to every selected owner."""
+    if content_format == "legacy":
+        # Flower's legacy Parameters carry no names: the model's order is the order.
+        parameters = ndarrays_to_parameters([np.ascontiguousarray(a) for a in arrays.values()])
+        if purpose == "evaluate":
+            return evaluateins_to_recorddict(EvaluateIns(parameters, dict(config)), keep_input=True)
+        return fitins_to_recorddict(FitIns(parameters, dict(config)), keep_input=True)
     record = ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
     return RecordDict({ARRAYS_KEY: record, CONFIG_KEY: ConfigRecord(dict(config))})
 
@@ -127,22 +157,16 @@ def parse_reply(body: bytes) -> FlowerReply:
     if not message.has_content():
         raise ReplyError("a reply with neither content nor error")
     content = message.content
+    legacy_key = _LEGACY_REPLY_KEYS.get(metadata.message_type, "")
+    if legacy_key in content.array_records or legacy_key in content.metric_records:
+        return _parse_legacy(metadata, content)
     arrays: list[tuple[str, np.ndarray]] = []
     if ARRAYS_KEY in content.array_records:
         try:
             arrays = [(name, array.numpy()) for name, array in content.array_records[ARRAYS_KEY].items()]
         except Exception as exc:
             raise ReplyError(f"its arrays do not load: {type(exc).__name__}: {exc}") from None
-    metrics: dict[str, float | int] = {}
-    dropped: list[str] = []
-    if METRICS_KEY in content.metric_records:
-        for key, value in content.metric_records[METRICS_KEY].items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                dropped.append(key)  # lists: the native metrics are scalars
-            elif isinstance(value, float) and not math.isfinite(value):
-                dropped.append(key)
-            else:
-                metrics[key] = value
+    metrics, dropped = _scalars(content.metric_records.get(METRICS_KEY, {}))
     return FlowerReply(
         metadata.message_type,
         metadata.group_id,
@@ -151,3 +175,69 @@ def parse_reply(body: bytes) -> FlowerReply:
         metrics=metrics,
         dropped_metrics=tuple(dropped),
     )
+
+
+def _parse_legacy(metadata: Any, content: RecordDict) -> FlowerReply:
+    """A NumPyClient's ``fitres.*`` / ``evaluateres.*`` reply, read with Flower's converters."""
+    try:
+        if metadata.message_type == MessageType.TRAIN:
+            fit = recorddict_to_fitres(content, keep_input=True)
+            status, count, extra = fit.status, fit.num_examples, fit.metrics
+            found = parameters_to_ndarrays(fit.parameters)
+            arrays = [(str(index), np.asarray(array)) for index, array in enumerate(found)]
+            loss: dict[str, Any] = {}
+        else:
+            scored = recorddict_to_evaluateres(content)
+            status, count, extra = scored.status, scored.num_examples, scored.metrics
+            arrays, loss = [], {"loss": scored.loss}
+    except Exception as exc:  # Flower's converters raise KeyError, TypeError, ValueError, ...
+        raise ReplyError(f"not a legacy Flower reply: {type(exc).__name__}: {exc}") from None
+    if status.code != Code.OK:
+        return FlowerReply(
+            metadata.message_type,
+            metadata.group_id,
+            metadata.src_node_id,
+            error_code=int(status.code.value),
+            error_reason=f"the client's status: {status.code.name}: {status.message}",
+        )
+    metrics, dropped = _scalars({**loss, **dict(extra)})
+    metrics[NUM_EXAMPLES_KEY] = count if isinstance(count, int) else -1
+    return FlowerReply(
+        metadata.message_type,
+        metadata.group_id,
+        metadata.src_node_id,
+        arrays=arrays,
+        metrics=metrics,
+        dropped_metrics=tuple(dropped),
+    )
+
+
+def _scalars(values: Mapping[str, Any]) -> tuple[dict[str, float | int], list[str]]:
+    """The finite int and float metrics, and the names of the others (the native metrics are scalars)."""
+    kept: dict[str, float | int] = {}
+    dropped: list[str] = []
+    for key, value in values.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
+            dropped.append(key)
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
+def content_format_hint(error_reason: str) -> str:
+    """What to change when an owner's ClientApp could not find the records it reads ("" if that is not it)."""
+    if any(f"KeyError: '{key}.parameters'" in error_reason for key in ("fitins", "evaluateins")):
+        return (
+            "the owners run a ClientApp(client_fn=...) (NumPyClient), which reads Flower's legacy"
+            ' records: set [syft_flwr] content_format = "legacy"'
+        )
+    if "KeyError: 'arrays'" in error_reason or "KeyError: 'config'" in error_reason:
+        return (
+            "the owners run a Message-API ClientApp (@app.train()), which reads arrays/config"
+            ' records: set [syft_flwr] content_format = "message"'
+        )
+    return ""

@@ -95,6 +95,8 @@ class Translation:
     datasites: list[str]
     run_config: dict[str, Any]
     strategy: str = "fedavg"
+    # What the owners' ClientApp reads: [syft_flwr] content_format (flower_codec.CONTENT_FORMATS).
+    content_format: str = "message"
     strategy_params: dict[str, Any] = field(default_factory=dict)
     job: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +137,7 @@ class Project:
     datasites: list[str]
     run_config: dict[str, Any]
     server_app: str  # module:attribute
+    client_app: str | None = None  # module:attribute, when the project names one
 
 
 def read_pyproject(project: Path) -> Project:
@@ -162,6 +165,7 @@ def read_pyproject(project: Path) -> Project:
         datasites=[str(d) for d in syft["datasites"]],
         run_config=dict(app.get("config", {})),
         server_app=component,
+        client_app=_component(app, "clientapp"),
     )
 
 
@@ -176,7 +180,34 @@ def read_project(project: Path) -> Translation:
         run_config=meta.run_config,
     )
     _capture(load_server_app(meta), translation)
+    _choose_content_format(meta, translation)
     return translation
+
+
+def _component(app: Mapping[str, Any], name: str) -> str | None:
+    value = app.get("components", {}).get(name)
+    return value if isinstance(value, str) and ":" in value else None
+
+
+def _choose_content_format(meta: Project, translation: Translation) -> None:
+    """The records the owners' ClientApp reads: from the ClientApp itself, else from the ServerApp's kind.
+
+    A ``ClientApp(client_fn=...)`` (a NumPyClient) reads Flower's legacy ``fitins.*``
+    records; one with ``@app.train()`` handlers reads ``arrays``/``config``.
+    """
+    how = "from the ServerApp's kind"
+    if meta.client_app is not None:
+        try:
+            client = _load(meta.folder, meta.client_app)
+        except ImportRefused:
+            client = None
+        if getattr(client, "_call", None) is not None:
+            translation.content_format, how = "legacy", f"{meta.client_app} is a ClientApp(client_fn=...)"
+        elif getattr(client, "_registered_funcs", None):
+            translation.content_format, how = "message", f"{meta.client_app} has @app handlers"
+    translation.translated.append(
+        ("the owners' ClientApp", f"[syft_flwr] content_format = {translation.content_format!r} ({how})")
+    )
 
 
 def load_server_app(meta: Project) -> Any:
@@ -224,6 +255,7 @@ def _capture(server_app: Any, translation: Translation) -> None:
     if main is not None:
         _capture_main(main, context, translation)
     elif server_fn is not None:
+        translation.content_format = "legacy"  # a server_fn's strategy sends fitins/evaluateins
         components = server_fn(context)
         num_rounds = getattr(getattr(components, "config", None), "num_rounds", None)
         _translate(components.strategy, num_rounds, translation)
@@ -311,6 +343,9 @@ def _translate(strategy: Any, num_rounds: Any, translation: Translation) -> None
         translation.job.pop("min_evaluate_nodes", None)  # Flower sets 0 when evaluation is off
     if num_rounds is not None:
         translation.job["num_rounds"] = int(num_rounds)
+    if translation.job:
+        keys = ", ".join(f"{k} = {v!r}" for k, v in sorted(translation.job.items()))
+        translation.translated.append(("the strategy's rounds and node counts", f"[job] {keys}"))
     own = type(strategy)
     how = f"[strategy] name = {name!r}"
     if own is not base:

@@ -54,8 +54,11 @@ class SyftFlwrPublisher:
         run_id: str,
         expiry_margin_seconds: float,
         keys: AggregatorKeys | None = None,
+        content_format: str = "message",
     ) -> None:
         self.datasites = datasites
+        # What the owners' ClientApp reads (flower_codec.CONTENT_FORMATS).
+        self.content_format = content_format
         # Encrypted mode: every request is sealed for its owner (protocols/syft_flwr/keys.py).
         self.keys = keys
         self.target = target
@@ -127,7 +130,9 @@ class SyftFlwrPublisher:
             if any(self._sent(owner, name) for name in names):
                 continue  # written before a restart (same names): the owner may be answering it
             if content is None:
-                content = flower_codec.round_content(self._model[1], config)
+                content = flower_codec.round_content(
+                    self._model[1], config, purpose=action, content_format=self.content_format
+                )
             body = self._task_body(content, owner, action, task_round, expires - now)
             total += self._write_request(owner, names[0], body, now, expires)
         self.bytes_written += total
@@ -146,7 +151,9 @@ class SyftFlwrPublisher:
         name = resend_ids(task_id)[count]
         now = time.time()
         expires = max(task.deadline, now) + self.expiry_margin_seconds
-        content = flower_codec.round_content(self._model[1], task.config)
+        content = flower_codec.round_content(
+            self._model[1], task.config, purpose=task.action, content_format=self.content_format
+        )
         body = self._task_body(content, task.owner, task.action, task.round, expires - now)
         self._write_request(task.owner, name, body, now, expires)
         return name

@@ -40,6 +40,7 @@ from fl_orchestrator.protocols.syft_flwr.flower_codec import (
     NUM_EXAMPLES_KEY,
     FlowerReply,
     ReplyError,
+    content_format_hint,
     parse_reply,
 )
 from fl_orchestrator.protocols.syft_flwr.keys import (
@@ -304,7 +305,12 @@ class ReplyTranslator:
                 if reply.error_code == CLIENT_APP_RAISED
                 else f"FlowerError{reply.error_code}"
             )
-            return self._fail(owner, task_id, task, reply, kind, _first_lines(reply.error_reason))
+            detail = _first_lines(reply.error_reason)
+            hint = content_format_hint(reply.error_reason)
+            if hint:
+                log.warning("syft_flwr.content_format_mismatch", owner=owner, hint=hint)
+                detail = f"{detail} | {hint}"
+            return self._fail(owner, task_id, task, reply, kind, detail)
         action = task.action if task is not None else reply.message_type
         if reply.message_type != action:
             detail = f"a {reply.message_type!r} reply to a {action!r} request"

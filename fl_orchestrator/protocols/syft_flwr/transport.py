@@ -35,6 +35,7 @@ class SyftFlwrTransport:
             run_id=config.job.name,
             expiry_margin_seconds=config.syft_flwr.request_expiry_margin_seconds,
             keys=keys,
+            content_format=config.syft_flwr.content_format,
         )
         translator = ReplyTranslator(
             self.target, config.job.name, self.state, max_file_bytes=config.limits.max_file_bytes, keys=keys

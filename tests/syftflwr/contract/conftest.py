@@ -35,15 +35,25 @@ def client(tmp_path: Path) -> Any:
 @pytest.fixture
 def client_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The template's ClientApp: delta 0.5, 7 examples, raising in server-round 2."""
+    yield from _template_app(monkeypatch, "flt_app.client_app")
+
+
+@pytest.fixture
+def legacy_client_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The same owner as a ClientApp(client_fn=...) with a NumPyClient (legacy records)."""
+    yield from _template_app(monkeypatch, "flt_app.legacy_client_app")
+
+
+def _template_app(monkeypatch: pytest.MonkeyPatch, module: str) -> Iterator[Any]:
+    import importlib
+
     monkeypatch.setenv("FLT_DELTA", "0.5")
     monkeypatch.setenv("FLT_NUM_EXAMPLES", "7")
     monkeypatch.setenv("FLT_FAIL_ROUNDS", "2")
     monkeypatch.delenv("FLT_TRACE", raising=False)
     sys.path.insert(0, str(TEMPLATE_DIR))
     try:
-        from flt_app.client_app import app
-
-        yield app
+        yield importlib.import_module(module).app
     finally:
         sys.path.remove(str(TEMPLATE_DIR))
         for name in [m for m in sys.modules if m == "flt_app" or m.startswith("flt_app.")]:

@@ -30,11 +30,13 @@ MODEL = {
 }
 
 
-def _request(server_round: int) -> bytes:
-    content = flower_codec.round_content(MODEL, {"server-round": server_round, "lr": 0.1})
+def _request(server_round: int, *, purpose: str = "train", content_format: str = "message") -> bytes:
+    content = flower_codec.round_content(
+        MODEL, {"server-round": server_round, "lr": 0.1}, purpose=purpose, content_format=content_format
+    )
     return flower_codec.request_body(
         content,
-        purpose="train",
+        purpose=purpose,
         dst_node_id=envelope.node_id_of(OWNER),
         run_id=7,
         group_id=f"r{server_round}",
@@ -102,3 +104,41 @@ def test_the_daemons_stop_message_stops_a_data_owner(client_app: Any) -> None:
     assert processor.is_stop_signal(bytes_to_flower_message(body))
     assert processor.process(body) is None
     assert events.stopped
+
+
+def test_a_numpy_client_reads_the_legacy_train_request_and_its_fitres_parses(legacy_client_app: Any) -> None:
+    processor, _ = make_processor(legacy_client_app)
+    reply = flower_codec.parse_reply(processor.process(_request(1, content_format="legacy")))
+    assert reply.ok and reply.group_id == "r1" and reply.message_type == "train"
+    assert [name for name, _ in reply.arrays] == ["0", "1"]  # legacy Parameters carry no names
+    for (_, got), want in zip(reply.arrays, MODEL.values(), strict=True):
+        assert got.dtype == np.float32 and np.array_equal(got, want + np.float32(0.5))
+    assert reply.metrics == {"num-examples": 7, "train_loss": 0.5}
+
+
+def test_a_numpy_client_reads_the_legacy_evaluate_request_and_its_loss_parses(legacy_client_app: Any) -> None:
+    processor, _ = make_processor(legacy_client_app)
+    body = processor.process(_request(1, purpose="evaluate", content_format="legacy"))
+    reply = flower_codec.parse_reply(body)
+    mean = float(np.mean(np.concatenate([a.astype(np.float64).ravel() for a in MODEL.values()])))
+    assert reply.ok and reply.message_type == "evaluate" and reply.arrays == []
+    assert reply.metrics["num-examples"] == 7
+    assert reply.metrics["loss"] == reply.metrics["eval_mean"] and abs(reply.metrics["loss"] - mean) < 1e-9
+
+
+def test_a_numpy_client_raising_in_fit_parses_as_a_failure(legacy_client_app: Any) -> None:
+    processor, _ = make_processor(legacy_client_app)
+    reply = flower_codec.parse_reply(processor.process(_request(2, content_format="legacy")))
+    assert not reply.ok and "FLT_FAIL_ROUNDS" in reply.error_reason
+
+
+def test_each_format_sent_to_the_other_kind_of_client_app_names_the_key_to_change(
+    client_app: Any, legacy_client_app: Any
+) -> None:
+    # A Message-API request to a NumPyClient owner, and a legacy one to an @app.train() owner.
+    for app, sent, fix in ((legacy_client_app, "message", "legacy"), (client_app, "legacy", "message")):
+        processor, _ = make_processor(app)
+        reply = flower_codec.parse_reply(processor.process(_request(1, content_format=sent)))
+        assert not reply.ok
+        hint = flower_codec.content_format_hint(reply.error_reason)
+        assert f'content_format = "{fix}"' in hint, reply.error_reason
