@@ -43,6 +43,13 @@ PLAINTEXT_HINT = (
     " SYFT_FLWR_ENCRYPTION_ENABLED=false; its reply is used, but it travelled unencrypted"
 )
 
+UNREADABLE_REQUEST_HINT = (
+    "an empty answer to an encrypted request: the owner's handler could not read it, most likely"
+    " because it runs with SYFT_FLWR_ENCRYPTION_ENABLED=false while keys from an earlier run are"
+    " still published in its datasite; ask it to run with encryption on (syft-flwr's default), or"
+    " set [syft_flwr] encryption = false if every owner runs without"
+)
+
 
 def looks_encrypted(body: bytes) -> bool:
     """syft-crypto's payload is a JSON object; a Flower protobuf never starts with '{'."""

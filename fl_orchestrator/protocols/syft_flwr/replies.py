@@ -46,6 +46,7 @@ from fl_orchestrator.protocols.syft_flwr.flower_codec import (
 from fl_orchestrator.protocols.syft_flwr.keys import (
     ENCRYPTION_HINT,
     PLAINTEXT_HINT,
+    UNREADABLE_REQUEST_HINT,
     AggregatorKeys,
     SealError,
     looks_encrypted,
@@ -254,7 +255,10 @@ class ReplyTranslator:
             detail = f"syft-rpc status {response.status_code}: {_text(body)}"
             return self._fail(owner, task_id, task, None, f"SyftRpcStatus{response.status_code}", detail)
         if not body:
-            return self._fail(owner, task_id, task, None, "EmptyReply", "status 200 with no body")
+            detail = "status 200 with no body"
+            if self.keys is not None:
+                detail = f"{detail} | {UNREADABLE_REQUEST_HINT}"
+            return self._fail(owner, task_id, task, None, "EmptyReply", detail)
         try:
             reply = parse_reply(body)
         except ReplyError as exc:
