@@ -112,3 +112,57 @@ def test_a_raising_handler_is_a_counted_failure_with_the_traceback_head(tmp_path
     assert "no data at /srv/data" in str(raised.value)
     assert str(raised.value).startswith("RuntimeError: no data at /srv/data | ")
     assert "line" in str(raised.value)  # the head of the traceback: where it raised
+
+
+def test_simulate_runs_the_client_app_in_process_and_the_model_is_the_hand_computed_one(
+    tmp_path: Path,
+) -> None:
+    # The same ClientApp, 24 datasites hosted in one process (simulate/pool.py), each with its
+    # partition-id from simulate; one --flaky datasite fails in round 2 through the ClientApp.
+    count = 24
+    job = write_job(
+        tmp_path,
+        job_table(count, job={"num_rounds": 2, "min_train_nodes": count - 1, "train_config": {"lr": 0.5}}),
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fl_orchestrator.cli.tool_main",
+            "simulate",
+            "--config",
+            str(job),
+            "--datasites",
+            str(count),
+            "--client-app",
+            "flower_client_app:app",
+            "--runners",
+            "threads",
+            "--flaky",
+            "1",
+            "--workdir",
+            str(tmp_path / "sim"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_environment(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "in-process runners" in done.stdout and "(ClientAppError)" in done.stdout
+    flaky = next(line for line in done.stdout.splitlines() if "flaky:" in line).split()[-1]
+    config = load_config(tmp_path / "sim" / "job.toml")
+    emails = list(config.syftbox.datasites)
+    model = {k: v.astype(np.float64) for k, v in initial_model(config.model).items()}
+    for rnd in (1, 2):
+        taking_part = [i for i, e in enumerate(emails) if not (rnd == 2 and e == flaky)]
+        weights = {i: 10 * (i + 1) for i in taking_part}
+        total = sum(weights.values())
+        model = {
+            k: sum(w * (v + 0.5 * (i + 1.0 - v)) for i, w in weights.items()) / total
+            for k, v in model.items()
+        }
+    final = ModelStore(config.state.state_dir, config.job.name).load(2)
+    for name, expected in model.items():
+        np.testing.assert_allclose(final[name], expected, rtol=1e-5)
