@@ -47,6 +47,17 @@ def test_an_unchanged_analytics_server_app_runs_on_the_daemons_transport(tmp_pat
         assert {o: c["answered"] for o, c in finished["per_datasite"].items()} == {s.email: 1 for s in specs}
         (keys,) = run.named("syft_flwr.keys")
         assert keys["done"] == "created"  # encrypted, as the owners run
+        # status.json counts what the loop sent and took per owner; `status --state-dir` reads it.
+        shown = federation.run_tool(["status", "--state-dir", str(tmp_path / "state"), "--json"])
+        assert shown.returncode == 0, shown.stderr
+        status = json.loads(shown.stdout)
+        assert (status["state"], status["phase"], status["round"]) == ("done", "done", None)
+        for spec in specs:
+            owner = status["datasites"][spec.email]
+            assert (owner["selected"], owner["succeeded"], owner["failed"]) == (1, 1, 0), owner
+            assert owner["last_seen"] is not None
+        text = federation.run_tool(["status", "--state-dir", str(tmp_path / "state")])
+        assert "a custom ServerApp loop" in text.stdout, text.stdout + text.stderr
         # The ServerApp ended, so the owners were sent the stop message and exited by themselves.
         exits = federation.wait_data_owners_exit(timeout_seconds=15)
         assert exits == {s.email: 0 for s in specs}, federation.log_tails()

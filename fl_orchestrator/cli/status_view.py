@@ -248,6 +248,8 @@ def render_text(doc: dict[str, Any]) -> str:
     if doc["daemon"] == UNKNOWN and doc["state"] == "running":
         lines.append(f"  (pid {doc['pid']} on host {doc['host']}: cannot check from here whether it runs)")
     where = f"round {doc['round']} of {doc['num_rounds']}, phase {doc['phase']}"
+    if doc["round"] is None:
+        where = f"a custom ServerApp loop (no rounds of ours), phase {doc['phase']}"
     if doc["attempt"] is not None:
         where += f", attempt {doc['attempt']}"
     lines.append(f"  {where}")

@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show where a job is (reads <state_dir>/status.json; works while or after the daemon runs)",
     )
-    status.add_argument("--config", required=True, type=Path)
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the job file (its state_dir holds status.json)")
+    where.add_argument(
+        "--state-dir", type=Path, help="the state folder itself (for fl-orchestratord --server-app)"
+    )
     status.add_argument(
         "--json",
         action="store_true",
@@ -80,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _init(args)
     if args.command == "simulate":
         return run_simulate(args)
+    if args.command == "status" and args.state_dir is not None:
+        code, text = show_status(args.state_dir, as_json=args.json)
+        print(text, file=sys.stdout if code == 0 else sys.stderr)
+        return code
     try:
         config = load_config(args.config)
     except ConfigError as exc:

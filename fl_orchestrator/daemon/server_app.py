@@ -8,7 +8,8 @@ watcher follows the owners' folders, a feeder turns its paths into presence
 and arrived replies for the grid, and SIGTERM/SIGINT close the grid, so a
 ``send_and_receive`` in progress raises and the ServerApp's thread ends; after
 ``shutdown_timeout_seconds`` it is abandoned. When ``main`` returns, every
-present owner is sent syft-flwr's stop message.
+present owner is sent syft-flwr's stop message. ``state_dir/status.json`` shows
+the requests sent and replies taken per owner (daemon/server_app_status.py).
 
 No mid-loop crash-resume: the ServerApp's state is its own. After a restart it
 runs again from the start. Replies to requests of the earlier run are never
@@ -28,6 +29,7 @@ import anyio
 import structlog
 from anyio.abc import ObjectReceiveStream
 
+from fl_orchestrator.daemon.server_app_status import ServerAppStatus
 from fl_orchestrator.intake.watcher import PathBatch, watch_job_files
 from fl_orchestrator.protocols.syft_flwr.grid import GridClosed, ReplyBox, SyftFlwrGrid
 from fl_orchestrator.protocols.syft_flwr.keys import AggregatorKeys, KeysError
@@ -100,6 +102,7 @@ async def run_server_app(settings: ServerAppSettings) -> int:
         counts=counts,
     )
     context = flower_context(project.run_config, run_id)
+    status = ServerAppStatus(settings.state_dir, project.app_name, run_id, project.datasites)
     encrypted = keys is not None
     log.info(
         "server_app.started", project=str(settings.project), app_name=project.app_name, encrypted=encrypted
@@ -116,12 +119,18 @@ async def run_server_app(settings: ServerAppSettings) -> int:
                 rescan_interval_seconds=settings.rescan_interval_seconds,
             )
         )
-        group.start_soon(_feed, receive, target, keys, box)
+        group.start_soon(_feed, receive, target, keys, box, status)
         group.start_soon(_stop_on_signal, stop_requested)
+        group.start_soon(status.write_when_changed, counts)
+        status.changed()
         outcome = await _run_main(main, grid, context, box, stop_requested, settings.shutdown_timeout_seconds)
         if outcome == "done":
             await anyio.to_thread.run_sync(_send_stop, grid, settings.stop_reason)
         group.cancel_scope.cancel()
+    status.state = {"done": "done", "stopped": "stopped"}.get(outcome, "failed")
+    if outcome == "failed":
+        status.error = "the ServerApp raised (see server_app.raised in the log)"
+    await anyio.to_thread.run_sync(status.write, counts)
     lock.release()
     log.info("server_app.finished", outcome=outcome, per_datasite=counts)
     return EXIT_DONE if outcome == "done" else EXIT_FAILED
@@ -191,8 +200,9 @@ async def _feed(
     target: SyftFlwrLayout,
     keys: AggregatorKeys | None,
     box: ReplyBox,
+    status: ServerAppStatus,
 ) -> None:
-    """The watcher's paths become presence and arrived replies for the grid."""
+    """The watcher's paths become presence and arrived replies for the grid (and the status)."""
     warned: set[str] = set()
     async for batch in receive:
         for path in batch:
@@ -202,12 +212,14 @@ async def _feed(
             if found.kind == SyftFlwrKind.PRESENCE and path.name == SCHEMA_FILE:
                 if keys is None or keys.has_public_key(found.owner):
                     box.present(found.owner)
+                    status.seen(found.owner)
                 elif found.owner not in warned:
                     warned.add(found.owner)
                     hint = keys.no_key_hint(found.owner)
                     log.warning("syft_flwr.owner_without_keys", owner=found.owner, hint=hint)
             elif found.kind == SyftFlwrKind.RESPONSE and found.request_id is not None:
                 box.arrived(found.request_id, path)
+                status.seen(found.owner)
 
 
 async def _stop_on_signal(stop_requested: anyio.Event) -> None:

@@ -194,7 +194,10 @@ class SyftFlwrGrid(Grid):  # type: ignore[misc]
             if self._write(sent, request_id):
                 with self._lock:
                     self._sent[str(request_id)] = sent
-                    self.counts.setdefault(owner, {"sent": 0, "answered": 0, "failed": 0})["sent"] += 1
+                    # The stop message is no request of the ServerApp's: counted apart.
+                    kind = "stop_sent" if message.metadata.group_id == flower_codec.STOP_GROUP_ID else "sent"
+                    numbers = self.counts.setdefault(owner, {"sent": 0, "answered": 0, "failed": 0})
+                    numbers[kind] = numbers.get(kind, 0) + 1
                 ids.append(str(request_id))
         return ids
 
