@@ -119,7 +119,8 @@ class RoundDriver:
         if self.replaying:
             return
         transition = (machine.phase, machine.round) != before
-        if transition or actions:
+        # A heartbeat moves "last seen": status.json follows (its writer keeps to once a second).
+        if transition or actions or isinstance(event, ev.NodeSeen | ev.NodesSeen):
             self.status_wanted.set()
             if transition:
                 self.status_urgent.set()
