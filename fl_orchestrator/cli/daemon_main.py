@@ -15,7 +15,7 @@ import structlog
 
 from fl_orchestrator import __version__
 from fl_orchestrator.cli.logs import LoggingSetupError, configure_logging, resolve_logging
-from fl_orchestrator.config import EX_CONFIG, EX_USAGE, ConfigError, load_config
+from fl_orchestrator.config import EX_CANTCREAT, EX_CONFIG, EX_USAGE, ConfigError, load_config
 from fl_orchestrator.config.hooks import HookError, load_callable
 from fl_orchestrator.config.render import config_to_table
 from fl_orchestrator.config.schema import JobConfig
@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", choices=("auto", "json", "console"))
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        help="also append every event as a JSON line here; the console keeps its format",
+    )
     parser.add_argument("--version", action="version", version=f"fl-orchestrator {__version__}")
     return parser
 
@@ -95,7 +100,11 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
     if args.check:
         print(json.dumps(config_to_table(config), indent=2, sort_keys=True))
         return 0
-    configure_logging(level, fmt)
+    try:
+        configure_logging(level, fmt, log_file=_absolute(args.log_file))
+    except OSError as exc:
+        print(f"error: --log-file {args.log_file}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_CANTCREAT
     log = structlog.get_logger("fl_orchestrator.main")
     try:
         daemon = Daemon(
@@ -130,6 +139,10 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
         return EXIT_SOFTWARE
 
 
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(os.path.abspath(os.path.expanduser(path)))
+
+
 def _server_app(args: argparse.Namespace) -> int:
     from fl_orchestrator.daemon.server_app import ServerAppSettings, run_server_app
 
@@ -138,7 +151,11 @@ def _server_app(args: argparse.Namespace) -> int:
     except LoggingSetupError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    configure_logging(level, fmt)
+    try:
+        configure_logging(level, fmt, log_file=_absolute(args.log_file))
+    except OSError as exc:
+        print(f"error: --log-file {args.log_file}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_CANTCREAT
     project = Path(os.path.abspath(args.server_app))
     settings = ServerAppSettings(
         project=project,

@@ -14,10 +14,9 @@ from typing import Any
 
 import tomli_w
 
+from fl_orchestrator.config import EX_CANTCREAT as EX_CANTCREAT  # re-exported: tool_main reads it here
 from fl_orchestrator.config import config_from_table
 from fl_orchestrator.storage.atomic import atomic_write_text
-
-EX_CANTCREAT = 73
 
 HEADER = """\
 # Starter job written by `fl-orchestrator init`. Every key and its default is in

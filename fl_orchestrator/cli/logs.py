@@ -3,6 +3,12 @@
 JSON lines when stdout is not a terminal (journald, pipes), a readable console
 rendering on a terminal. The format and level can be forced by flag or by the
 FL_ORCHESTRATOR_LOG_FORMAT / FL_ORCHESTRATOR_LOG_LEVEL environment variables.
+
+``--log-file PATH`` appends every event as a JSON line to PATH as well, and the
+console keeps its own format: the operator reads short lines while the file
+keeps every field (``fl-orchestratord ... | tee`` would have made the console
+JSON too, since a pipe is not a terminal). On the console, long lists and big
+mappings are cut to their size: a round over 1,000 datasites is one line.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 import structlog
 
@@ -39,17 +46,23 @@ def resolve_logging(
     return level.lower(), fmt.lower()
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog for the whole process."""
+# On the console, a list longer than this, or a mapping with more keys, is shown by its size.
+CONSOLE_MAX_ITEMS = 6
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "auto", stream: TextIO | None = None, log_file: Path | None = None
+) -> None:
+    """Configure structlog for the whole process (OSError if ``log_file`` cannot be opened)."""
     out = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    renderer: structlog.typing.Processor
-    if fmt == "json":
-        # Strict JSON: a NaN or inf in an event (a metric, a norm) must not make the line unparsable.
-        renderer = structlog.processors.JSONRenderer(serializer=json_text, sort_keys=False)
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    # Strict JSON: a NaN or inf in an event (a metric, a norm) must not make the line unparsable.
+    as_json = structlog.processors.JSONRenderer(serializer=json_text, sort_keys=False)
+    console = _Brief(structlog.dev.ConsoleRenderer(colors=out.isatty()))
+    renderer: structlog.typing.Processor = as_json if fmt == "json" else console
+    if log_file is not None:
+        renderer = _Tee(as_json, renderer, open(log_file, "a", encoding="utf-8", buffering=1))  # noqa: SIM115
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -63,3 +76,35 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
+
+
+class _Brief:
+    """The console renderer, with long lists and big mappings shown by their size."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, logger: Any, name: str, event: Any) -> Any:
+        shown = {key: _brief(value) for key, value in event.items()}
+        return self.inner(logger, name, shown)
+
+
+def _brief(value: Any) -> Any:
+    if isinstance(value, list | tuple | set | frozenset) and len(value) > CONSOLE_MAX_ITEMS:
+        return f"[{len(value)} items]"
+    if isinstance(value, dict) and len(value) > CONSOLE_MAX_ITEMS:
+        return f"{{{len(value)} keys}}"
+    return value
+
+
+class _Tee:
+    """Every event as a JSON line to the log file, and as the console renders it to stdout."""
+
+    def __init__(self, as_json: Any, console: Any, file: TextIO) -> None:
+        self.as_json = as_json
+        self.console = console
+        self.file = file
+
+    def __call__(self, logger: Any, name: str, event: Any) -> Any:
+        self.file.write(self.as_json(logger, name, dict(event)) + "\n")
+        return self.console(logger, name, event)

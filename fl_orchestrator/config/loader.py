@@ -18,6 +18,8 @@ from fl_orchestrator.config.schema import JobConfig, StrategySection
 EX_CONFIG = 78
 # sysexits' EX_USAGE, for bad command-line flags (argparse's own 2 is not a sysexits code).
 EX_USAGE = 64
+# sysexits.h: an output file cannot be created (exists without --force, or unwritable).
+EX_CANTCREAT = 73
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
 _APP_NAME = re.compile(r"[A-Za-z0-9@._-]{1,200}")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
