@@ -52,6 +52,7 @@ def test_three_datasites_fedavg_equals_hand_computed_average(tmp_path: Path) -> 
     assert all(e["succeeded"] == 3 and e["timed_out"] == 0 for e in completed)
     # Train metrics are weighted by num_examples: (0*10 + 1*20 + 2*30) / 60.
     assert completed[0]["train_metrics"]["loss"] == pytest.approx(80 / 60)
+    assert "fl.train_seconds" not in completed[0]["train_metrics"]  # the runner's time is no metric
 
     store = ModelStore(config.state.state_dir, config.job.name)
     assert store.rounds() == [0, 1, 2, 3]
@@ -69,6 +70,10 @@ def test_three_datasites_fedavg_equals_hand_computed_average(tmp_path: Path) -> 
     status = json.loads((config.state.state_dir / "status.json").read_text())
     assert status["state"] == "done"
     assert all(record["succeeded"] == 3 for record in status["datasites"].values())
+    # Each runner timed its own train calls; dispatch to result (train_seconds_total) includes more.
+    for record in status["datasites"].values():
+        assert record["runner_timed"] == 3
+        assert 0 <= record["runner_train_seconds_total"] <= record["train_seconds_total"]
 
     out = tmp_path / "final.npz"
     assert tool_main(["export", "--config", str(federation.config_path), "--out", str(out)]) == 0

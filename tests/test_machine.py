@@ -429,3 +429,12 @@ def test_a_stale_heartbeat_marks_presence_but_the_deadline_comes_from_the_clock(
     # A heartbeat stamped in the future (a skewed clock) counts as now, never later.
     machine.handle(ev.NodeSeen(1001.0, "a@x.org", seen_at=5000.0))
     assert machine.records["a@x.org"].last_seen == 1001.0
+
+
+def test_the_runners_own_train_time_is_kept_apart_from_dispatch_to_result() -> None:
+    machine, dispatch = started(rules(min_available_nodes=2))
+    result(machine, 4.0, "a@x.org", runner_seconds=1.5)
+    result(machine, 6.0, "b@x.org")  # a runner that does not say (syft-flwr owners)
+    a, b = machine.records["a@x.org"], machine.records["b@x.org"]
+    assert (a.train_seconds_total, a.runner_train_seconds_total, a.runner_timed) == (4.0, 1.5, 1)
+    assert (b.train_seconds_total, b.runner_train_seconds_total, b.runner_timed) == (6.0, 0.0, 0)

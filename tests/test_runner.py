@@ -15,7 +15,7 @@ from fl_orchestrator.datasite.runner import DatasiteRunner, RunnerSettings
 from fl_orchestrator.protocols.native import Publisher
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JobLayout
-from fl_orchestrator.wire.messages import ResultMessage, decode_message
+from fl_orchestrator.wire.messages import RUNNER_SECONDS_METRIC, ResultMessage, decode_message
 
 # In-process federations: left out of `make test-fast`.
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -76,7 +76,10 @@ def good_train(arrays: dict[str, np.ndarray], config: dict[str, Any]) -> Any:
 async def test_trains_and_replies_with_arrays_examples_and_metrics(tmp_path: Path) -> None:
     publish(tmp_path)
     result = await result_of(tmp_path, good_train)
-    assert result.ok and result.num_examples == 7 and result.metrics == {"loss": 0.25}
+    assert result.ok and result.num_examples == 7
+    # Beside the train function's metrics, the runner's own time in it (how long training took).
+    seconds = result.metrics.pop(RUNNER_SECONDS_METRIC)
+    assert result.metrics == {"loss": 0.25} and 0 <= seconds < 5
     assert result.envelope.reply_to == "a1" and result.envelope.round == 1
     np.testing.assert_array_equal(result.arrays["w"], MODEL["w"] + 1)
 

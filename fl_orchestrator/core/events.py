@@ -94,6 +94,8 @@ class ResultReceived:
     purpose: str = "train"  # or "evaluate": a federated-evaluation answer
     # ||result - the round's model||, when the intake measured it (the outlier rule).
     update_norm: float | None = None
+    # The runner's own seconds in the train function, when it said (native runners do).
+    runner_seconds: float | None = None
 
 
 @dataclass(frozen=True)

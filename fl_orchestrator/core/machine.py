@@ -234,6 +234,9 @@ class RoundMachine:
             current.metrics[event.datasite] = dict(event.metrics)
             record.succeeded += 1
             record.train_seconds_total += elapsed
+            if event.runner_seconds is not None:
+                record.runner_train_seconds_total += event.runner_seconds
+                record.runner_timed += 1
             if record.first_num_examples is None:
                 record.first_num_examples = event.num_examples
             if event.update_norm is not None:

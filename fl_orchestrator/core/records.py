@@ -44,7 +44,11 @@ class DatasiteRecord:
     failed: int = 0
     timed_out: int = 0
     rejected: int = 0
+    # Dispatch to counted result, summed over its successes (the round's view of its time).
     train_seconds_total: float = 0.0
+    # The runner's own time in the train function, summed over the successes that reported it.
+    runner_train_seconds_total: float = 0.0
+    runner_timed: int = 0
     # num_examples of its first counted training result: what later claims are held to.
     first_num_examples: int | None = None
     # The update norm of its result in the last round aggregated with it (the outlier rule).

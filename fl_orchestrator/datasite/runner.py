@@ -39,6 +39,7 @@ from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JOB_ENDED, JobLayout
 from fl_orchestrator.wire.messages import (
+    RUNNER_SECONDS_METRIC,
     Envelope,
     HeartbeatMessage,
     ModelMessage,
@@ -358,8 +359,12 @@ class DatasiteRunner:
                 scored = ResultMessage(reply, True, count, scores, action="evaluate")
                 return encode_result_frames(scored), scored
             reference = {k: v.copy() for k, v in model.items()}
+            started = time.perf_counter()
             output = call_with_context(self.train, model, dict(task.config), self._context(task))
+            seconds = time.perf_counter() - started
             new_arrays, num_examples, metrics = normalise_train_output(output, reference)
+            # The daemon shows this as the datasite's train time (dispatch to result is the round's).
+            metrics = {**metrics, RUNNER_SECONDS_METRIC: round(seconds, 6)}
             result = ResultMessage(reply, True, num_examples, metrics, arrays=new_arrays)
             return encode_result_frames(result), result
         except Exception as exc:  # the data owner's code: report type and message only

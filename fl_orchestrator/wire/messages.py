@@ -32,6 +32,9 @@ MAX_CONFIG_ENTRIES = 256
 MAX_NUM_EXAMPLES = 10**12
 MetricValue = int | float
 Metrics = dict[str, MetricValue]
+# The runner's own seconds in the train function. Sent among the metrics, not as a header
+# field, so that a daemon older than it still accepts the result (it shows as a metric there).
+RUNNER_SECONDS_METRIC = "fl.train_seconds"
 
 _COMMON = {"version", "kind", "job", "round", "message_id", "reply_to", "created", "deadline"}
 _KIND_FIELDS = {
