@@ -74,6 +74,19 @@ def test_three_datasites_fedavg_equals_hand_computed_average(tmp_path: Path) -> 
     for record in status["datasites"].values():
         assert record["runner_timed"] == 3
         assert 0 <= record["runner_train_seconds_total"] <= record["train_seconds_total"]
+    # The same snapshot as Prometheus metrics, for node_exporter's textfile collector.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = (config.state.state_dir / "fl_orchestrator.prom").read_text()
+    samples = {
+        (s.name, s.labels.get("datasite")): s.value
+        for family in text_string_to_metric_families(prom)
+        for s in family.samples
+    }
+    assert samples[("fl_orchestrator_rounds_completed_total", None)] == 3
+    assert samples[("fl_orchestrator_round", None)] == 3
+    assert all(samples[("fl_orchestrator_datasite_succeeded_total", d)] == 3 for d in status["datasites"])
+    assert samples[("fl_orchestrator_bytes_written_total", None)] > 0
 
     out = tmp_path / "final.npz"
     assert tool_main(["export", "--config", str(federation.config_path), "--out", str(out)]) == 0

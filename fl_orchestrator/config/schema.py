@@ -229,6 +229,14 @@ class DaemonSection:
         default=5.0,
         metadata=spec("drain deadline after SIGTERM", minimum=0, exclusive_minimum=True),
     )
+    prometheus_textfile_path: Path | None = field(
+        default=None,
+        metadata=spec(
+            "where the job's Prometheus metrics go, in the text format node_exporter's textfile"
+            " collector reads, rewritten atomically with status.json; default"
+            " <state_dir>/fl_orchestrator.prom",
+        ),
+    )
 
 
 @dataclass(frozen=True)

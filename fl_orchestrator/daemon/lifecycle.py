@@ -81,7 +81,7 @@ class Daemon:
         self.state_dir = config.state.state_dir
         self.lock = StateLock(self.state_dir)
         self.store = ModelStore(self.state_dir, job)
-        self.reports = Reports(self.state_dir, job)
+        self.reports = Reports(self.state_dir, job, config.daemon.prometheus_textfile_path)
         self.state = JobState(
             self.state_dir,
             job,

@@ -11,11 +11,13 @@ from typing import Any
 
 from fl_orchestrator.core.events import RoundSummary
 from fl_orchestrator.core.machine import RoundMachine
+from fl_orchestrator.daemon import prometheus
 from fl_orchestrator.storage.atomic import atomic_write_text
 from fl_orchestrator.storage.jsonl import append_json_line, json_text, read_json_lines
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
+PROMETHEUS_FILE = "fl_orchestrator.prom"
 EVALUATIONS_FILE = "evaluations.jsonl"
 
 
@@ -40,10 +42,14 @@ def process_start_ticks(pid: int) -> int | None:
 class Reports:
     """status.json, rewritten atomically on every transition; metrics.jsonl, one line a round."""
 
-    def __init__(self, state_dir: Path, job: str) -> None:
+    def __init__(self, state_dir: Path, job: str, prometheus_path: Path | None = None) -> None:
         self.state_dir = state_dir
         self.job = job
         self.status_path = state_dir / STATUS_FILE
+        self.prometheus_path = prometheus_path or state_dir / PROMETHEUS_FILE
+        # The last completed round's line and how many rounds have one (for the metrics file).
+        self._last_round: dict[str, Any] | None = None
+        self._rounds_completed: int | None = None
         self.metrics_path = state_dir / METRICS_FILE
         self.evaluations_path = state_dir / EVALUATIONS_FILE
         self._host = socket.gethostname()
@@ -51,8 +57,18 @@ class Reports:
         self._pid_start_ticks = process_start_ticks(self._pid)
 
     def write_status_document(self, status: dict[str, Any]) -> None:
-        """Write a snapshot taken by status_document; safe in a worker thread."""
+        """Write a snapshot taken by status_document, and the metrics file; safe in a worker thread."""
         atomic_write_text(self.status_path, json_text(status, sort_keys=True), durable=False)
+        if self._rounds_completed is None:
+            lines = self.round_lines()  # once, on the first write of this process (a resume)
+            self._rounds_completed = len(lines)
+            self._last_round = lines[-1] if lines else None
+        totals = {
+            "rounds_completed_total": self._rounds_completed,
+            "bytes_written_total": status.get("bytes_written_total"),
+        }
+        text = prometheus.render(status, self._last_round, totals)
+        atomic_write_text(self.prometheus_path, text, durable=False)
 
     def status_document(
         self, machine: RoundMachine, *, now: float, state: str, extra: dict[str, Any] | None = None
@@ -136,6 +152,9 @@ class Reports:
         if summary.round in self.logged_rounds():
             return line  # written before a restart: one line per round, never two
         append_json_line(self.metrics_path, line)
+        self._last_round = line
+        if self._rounds_completed is not None:
+            self._rounds_completed += 1
         return line
 
 

@@ -85,6 +85,8 @@ class RoundWork:
         self.global_model: dict[str, np.ndarray] = {}
         self.broadcast: Broadcast | None = None
         self.last_evaluate: dict[str, float] = {}
+        # Models and tasks this process published (the metrics file's bytes counter).
+        self.bytes_written_total = 0
         # Whole-set strategies: accepted results stay on disk until the round closes.
         self.accepted_files: list[tuple[str, ResultHandle, int]] = []
 
@@ -100,6 +102,7 @@ class RoundWork:
                 what="model for the datasites",
                 path=self.publisher.models_dir,
             )
+            self.bytes_written_total += self.broadcast.nbytes
         failpoints.hit("dispatch.after_model")
         if begin and action.purpose == "train":
             self.strategy.begin_round(action.round, self.global_model)
@@ -121,6 +124,7 @@ class RoundWork:
             path=self.publisher.tasks_dir,
         )
         failpoints.hit("dispatch.after_tasks")
+        self.bytes_written_total += task_bytes
         log.info(
             "round.dispatched",
             round=action.round,

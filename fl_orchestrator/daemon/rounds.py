@@ -267,6 +267,7 @@ class RoundDriver:
             "flagged": self.quarantine.flagged_datasites(),
             "quarantine_dropped": self.quarantine.snapshot_dropped(),
             "last_evaluate": dict(self.work.last_evaluate),
+            "bytes_written_total": self.work.bytes_written_total,
         }
         if self.failure_reason:
             extra["error"] = self.failure_reason
