@@ -9,7 +9,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-syftbox test-syft-flwr compare-syft-flwr chaos fuzz bench lint typecheck check clean service-install ci-tools
+.PHONY: install demo test test-fast test-examples test-syftbox test-syft-flwr compare-syft-flwr chaos fuzz bench lint typecheck check clean service-install ci-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -38,6 +38,24 @@ ci-tools:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd) >/dev/null \
 		|| echo "could not install systemd-analyze: the unit-file checks will skip"; \
 	fi
+
+# The examples that need heavy libraries (docs/examples/pytorch_cnn/), in a venv of their own so
+# `make test` never installs them; there tests/examples skips. Torch is pinned to the exact
+# release: a range or plain `torch` pulls a multi-GB CUDA build.
+EXAMPLES_VENV ?= .venv-examples
+EXAMPLES_STAMP := $(EXAMPLES_VENV)/.installed
+TORCH_PIN ?= torch==2.13.0
+
+$(EXAMPLES_STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(EXAMPLES_VENV)
+	$(EXAMPLES_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EXAMPLES_VENV)/bin/python -m pip install --quiet -e '.[dev,demo]'
+	$(EXAMPLES_VENV)/bin/python -m pip install --quiet '$(TORCH_PIN)'
+	@touch $(EXAMPLES_STAMP)
+
+test-examples: $(EXAMPLES_STAMP)
+	$(EXAMPLES_VENV)/bin/python -m pytest -q tests/examples
 
 # Only the end-to-end run over a real SyftBox server and clients (syftbox==0.4.0 in its own venv).
 test-syftbox: $(STAMP)

@@ -57,3 +57,56 @@ def test_runners_exit_0_when_the_job_ends_and_one_told_to_keep_running_does_not(
         assert last["abandoned_task"] is None  # nothing was being trained
     finally:
         federation.stop()
+
+
+def test_the_data_owners_module_is_found_in_the_folder_the_runner_starts_from(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = tmp_path / "owner"
+    code.mkdir()
+    (code / "my_training.py").write_text("def train(arrays, config):\n    return arrays, 1, {}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [
+        str(Path(sys.executable).with_name("fl-orchestrator")),
+        "datasite",
+        "--syftbox-root",
+        str(tmp_path / "root"),
+        "--create",
+        "--email",
+        "ds0@example.org",
+        "--aggregator",
+        "agg@example.org",
+        "--job",
+        "job1",
+        "--log-format",
+        "json",
+    ]
+    missing = subprocess.run(
+        [*command, "--train", "nowhere_here:train"],
+        cwd=code,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert missing.returncode == 64 and "nowhere_here" in missing.stderr
+    process = subprocess.Popen(
+        [*command, "--train", "my_training:train"],
+        cwd=code,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if '"datasite.ready"' in line:
+                break
+        else:
+            raise AssertionError("the runner never became ready")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0

@@ -217,6 +217,9 @@ def run_datasite(args: argparse.Namespace) -> int:
         heartbeat_interval_seconds=args.heartbeat_interval_seconds,
         rescan_interval_seconds=args.rescan_interval_seconds,
     )
+    # The data owner's module is in the folder they run from, as `python -m` would find it.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         runner = DatasiteRunner(settings)
     except HookError as exc:
