@@ -110,3 +110,52 @@ def test_the_data_owners_module_is_found_in_the_folder_the_runner_starts_from(tm
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+def test_a_runner_with_no_task_says_what_it_waits_for_at_start_and_again(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from fl_orchestrator.wire.layout import JobLayout
+
+    root = tmp_path / "root"
+    command = [
+        str(Path(sys.executable).with_name("fl-orchestrator")),
+        "datasite",
+        "--syftbox-root",
+        str(root),
+        "--create",
+        "--email",
+        "ds0@example.org",
+        "--aggregator",
+        "agg@example.org",
+        "--job",
+        "job1",
+        "--train",
+        "support.scripted:train",
+        "--log-format",
+        "json",
+        "--waiting-log-interval-seconds",
+        "0.3",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(TESTS_DIR))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    said: list[dict[str, object]] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if '"datasite.waiting"' not in line:
+                continue
+            said.append(json.loads(line))
+            if len(said) == 2:
+                # The job's folder appears (the coordinator started): the next line says so.
+                JobLayout(root, "job1", "agg@example.org").aggregator_dir.mkdir(parents=True)
+            if said[-1]["waiting_for"] == "a task" or len(said) > 40:
+                break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    assert said[0]["waiting_for"] == "the aggregator's job folder" and said[0]["level"] == "info"
+    assert "--job 'job1'" in str(said[0]["hint"])
+    assert said[-1]["waiting_for"] == "a task" and "[syftbox] datasites" in str(said[-1]["hint"])

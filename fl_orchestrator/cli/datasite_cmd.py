@@ -146,6 +146,12 @@ def add_datasite_parser(sub: Any) -> None:
         help="results larger than this are written as parts (0: never); SyftBox 0.4.0 refuses > 10 MB",
     )
     site.add_argument("--rescan-interval-seconds", type=_positive_float, default=10.0)
+    site.add_argument(
+        "--waiting-log-interval-seconds",
+        type=_positive_float,
+        default=300.0,
+        help="until the first task, say what the runner waits for this often (and at start)",
+    )
     site.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     site.add_argument("--log-format", choices=("auto", "json", "console"))
 
@@ -216,6 +222,7 @@ def run_datasite(args: argparse.Namespace) -> int:
         part_bytes=args.part_bytes,
         heartbeat_interval_seconds=args.heartbeat_interval_seconds,
         rescan_interval_seconds=args.rescan_interval_seconds,
+        waiting_log_interval_seconds=args.waiting_log_interval_seconds,
     )
     # The data owner's module is in the folder they run from, as `python -m` would find it.
     if os.getcwd() not in sys.path:

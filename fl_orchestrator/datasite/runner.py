@@ -35,6 +35,7 @@ from fl_orchestrator.datasite.outputs import (
     normalise_train_output,
 )
 from fl_orchestrator.datasite.task_watch import TaskPaths, watch_tasks
+from fl_orchestrator.datasite.waiting import what_we_wait_for
 from fl_orchestrator.storage.atomic import atomic_write, atomic_write_text
 from fl_orchestrator.wire.frames import FrameLimits
 from fl_orchestrator.wire.layout import JOB_ENDED, JobLayout
@@ -82,6 +83,8 @@ class RunnerSettings:
     node_config: Mapping[str, Any] = field(default_factory=dict)
     # Serve on after the aggregator says the job has ended (by default the runner exits 0).
     keep_running: bool = False
+    # Until its first task, what it waits for is logged at start and then this often.
+    waiting_log_interval_seconds: float = 300.0
 
 
 class NoEvaluateFunction(Exception):
@@ -146,6 +149,7 @@ class DatasiteRunner:
             log.info("datasite.ready", datasite=self.settings.email)
             group.start_soon(self._heartbeat_forever)
             group.start_soon(self._rescan_forever, send.clone())
+            group.start_soon(self._say_what_it_waits_for)
             await self.serve(receive)
             group.cancel_scope.cancel()
 
@@ -208,6 +212,21 @@ class DatasiteRunner:
         while True:
             await anyio.sleep(self.settings.heartbeat_interval_seconds)
             await anyio.to_thread.run_sync(self.write_heartbeat)
+
+    async def _say_what_it_waits_for(self) -> None:
+        """Until the first task arrives: what is missing, at start and every few minutes."""
+        while not self.done and not self.waiting:
+            waiting = await anyio.to_thread.run_sync(what_we_wait_for, self.layout, self.settings.email)
+            if self.done or self.waiting:
+                return
+            log.info(
+                "datasite.waiting",
+                datasite=self.settings.email,
+                waiting_for=waiting.waiting_for,
+                path=waiting.path,
+                hint=waiting.hint,
+            )
+            await anyio.sleep(self.settings.waiting_log_interval_seconds)
 
     async def _rescan_forever(self, send: Any) -> None:
         while True:
