@@ -30,6 +30,7 @@ from fl_orchestrator.daemon.sdnotify import SystemdNotifier
 from fl_orchestrator.daemon.signals import StopSignals
 from fl_orchestrator.daemon.startup import Startup, rules_from_config
 from fl_orchestrator.intake.adapter import WireAdapter
+from fl_orchestrator.intake.ledger import read_ledger
 from fl_orchestrator.intake.loop import IntakeLoop
 from fl_orchestrator.intake.quarantine import Quarantine
 from fl_orchestrator.intake.reader import InboundReader
@@ -207,6 +208,12 @@ class Daemon:
             unlisted_log_seconds=self.config.syftbox.presence_ttl_seconds,
         )
         intake.on_refused = self.rounds.want_status
+        # Files refused by an earlier run and left in place are not refused again (intake/ledger.py).
+        ledger = await anyio.to_thread.run_sync(read_ledger, self.quarantine.directory)
+        self.quarantine.restore_counts(ledger.counts)
+        intake.seen.update(ledger.stayed)
+        if ledger.records:
+            log.info("quarantine.ledger_read", records=ledger.records, refused_in_place=len(ledger.stayed))
         await self.startup.resume(self.rounds, intake)
         # ---- the main loop
         batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](16)

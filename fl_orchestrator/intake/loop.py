@@ -321,15 +321,23 @@ class IntakeLoop:
         if unlisted_presence(outcome, classified):
             return outcome, _NOT_YET  # not a file to refuse: said by the event loop, now and then
         if isinstance(outcome, Refused) and outcome.reason not in _NOT_FINAL:
-            moved = self._quarantine(path, outcome.datasite, outcome.reason, outcome.detail, outcome.content)
+            moved = self._quarantine(
+                path, outcome.datasite, outcome.reason, outcome.detail, outcome.content, identity
+            )
             return outcome, moved
         return outcome, _NOT_YET
 
     def _quarantine(
-        self, path: Path, datasite: str, reason: Reason, detail: str, content: bytes | None = None
+        self,
+        path: Path,
+        datasite: str,
+        reason: Reason,
+        detail: str,
+        content: bytes | None = None,
+        identity: FileIdentity | None = None,
     ) -> Path | None:
         return self.quarantine.refuse(
-            path, datasite, reason, detail, root=self.wire.datasites_dir, content=content
+            path, datasite, reason, detail, root=self.wire.datasites_dir, content=content, identity=identity
         )
 
     def _changed(self, batch: PathBatch) -> PathBatch:
@@ -386,7 +394,10 @@ class IntakeLoop:
         sit at the same path, and it must still be read. ``content``: its
         bytes as read, if the reader kept them.
         """
-        moved = await anyio.to_thread.run_sync(self._quarantine, path, datasite, reason, detail, content)
+        judged = identity or self.seen.get(path)
+        moved = await anyio.to_thread.run_sync(
+            self._quarantine, path, datasite, reason, detail, content, judged
+        )
         self._after_refusal(path, identity, moved)
 
     def _after_refusal(self, path: Path, identity: FileIdentity | None, moved: object) -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 import structlog
 
 from fl_orchestrator.core.reasons import Reason, printable
+from fl_orchestrator.intake.ledger import UNKNOWN_DATASITES
 from fl_orchestrator.intake.quarantine_files import (
     OLDER_RECORDS,
     RECORDS,
@@ -51,6 +52,7 @@ from fl_orchestrator.intake.quarantine_files import (
     usage_on_disk,
 )
 from fl_orchestrator.intake.refusal_log import RefusalLog
+from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.storage.jsonl import append_whole, json_text
 from fl_orchestrator.storage.retry import StateWriteError, WriteRetry
 
@@ -59,7 +61,6 @@ log = structlog.get_logger("fl_orchestrator.quarantine")
 # Refusals of files from folders that are not datasites of the job are counted
 # and recorded under this one name: there is no '@' in it, so no datasite has
 # it, and a flood of made-up folders cannot grow status.json without bound.
-UNKNOWN_DATASITES = "_unknown"
 # A records file is started afresh past max(its datasite's share, this).
 RECORDS_MIN_BYTES = 1024 * 1024
 _TIMING_REASONS = frozenset({Reason.ROUND_CLOSED, Reason.UNKNOWN_ROUND})
@@ -100,6 +101,7 @@ class Quarantine:
         *,
         root: Path | None = None,
         content: bytes | None = None,
+        identity: FileIdentity | None = None,
         **context: object,
     ) -> Path | None:
         """Log, count, record and (if safe) keep one refused file; return where it was kept.
@@ -107,7 +109,9 @@ class Quarantine:
         ``root`` is the datasites folder: links are not followed below it.
         Without it no link is followed anywhere on the path. ``content`` is
         the file's bytes as the reader read them, if it has them: in copy
-        mode they are kept without opening the file again. Raises nothing
+        mode they are kept without opening the file again. ``identity`` is
+        the file's as it was judged: recorded, so that a restart does not
+        refuse the same file again (intake/ledger.py). Raises nothing
         but StateWriteError, when the record could not be written for
         ``write_retry_seconds``.
         """
@@ -147,6 +151,9 @@ class Quarantine:
             "move_error": moved.error,
             "content_base64": inline,
             "at": time.time(),
+            # Left where it was: the ledger skips this very file after a restart.
+            "stays": self.keep_originals or unknown or moved.to is None,
+            "identity": [identity.inode, identity.size, identity.mtime_ns] if identity else None,
         }
         record_error = self._write_record(folder, (json_text(record, sort_keys=True) + "\n").encode())
         self.lines.rejected(
@@ -251,6 +258,14 @@ class Quarantine:
                 return False
             self.used[bucket] = self.used.get(bucket, 0) + cost
             return True
+
+    def restore_counts(self, counts: dict[str, dict[str, int]]) -> None:
+        """Start the per-datasite, per-reason counts from the records of earlier runs (the ledger)."""
+        with self._lock:
+            for site, reasons in counts.items():
+                per_site = self.counts.setdefault(site, {})
+                for reason, count in reasons.items():
+                    per_site[reason] = per_site.get(reason, 0) + count
 
     def snapshot_dropped(self) -> dict[str, int]:
         """Refused files not kept because their datasite's share was used up, per bucket."""
