@@ -43,6 +43,7 @@ STATUS_KEYS = {
     "format",
     "status_file",
     "now",
+    "now_iso",
     "job",
     "run_id",
     "state",
@@ -54,7 +55,9 @@ STATUS_KEYS = {
     "num_rounds",
     "attempt",
     "dispatched_at",
+    "dispatched_at_iso",
     "deadline",
+    "deadline_iso",
     "seconds_left",
     "overdue",
     "selected",
@@ -63,6 +66,7 @@ STATUS_KEYS = {
     "attempt_failures",
     "last_evaluate",
     "updated",
+    "updated_iso",
     "updated_seconds_ago",
     "pid",
     "host",
@@ -72,6 +76,7 @@ STATUS_KEYS = {
 }
 DATASITE_KEYS = {
     "last_seen",
+    "last_seen_iso",
     "last_seen_seconds_ago",
     "selected",
     "succeeded",
@@ -82,6 +87,8 @@ DATASITE_KEYS = {
     "quarantined_total",
     "train_seconds_total",
     "mean_train_seconds",
+    "runner_train_seconds_total",
+    "mean_runner_train_seconds",
 }
 
 
@@ -129,7 +136,14 @@ def status_file(state_dir: Path, **overrides: Any) -> dict[str, Any]:
         "pid_start_ticks": process_start_ticks(os.getpid()),
         "host": socket.gethostname(),
         "datasites": {
-            A: record(last_seen=NOW - 3.2, selected=2, succeeded=2, train_seconds_total=3.0),
+            A: record(
+                last_seen=NOW - 3.2,
+                selected=2,
+                succeeded=2,
+                train_seconds_total=3.0,
+                runner_train_seconds_total=1.0,
+                runner_timed=2,
+            ),
             B: record(last_seen=NOW - 75.0, selected=2, succeeded=1, failed=1, train_seconds_total=4.0),
             C: record(selected=2, timed_out=1, rejected=1),
         },
@@ -161,17 +175,18 @@ def test_status_of_a_running_round_shows_time_left_selection_and_accounting(tmp_
     lines = text.splitlines()
     assert lines[0] == "job testjob (run run-1): running"
     assert "round 2 of 5, phase training, attempt 1" in text
-    assert "time left in round: 12.0 s" in text
+    assert "time left in round: 12.0 s (deadline 2027-01-15T08:00:12Z)" in text
     assert f"selected (3): {A}, {B}, {C}" in text
     assert f"answered (2 of 3): {A}, {B} (failed: ValueError)" in text
     assert f"waiting for: {C}" in text
     assert "last evaluation: accuracy 0.9123" in text
     row_a = next(line for line in lines if line.startswith(A))
-    assert "3.2 s ago" in row_a and row_a.split()[-2:] == ["1.5", "s"]  # 3.0 s over 2 results
+    # Its runner trained 0.5 s a round (1.0 s over 2); dispatch to result took 1.5 s (3.0 s over 2).
+    assert "3.2 s ago" in row_a and row_a.split()[-4:] == ["0.5", "s", "1.5", "s"]
     row_b = next(line for line in lines if line.startswith(B))
     assert "1 min 15 s ago" in row_b
     row_c = next(line for line in lines if line.startswith(C))
-    assert "never" in row_c and row_c.endswith("-")  # no result yet: no mean train time
+    assert "never" in row_c and row_c.split()[-2:] == ["-", "-"]  # no result yet: no train time, no turnaround
     assert f"{C}: round_closed 1" in text
     assert "mallory@example.org (not in this job): unknown_datasite 2" in text
     assert "flagged" not in text
@@ -181,7 +196,7 @@ def test_status_of_a_running_round_shows_time_left_selection_and_accounting(tmp_
 
 def test_status_says_overdue_when_the_deadline_has_passed(tmp_path: Path) -> None:
     status_file(tmp_path, deadline=NOW - 2.5)
-    assert "time left in round: overdue by 2.5 s" in status_text(tmp_path)
+    assert "time left in round: overdue by 2.5 s (deadline 2027-01-15T07:59:57Z)" in status_text(tmp_path)
     doc = status_json(tmp_path)
     assert doc["seconds_left"] == pytest.approx(-2.5) and doc["overdue"] is True
 
@@ -191,7 +206,7 @@ def test_status_while_waiting_for_datasites_names_that_deadline(tmp_path: Path) 
         tmp_path, phase="waiting_for_nodes", attempt=None, selected=[], answered=[], deadline=NOW + 300
     )
     text = status_text(tmp_path)
-    assert "waiting for datasites: 5 min 00 s" in text
+    assert "waiting for datasites: 5 min 00 s (deadline 2027-01-15T08:05:00Z)" in text
     assert "selected" not in text.split("\n\n")[0]
 
 
@@ -258,6 +273,24 @@ def test_status_json_keys_are_stable(tmp_path: Path) -> None:
     assert c["last_seen"] is None and c["last_seen_seconds_ago"] is None and c["mean_train_seconds"] is None
     assert c["quarantined"] == {"round_closed": 1} and c["quarantined_total"] == 1
     assert doc["quarantined_other"] == {"mallory@example.org": {"unknown_datasite": 2}}
+
+
+def test_status_json_gives_each_epoch_time_an_iso_companion_in_utc(tmp_path: Path) -> None:
+    status_file(tmp_path, datasites={A: record(last_seen=NOW - 3.2), C: record()})
+    doc = status_json(tmp_path)
+    assert doc["now"] == NOW and doc["now_iso"] == "2027-01-15T08:00:00Z"
+    assert doc["dispatched_at_iso"] == "2027-01-15T07:59:52Z"  # NOW - 8 s
+    assert doc["deadline_iso"] == "2027-01-15T08:00:12Z"
+    assert doc["updated_iso"] == "2027-01-15T07:59:59Z"
+    assert doc["datasites"][A]["last_seen_iso"] == "2027-01-15T07:59:56Z"  # 3.2 s before, to the second
+    assert doc["datasites"][C]["last_seen"] is None and doc["datasites"][C]["last_seen_iso"] is None
+    status_file(tmp_path, state="done", phase="done", attempt=None, dispatched_at=None, deadline=None)
+    doc = status_json(tmp_path)
+    assert (doc["deadline"], doc["deadline_iso"]) == (None, None)
+    assert (doc["dispatched_at"], doc["dispatched_at_iso"]) == (None, None)
+    # A time no calendar holds (a hand-edited file) has no ISO form; the report still works.
+    status_file(tmp_path, updated=1e20)
+    assert status_json(tmp_path)["updated_iso"] is None
 
 
 def test_status_json_tolerates_a_status_file_from_an_older_daemon(tmp_path: Path) -> None:

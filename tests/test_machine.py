@@ -432,7 +432,7 @@ def test_a_stale_heartbeat_marks_presence_but_the_deadline_comes_from_the_clock(
 
 
 def test_the_runners_own_train_time_is_kept_apart_from_dispatch_to_result() -> None:
-    machine, dispatch = started(rules(min_available_nodes=2))
+    machine, _ = started(rules(min_available_nodes=2))
     result(machine, 4.0, "a@x.org", runner_seconds=1.5)
     result(machine, 6.0, "b@x.org")  # a runner that does not say (syft-flwr owners)
     a, b = machine.records["a@x.org"], machine.records["b@x.org"]

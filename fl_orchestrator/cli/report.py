@@ -1,21 +1,33 @@
 """`fl-orchestrator report`: training curves and participation as one PNG.
 
-Reads ``<state_dir>/metrics.jsonl`` (one line per completed round) and draws, per
-round: each central evaluation metric, each train metric (the mean over the
-round's results, weighted by num_examples), and who took part as stacked bars
-(succeeded / failed / timed out). matplotlib is an optional extra; it is imported
-only here, so the daemon and the other tools never need it.
+Reads ``<state_dir>/metrics.jsonl`` (one line per completed round) and, when
+there is one, ``<state_dir>/evaluations.jsonl`` (one line per federated
+evaluation), and draws per round: each central evaluation metric, each
+federated evaluation metric (weighted over the datasites by num_examples), each
+train metric (the mean over the round's results, weighted by num_examples), who
+took part as stacked bars (succeeded / failed / timed out), and each datasite's
+outcome per round. An existing PNG is replaced only with ``force``.
+matplotlib is an optional extra; it is imported only here, so the daemon and the
+other tools never need it.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_orchestrator.daemon.reports import METRICS_FILE
+from fl_orchestrator.cli.report_participation import (
+    draw_participation,
+    outcomes_of,
+    panel_height,
+    participation_matrix,
+)
+from fl_orchestrator.daemon.reports import EVALUATIONS_FILE, METRICS_FILE
+from fl_orchestrator.storage.atomic import atomic_write, write_durably
 from fl_orchestrator.storage.jsonl import read_json_lines
 
 EX_NOINPUT = 66
@@ -49,6 +61,7 @@ class RoundRow:
     timed_out: int
     evaluate: dict[str, float] = field(default_factory=dict)
     train: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)  # datasite -> report_participation code
 
 
 def _metrics(value: Any) -> dict[str, float]:
@@ -65,44 +78,75 @@ def _size(value: Any) -> int:
     return len(value) if isinstance(value, (list, dict)) else 0
 
 
+def round_row(item: dict[str, Any]) -> RoundRow:
+    """One metrics.jsonl line as a RoundRow; ValueError/KeyError/TypeError if it is not one."""
+    return RoundRow(
+        round=int(item["round"]),
+        attempt=int(item.get("attempt") or 1),
+        succeeded=_size(item.get("succeeded")),
+        failed=_size(item.get("failed")),
+        timed_out=_size(item.get("timed_out")),
+        evaluate=_metrics(item.get("evaluate_metrics")),
+        train=_metrics(item.get("train_metrics")),
+        outcomes=outcomes_of(item),
+    )
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    def torn(number: int, excerpt: str) -> None:
+        print(f"warning: {path}:{number}: skipped a line that is not JSON: {excerpt!r}", file=sys.stderr)
+
+    try:
+        return list(read_json_lines(path, on_torn=torn))
+    except OSError as exc:
+        raise ReportError(f"cannot read {path}: {exc.strerror}", EX_NOINPUT) from None
+
+
 def read_rounds(state_dir: Path) -> list[RoundRow]:
     """Parse metrics.jsonl into rows sorted by round (a torn or foreign line is skipped)."""
     path = state_dir / METRICS_FILE
     if not path.exists():
         raise ReportError(f"no metrics yet at {path}: has a round completed?", EX_NOINPUT)
-
-    def torn(number: int, excerpt: str) -> None:
-        print(f"warning: {path}:{number}: skipped a line that is not JSON: {excerpt!r}", file=sys.stderr)
-
     rows: dict[int, RoundRow] = {}
-    try:
-        for item in read_json_lines(path, on_torn=torn):
-            try:
-                rnd = int(item["round"])
-                row = RoundRow(
-                    round=rnd,
-                    attempt=int(item.get("attempt") or 1),
-                    succeeded=_size(item.get("succeeded")),
-                    failed=_size(item.get("failed")),
-                    timed_out=_size(item.get("timed_out")),
-                    evaluate=_metrics(item.get("evaluate_metrics")),
-                    train=_metrics(item.get("train_metrics")),
-                )
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue  # a line this tool cannot read
-            rows[rnd] = row
-    except OSError as exc:
-        raise ReportError(f"cannot read {path}: {exc.strerror}", EX_NOINPUT) from None
+    for item in _lines(path):
+        try:
+            row = round_row(item)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a line this tool cannot read
+        rows[row.round] = row
     if not rows:
         raise ReportError(f"no completed rounds in {path}", EX_NOINPUT)
     return [rows[r] for r in sorted(rows)]
 
 
-def _curve_names(rows: list[RoundRow], attr: str) -> list[str]:
+def read_evaluations(state_dir: Path) -> dict[int, dict[str, float]]:
+    """Round -> federated evaluation metrics from evaluations.jsonl ({} without the file).
+
+    The metrics of a line are already the daemon's mean over the datasites that
+    answered, weighted by num_examples. A later line for a round replaces an earlier one.
+    """
+    path = state_dir / EVALUATIONS_FILE
+    evaluations: dict[int, dict[str, float]] = {}
+    for item in _lines(path):
+        rnd = item.get("round")
+        metrics = _metrics(item.get("metrics"))
+        if isinstance(rnd, int) and not isinstance(rnd, bool) and metrics:
+            evaluations[rnd] = metrics
+    return dict(sorted(evaluations.items()))
+
+
+Series = dict[str, list[tuple[int, float]]]
+
+
+def _series(by_round: list[tuple[int, dict[str, float]]]) -> Series:
+    """Metric name -> (round, value) points, for at most _MAX_CURVES metrics."""
     names: set[str] = set()
-    for row in rows:
-        names.update(getattr(row, attr))
-    return sorted(names - _NOT_CURVES)[:_MAX_CURVES]
+    for _, metrics in by_round:
+        names.update(metrics)
+    return {
+        name: [(rnd, metrics[name]) for rnd, metrics in by_round if name in metrics]
+        for name in sorted(names - _NOT_CURVES)[:_MAX_CURVES]
+    }
 
 
 def _columns(panels: int) -> int:
@@ -127,32 +171,66 @@ def import_pyplot() -> Any:
     return plt
 
 
-def render_report(rows: list[RoundRow], out: Path, *, title: str) -> None:
-    """Draw the curves and the participation bars for rows into the PNG at out."""
+def _legend(groups: set[str]) -> list[str]:
+    return [
+        "evaluation: the global model on the central data after each round"
+        if "evaluation" in groups
+        else "no central evaluation metrics (evaluate.global_evaluate)",
+        "federated evaluation: the round's model on the datasites' own data, weighted by num_examples"
+        if "federated evaluation" in groups
+        else "no federated evaluation (job.fraction_evaluate)",
+        "training: mean of the round's results, weighted by num_examples"
+        if "training" in groups
+        else "no train metrics reported",
+    ]
+
+
+def render_report(
+    rows: list[RoundRow],
+    out: Path,
+    *,
+    title: str,
+    evaluations: dict[int, dict[str, float]] | None = None,
+    force: bool = False,
+) -> None:
+    """Draw the curves, the participation bars and the per-datasite panel into the PNG at out."""
     plt = import_pyplot()
     from matplotlib.ticker import MaxNLocator
 
+    evaluations = evaluations or {}
     # One panel per metric: metrics of one job differ in scale (a loss of 2.3 beside an
     # accuracy of 0.9), and a shared axis would flatten the smaller ones.
-    panels = [("evaluation", "evaluate", name, "tab:blue") for name in _curve_names(rows, "evaluate")]
-    panels += [("training", "train", name, "tab:purple") for name in _curve_names(rows, "train")]
-    columns = _columns(len(panels))
-    curve_rows = -(-len(panels) // columns)  # 0 without metrics: the subtitle says so
-    fig = plt.figure(figsize=(12, 2.6 * curve_rows + 3.4), layout="constrained")
-    grid = fig.add_gridspec(curve_rows + 1, columns, height_ratios=[1.0] * curve_rows + [1.25])
-    rounds = [row.round for row in rows]
-    x_min, x_max = rounds[0] - 0.6, rounds[-1] + 0.6
+    groups = [
+        ("evaluation", "tab:blue", _series([(row.round, row.evaluate) for row in rows])),
+        ("federated evaluation", "darkcyan", _series(sorted(evaluations.items()))),
+        ("training", "tab:purple", _series([(row.round, row.train) for row in rows])),
+    ]
+    drawn = [group for group in groups if group[2]]
+    columns = max((_columns(len(series)) for _, _, series in drawn), default=1)
+    # Each group starts a row of its own, so a metric measured two ways is not mistaken for one curve.
+    placed: list[tuple[int, int, str, str, str, list[tuple[int, float]]]] = []
+    curve_rows = 0  # 0 without metrics: the subtitle says so
+    for group, color, series in drawn:
+        for index, (name, points) in enumerate(series.items()):
+            placed.append((curve_rows + index // columns, index % columns, group, color, name, points))
+        curve_rows += -(-len(series) // columns)
+    matrix = participation_matrix([(row.round, row.outcomes) for row in rows])
+    heights = [2.6] * curve_rows + [3.25] + ([panel_height(matrix)] if matrix.datasites else [])
+    legend = _legend({group for group, *_ in drawn})
+    fig = plt.figure(figsize=(12, sum(heights) + 0.4 + 0.2 * len(legend)), layout="constrained")
+    grid = fig.add_gridspec(len(heights), columns, height_ratios=heights)
+    every_round = sorted({row.round for row in rows} | set(evaluations))
+    x_min, x_max = every_round[0] - 0.6, every_round[-1] + 0.6
 
     def round_axis(ax: Any) -> None:
         ax.set_xlim(x_min, x_max)
-        if len(rounds) <= 20:
-            ax.set_xticks(rounds)  # MaxNLocator falls back to fractions for one or two rounds
+        if len(every_round) <= 20:
+            ax.set_xticks(every_round)  # MaxNLocator falls back to fractions for one or two rounds
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
-    for index, (group, attr, name, color) in enumerate(panels):
-        ax = fig.add_subplot(grid[index // columns, index % columns])
-        points = [(row.round, getattr(row, attr)[name]) for row in rows if name in getattr(row, attr)]
+    for grid_row, column, group, color, name, points in placed:
+        ax = fig.add_subplot(grid[grid_row, column])
         marker = "o" if len(points) <= 60 else None  # markers on long runs only blur the line
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, markersize=3.5, color=color)
         round_axis(ax)
@@ -162,6 +240,7 @@ def render_report(rows: list[RoundRow], out: Path, *, title: str) -> None:
         shown = name if len(name) <= 24 else name[:23] + "…"  # titles must not run into the next panel
         ax.set_title(f"{shown} ({group}{last})", fontsize=10, loc="left", color=color)
 
+    rounds = [row.round for row in rows]
     bars = fig.add_subplot(grid[curve_rows, :])
     ok = [row.succeeded for row in rows]
     failed = [row.failed for row in rows]
@@ -189,33 +268,56 @@ def render_report(rows: list[RoundRow], out: Path, *, title: str) -> None:
     round_axis(bars)
     bars.set_ylim(0, max(a + b + c for a, b, c in zip(ok, failed, late, strict=True)) * 1.15 + 0.5)
     bars.yaxis.set_major_locator(MaxNLocator(integer=True))
-    bars.set_xlabel("round")
     bars.set_ylabel("datasites")
     bars.set_title("participation per round", fontsize=10, loc="left")
     bars.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     bars.grid(True, axis="y", alpha=0.3)
-    groups = {group for group, *_ in panels}
-    legend = [
-        "evaluation: the global model on the central data after each round"
-        if "evaluation" in groups
-        else "no central evaluation metrics (evaluate.global_evaluate)",
-        "training: mean of the round's results, weighted by num_examples"
-        if "training" in groups
-        else "no train metrics reported",
-    ]
-    fig.suptitle(f"{title}\n" + "; ".join(legend), fontsize=11)
+    if matrix.datasites:
+        heat = fig.add_subplot(grid[curve_rows + 1, :])
+        draw_participation(heat, matrix)
+        round_axis(heat)
+    else:
+        bars.set_xlabel("round")
+    fig.suptitle(f"{title}\n" + "\n".join(legend), fontsize=10)
+    png = io.BytesIO()
     try:
-        fig.savefig(out, dpi=110, format="png")
-    except OSError as exc:
-        raise ReportError(f"cannot write {out}: {exc.strerror or exc}", EX_CANTCREAT) from None
+        fig.savefig(png, dpi=110, format="png")
     finally:
         plt.close(fig)
+    _write_png(out, png.getvalue(), force=force)
 
 
-def make_report(state_dir: Path, out: Path, *, job: str, num_rounds: int) -> str:
-    """Write the report PNG for the job whose state is in state_dir; return a one-line summary."""
+def _exists(out: Path) -> ReportError:
+    return ReportError(f"{out} exists; pass --force to overwrite it", EX_CANTCREAT)
+
+
+def _write_png(out: Path, data: bytes, *, force: bool) -> None:
+    try:
+        if force:
+            atomic_write(out, [data], durable=False)  # a viewer never sees half a PNG
+        else:
+            # O_EXCL: a file that appeared since make_report looked is not replaced either.
+            write_durably(out, [data])
+    except FileExistsError:
+        raise _exists(out) from None
+    except OSError as exc:
+        raise ReportError(f"cannot write {out}: {exc.strerror or exc}", EX_CANTCREAT) from None
+
+
+def make_report(state_dir: Path, out: Path, *, job: str, num_rounds: int, force: bool = False) -> str:
+    """Write the report PNG for the job whose state is in state_dir; return a one-line summary.
+
+    The summary starts with out, the file written. An existing out is replaced
+    only with force; without it ReportError(73) names ``--force``.
+    """
     import_pyplot()  # fail on a missing extra before reading anything
+    if not force and (out.exists() or out.is_symlink()):
+        raise _exists(out)
     rows = read_rounds(state_dir)
+    evaluations = read_evaluations(state_dir)
     title = f"{job}: {len(rows)} of {num_rounds} rounds"
-    render_report(rows, out, title=title)
-    return f"{out}: rounds {rows[0].round}..{rows[-1].round}"
+    render_report(rows, out, title=title, evaluations=evaluations, force=force)
+    summary = f"{out}: rounds {rows[0].round}..{rows[-1].round}"
+    if evaluations:
+        summary += f", federated evaluations of {len(evaluations)} rounds"
+    return summary

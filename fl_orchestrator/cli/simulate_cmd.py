@@ -38,6 +38,7 @@ def add_simulate_parser(sub: Any) -> None:
     )
     sim.add_argument("--workdir", type=Path, help="default: a new temporary folder")
     sim.add_argument("--report", type=Path, help="the PNG report (default: WORKDIR/report.png)")
+    sim.add_argument("--force", action="store_true", help="overwrite --report if it exists")
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -68,7 +69,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         return EX_USAGE
     out = args.report or result.workdir / "report.png"
     try:
-        print(f"report: {make_report(result.state_dir, out, job=result.job, num_rounds=result.num_rounds)}")
+        # The default lies in the simulation's own work folder; another path is overwritten on --force only.
+        force = args.report is None or args.force
+        made = make_report(result.state_dir, out, job=result.job, num_rounds=result.num_rounds, force=force)
+        print(f"report: {made}")
     except ReportError as exc:
         print(f"report: skipped ({exc})")
     return result.code

@@ -5,14 +5,16 @@ this works the same while it runs, after it stopped and after it crashed; it
 never touches the SyftBox folder or the daemon.
 
 ``--json`` prints one object whose keys are stable (new keys may be added, none
-is renamed or removed without changing ``format``). Times are epoch seconds.
+is renamed or removed without changing ``format``). Times are epoch seconds;
+each has an ``_iso`` companion, the same instant in UTC to the second
+(``"2026-12-07T07:32:16Z"``), null when the epoch is null.
 
 =========================  ===============================================================
 key                        meaning
 =========================  ===============================================================
 ``format``                 ``"fl-orchestrator.status/1"``
 ``status_file``            the status.json that was read
-``now``                    when this report was made
+``now``, ``now_iso``       when this report was made
 ``job``, ``run_id``        the job and its run (``run_id`` null from older daemons)
 ``state``                  as recorded: ``running``, ``done``, ``failed`` or ``stopped``
 ``daemon``                 ``alive``, ``not_running`` or ``unknown`` (pid on another host)
@@ -22,9 +24,10 @@ key                        meaning
                            ``aggregating``, ``done``, ``failed``
 ``round``, ``num_rounds``  round n of N
 ``attempt``                attempt of the open round, null between rounds
-``dispatched_at``          when the open attempt was sent, else null
+``dispatched_at``          when the open attempt was sent, else null (and
+                           ``dispatched_at_iso``)
 ``deadline``               end of the open attempt (training) or of the wait for
-                           datasites (waiting_for_nodes), else null
+                           datasites (waiting_for_nodes), else null (and ``deadline_iso``)
 ``seconds_left``           ``deadline - now`` (negative: overdue), null without deadline
 ``overdue``                ``seconds_left < 0``
 ``selected``               datasites asked in the open attempt
@@ -32,15 +35,18 @@ key                        meaning
 ``outstanding``            ``selected`` minus ``answered``
 ``attempt_failures``       datasite -> error type, failed results of the open attempt
 ``last_evaluate``          the latest central evaluation's metrics
-``updated``                when the daemon wrote status.json
+``updated``                when the daemon wrote status.json (and ``updated_iso``)
 ``updated_seconds_ago``    ``now - updated``
 ``pid``, ``host``          the daemon that wrote it
-``datasites``              email -> ``last_seen`` (epoch or null),
+``datasites``              email -> ``last_seen`` (epoch or null), ``last_seen_iso``,
                            ``last_seen_seconds_ago``, ``selected``, ``succeeded``,
                            ``failed``, ``timed_out``, ``rejected``, ``quarantined``
                            (reason -> count), ``quarantined_total``,
-                           ``train_seconds_total``, ``mean_train_seconds`` (null before
-                           the first success)
+                           ``train_seconds_total``, ``mean_train_seconds`` (dispatch to
+                           counted result, per success; null before the first success),
+                           ``runner_train_seconds_total``, ``mean_runner_train_seconds``
+                           (the runner's own time in its train function, per success
+                           that reported it; null when none did, e.g. syft-flwr owners)
 ``quarantined_other``      reason counts of senders that are not datasites of the job
 ``flagged``                datasites the daemon flagged for files refused many times in a
                            row (status.json ``flagged``; empty from daemons without it)
@@ -53,6 +59,7 @@ import json
 import os
 import socket
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +136,16 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def iso_utc(epoch: float | None) -> str | None:
+    """``epoch`` as UTC ISO-8601 to the second ("2026-12-07T07:32:16Z"); None for None."""
+    if epoch is None:
+        return None
+    try:
+        return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return None  # a hand-edited or foreign status.json: show no time rather than fail
+
+
 def _str_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
@@ -151,6 +168,7 @@ def status_document(
     deadline = _number(status.get("deadline"))
     seconds_left = None if deadline is None else deadline - now
     updated = _number(status.get("updated"))
+    dispatched_at = _number(status.get("dispatched_at"))
     selected = _str_list(status.get("selected"))
     answered = _str_list(status.get("answered"))
     quarantined = status.get("quarantined")
@@ -161,9 +179,12 @@ def status_document(
         last_seen = _number(record.get("last_seen"))
         succeeded = _count(record.get("succeeded"))
         train_total = _number(record.get("train_seconds_total")) or 0.0
+        runner_total = _number(record.get("runner_train_seconds_total")) or 0.0
+        runner_timed = _count(record.get("runner_timed"))
         reasons = _reason_counts(quarantined.get(name))
         datasites[name] = {
             "last_seen": last_seen,
+            "last_seen_iso": iso_utc(last_seen),
             "last_seen_seconds_ago": None if last_seen is None else now - last_seen,
             "selected": _count(record.get("selected")),
             "succeeded": succeeded,
@@ -174,6 +195,8 @@ def status_document(
             "quarantined_total": sum(reasons.values()),
             "train_seconds_total": train_total,
             "mean_train_seconds": train_total / succeeded if succeeded else None,
+            "runner_train_seconds_total": runner_total,
+            "mean_runner_train_seconds": runner_total / runner_timed if runner_timed else None,
         }
     failures = status.get("attempt_failures")
     last_evaluate = status.get("last_evaluate")
@@ -181,6 +204,7 @@ def status_document(
         "format": FORMAT,
         "status_file": str(status_path),
         "now": now,
+        "now_iso": iso_utc(now),
         "job": status.get("job"),
         "run_id": status.get("run_id"),
         "state": state,
@@ -191,8 +215,10 @@ def status_document(
         "round": status.get("round"),
         "num_rounds": status.get("num_rounds"),
         "attempt": status.get("attempt"),
-        "dispatched_at": _number(status.get("dispatched_at")),
+        "dispatched_at": dispatched_at,
+        "dispatched_at_iso": iso_utc(dispatched_at),
         "deadline": deadline,
+        "deadline_iso": iso_utc(deadline),
         "seconds_left": seconds_left,
         "overdue": seconds_left is not None and seconds_left < 0,
         "selected": selected,
@@ -203,6 +229,7 @@ def status_document(
         else {},
         "last_evaluate": last_evaluate if isinstance(last_evaluate, dict) else {},
         "updated": updated,
+        "updated_iso": iso_utc(updated),
         "updated_seconds_ago": None if updated is None else now - updated,
         "pid": status.get("pid"),
         "host": status.get("host"),
@@ -260,7 +287,7 @@ def render_text(doc: dict[str, Any]) -> str:
     if live and left is not None:
         label = "waiting for datasites" if doc["phase"] == "waiting_for_nodes" else "time left in round"
         shown = f"overdue by {format_duration(left)}" if left < 0 else format_duration(left)
-        lines.append(f"  {label}: {shown}")
+        lines.append(f"  {label}: {shown} (deadline {doc['deadline_iso']})")
     if doc["selected"]:
         lines.append(f"  selected ({len(doc['selected'])}): {_emails(doc['selected'])}")
         answered = [
@@ -300,6 +327,10 @@ def render_text(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _seconds(mean: float | None) -> str:
+    return "-" if mean is None else format_duration(mean) if mean >= 60 else f"{mean:.3g} s"
+
+
 def _datasite_table(datasites: dict[str, dict[str, Any]]) -> list[str]:
     header = (
         "datasite",
@@ -311,10 +342,10 @@ def _datasite_table(datasites: dict[str, dict[str, Any]]) -> list[str]:
         "rejected",
         "quarantined",
         "mean train",
+        "turnaround",
     )
     rows = [header]
     for name, r in datasites.items():
-        mean = r["mean_train_seconds"]
         rows.append(
             (
                 name,
@@ -325,7 +356,9 @@ def _datasite_table(datasites: dict[str, dict[str, Any]]) -> list[str]:
                 str(r["timed_out"]),
                 str(r["rejected"]),
                 str(r["quarantined_total"]),
-                "-" if mean is None else format_duration(mean) if mean >= 60 else f"{mean:.3g} s",
+                # The runner's own time in train(); turnaround is dispatch to counted result.
+                _seconds(r["mean_runner_train_seconds"]),
+                _seconds(r["mean_train_seconds"]),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

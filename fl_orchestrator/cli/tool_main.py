@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from fl_orchestrator.cli.datasite_cmd import (
 from fl_orchestrator.cli.report import ReportError, make_report
 from fl_orchestrator.cli.simulate_cmd import add_simulate_parser, run_simulate
 from fl_orchestrator.cli.status_view import show_status
+from fl_orchestrator.cli.status_watch import watch_status
 from fl_orchestrator.config import EX_CONFIG, EX_USAGE, ConfigError, load_config
 from fl_orchestrator.storage.models import ModelFileError, ModelStore, export_npz
 
@@ -62,12 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one JSON object with stable keys (format fl-orchestrator.status/1)",
     )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep the view current until the job ends (exit 0 done, 1 failed); one line per change"
+        " when stdout is not a terminal",
+    )
+    status.add_argument(
+        "--interval-seconds",
+        type=_positive_seconds,
+        default=None,
+        help="with --watch: how often to check status.json and redraw (default 1.0)",
+    )
 
     report = sub.add_parser(
-        "report", help="plot training curves and participation per round as a PNG (needs matplotlib)"
+        "report",
+        help="plot evaluation and training curves and who took part, per round and per datasite,"
+        " as a PNG (needs matplotlib)",
     )
     report.add_argument("--config", required=True, type=Path)
     report.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    report.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     add_simulate_parser(sub)
     init = sub.add_parser("init", help="write a starter job file, validated like the daemon does")
@@ -85,9 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "simulate":
         return run_simulate(args)
     if args.command == "status" and args.state_dir is not None:
-        code, text = show_status(args.state_dir, as_json=args.json)
-        print(text, file=sys.stdout if code == 0 else sys.stderr)
-        return code
+        return _status(args, args.state_dir)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -117,14 +134,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             print(
                 make_report(
-                    config.state.state_dir, args.out, job=config.job.name, num_rounds=config.job.num_rounds
+                    config.state.state_dir,
+                    args.out,
+                    job=config.job.name,
+                    num_rounds=config.job.num_rounds,
+                    force=args.force,
                 )
             )
         except ReportError as exc:
             print(str(exc), file=sys.stderr)
             return exc.exit_code
         return 0
-    code, text = show_status(config.state.state_dir, as_json=args.json)
+    return _status(args, config.state.state_dir)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _screen() -> tuple[int, int]:
+    size = shutil.get_terminal_size()  # read at every redraw: the window may be resized
+    return size.columns, size.lines
+
+
+def _status(args: argparse.Namespace, state_dir: Path) -> int:
+    if args.watch and args.json:
+        # A stream of documents would break every consumer of the one-object format.
+        print("fl-orchestrator status: error: --json cannot be combined with --watch", file=sys.stderr)
+        return EX_USAGE
+    if args.interval_seconds is not None and not args.watch:
+        print("fl-orchestrator status: error: --interval-seconds needs --watch", file=sys.stderr)
+        return EX_USAGE
+    if args.watch:
+        return watch_status(
+            state_dir,
+            out=sys.stdout,
+            tty=sys.stdout.isatty(),
+            interval=args.interval_seconds or 1.0,
+            clock=time.time,
+            sleep=time.sleep,
+            screen=_screen,
+        )
+    code, text = show_status(state_dir, as_json=args.json)
     print(text, file=sys.stdout if code == 0 else sys.stderr)
     return code
 

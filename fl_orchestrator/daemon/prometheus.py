@@ -40,9 +40,7 @@ _PER_DATASITE = (
 )
 
 
-def render(
-    status: Mapping[str, Any], last_round: Mapping[str, Any] | None, totals: Mapping[str, Any]
-) -> str:
+def render(status: Mapping[str, Any], last_round: Mapping[str, Any] | None, totals: Mapping[str, Any]) -> str:
     """The exposition text for one status snapshot, the last completed round and running totals."""
     job = {"job": str(status.get("job", ""))}
     out: list[str] = []

@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export it:  {tool} export --config {workdir / 'job.toml'} --out model.npz")
     print(f"status:     {tool} status --config {workdir / 'job.toml'}")
     try:
+        # The demo's own work folder: its report is remade on each run.
         report = make_report(
-            result.state_dir, workdir / "report.png", job=result.job, num_rounds=result.num_rounds
+            result.state_dir, workdir / "report.png", job=result.job, num_rounds=result.num_rounds, force=True
         )
         print(f"report: {report}")
     except ReportError as exc:
