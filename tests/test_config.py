@@ -925,3 +925,26 @@ def test_check_imports_the_hooks_and_looks_at_the_folders(
     assert "has no callable 'evaluat'" in lines[0]
     blocked = tmp_path / "blocked"
     assert lines[1] == f"config error: state.state_dir = {blocked / 'state'}: {blocked} is not a folder"
+
+
+def test_python_path_folders_resolve_against_the_job_file_and_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "jobcode").mkdir()
+    path = write(tmp_path, variant({"job.python_path": ["jobcode"]}))
+    assert load_config(path).job.python_path == ((tmp_path / "jobcode").resolve(),)
+    error = load_error(write(tmp_path, variant({"job.python_path": ["jobcode", "missing"]})))
+    assert error.key == "job.python_path[1]" and "an existing folder" in error.line()
+
+
+def test_a_hook_found_only_through_python_path_passes_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The module is in a folder of its own, on no import path but the job's python_path.
+    code = tmp_path / "jobcode"
+    code.mkdir()
+    (code / "only_here_hooks.py").write_text("def mean(results):\n    return {}\n")
+    without = write(tmp_path, variant({"job.metrics_aggregation": "only_here_hooks:mean"}))
+    assert daemon_main.main(["--config", str(without), "--check"]) == 78
+    assert "job.metrics_aggregation" in capsys.readouterr().err
+    table = variant({"job.metrics_aggregation": "only_here_hooks:mean", "job.python_path": ["jobcode"]})
+    path = write(tmp_path, table)
+    assert daemon_main.main(["--config", str(path), "--check"]) == 0, capsys.readouterr().err

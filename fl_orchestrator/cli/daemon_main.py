@@ -16,7 +16,7 @@ import structlog
 from fl_orchestrator import __version__
 from fl_orchestrator.cli.logs import LoggingSetupError, configure_logging, resolve_logging
 from fl_orchestrator.config import EX_CANTCREAT, EX_CONFIG, EX_USAGE, ConfigError, load_config
-from fl_orchestrator.config.hooks import HookError, load_callable
+from fl_orchestrator.config.hooks import HookError, load_callable, use_python_path
 from fl_orchestrator.config.render import config_to_table
 from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.daemon.lifecycle import EXIT_SOFTWARE, Daemon
@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
     except LoggingSetupError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    use_python_path(config.job.python_path)  # before anything imports the job's own modules
     refused = _sizes_refused(config) or _not_ready(config)
     if refused is not None:
         print(refused, file=sys.stderr)

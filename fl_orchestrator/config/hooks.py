@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 
 class HookError(Exception):
     """An import string that does not name a callable."""
+
+
+def use_python_path(folders: Iterable[Path]) -> None:
+    """Put the job's ``[job] python_path`` folders first on the import path (once each, in order)."""
+    for folder in reversed(list(folders)):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
 
 
 def load_callable(spec: str, *, what: str) -> Callable[..., Any]:

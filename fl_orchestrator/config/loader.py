@@ -239,6 +239,9 @@ def _check_cross_fields(config: JobConfig) -> None:
     job, box, model = config.job, config.syftbox, config.model
     if not _JOB_NAME.fullmatch(job.name):
         raise ConfigError("job.name", job.name, "1-64 of letters, digits, '.', '-', '_'")
+    for index, folder in enumerate(job.python_path):
+        if not folder.is_dir():
+            raise ConfigError(f"job.python_path[{index}]", str(folder), "an existing folder")
     if not box.datasites:
         raise ConfigError("syftbox.datasites", [], "at least one datasite email")
     if len(set(box.datasites)) != len(box.datasites):

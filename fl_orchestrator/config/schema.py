@@ -82,6 +82,13 @@ class JobSection:
             import_string=True,
         ),
     )
+    python_path: tuple[Path, ...] = field(
+        default=(),
+        metadata=spec(
+            "folders searched first for the job's own modules (hooks, a custom strategy),"
+            " relative to the job file; nothing else is added to the import path",
+        ),
+    )
 
 
 @dataclass(frozen=True)

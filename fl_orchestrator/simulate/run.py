@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_orchestrator.config import JobConfig, load_config
-from fl_orchestrator.config.hooks import load_callable
+from fl_orchestrator.config.hooks import load_callable, use_python_path
 from fl_orchestrator.simulate import behaviour
 from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.simulate.job import write_simulation_job
@@ -67,9 +67,13 @@ class SimulationResult:
 def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationResult:
     """Run the simulation; its code is the daemon's exit code."""
     config = load_config(settings.config)
+    use_python_path(config.job.python_path)
     workdir = settings.workdir or Path(tempfile.mkdtemp(prefix="fl-orchestrator-simulate-"))
     job, changes = write_simulation_job(config, settings.datasites, workdir)
-    federation = LocalFederation(job, workdir / "logs", extra_pythonpath=[Path.cwd()])
+    # The datasites find the user's code where the coordinator does: here, and [job] python_path.
+    federation = LocalFederation(
+        job, workdir / "logs", extra_pythonpath=[Path.cwd(), *config.job.python_path]
+    )
     simulated = federation.config
     emails = list(simulated.syftbox.datasites)
     behaviours = _behaviours(len(emails), settings.slow, settings.flaky, settings.seed)
