@@ -48,6 +48,23 @@ def resolve_logging(
 
 # On the console, a list longer than this, or a mapping with more keys, is shown by its size.
 CONSOLE_MAX_ITEMS = 6
+# The console's fields for the busiest events (the JSON keeps all of them); the run id, in every
+# line, is left to the JSON too.
+CONSOLE_FIELDS = {
+    "round.completed": (
+        "round",
+        "sent",
+        "succeeded",
+        "failed",
+        "timed_out",
+        "collect_seconds",
+        "evaluate_metrics",
+        "train_metrics",
+    ),
+    "round.dispatched": ("round", "attempt", "phase", "selected", "deadline_in_seconds"),
+    "result.accepted": ("round", "datasite", "num_examples", "train_seconds", "metrics"),
+}
+_CONSOLE_ALWAYS = ("event", "level", "timestamp", "job")
 
 
 def configure_logging(
@@ -85,8 +102,13 @@ class _Brief:
         self.inner = inner
 
     def __call__(self, logger: Any, name: str, event: Any) -> Any:
-        shown = {key: _brief(value) for key, value in event.items()}
-        return self.inner(logger, name, shown)
+        fields = CONSOLE_FIELDS.get(event.get("event", ""))
+        kept = (
+            {k: v for k, v in event.items() if k in fields or k in _CONSOLE_ALWAYS}
+            if fields
+            else {k: v for k, v in event.items() if k != "run"}
+        )
+        return self.inner(logger, name, {key: _brief(value) for key, value in kept.items()})
 
 
 def _brief(value: Any) -> Any:

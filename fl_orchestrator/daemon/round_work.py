@@ -34,6 +34,7 @@ from fl_orchestrator.storage import failpoints
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.storage.models import ModelStore
 from fl_orchestrator.storage.retry import WriteRetry
+from fl_orchestrator.wire.messages import split_runner_seconds
 
 log = structlog.get_logger("fl_orchestrator.rounds")
 
@@ -203,12 +204,14 @@ class RoundWork:
             fold_seconds = round(time.perf_counter() - started, 6)
         else:
             self.accepted_files.append((action.datasite, handle, action.num_examples))
+        metrics, runner_seconds = split_runner_seconds(message.metrics) if message else (None, None)
         log.info(
             "result.accepted",
             round=action.round,
             datasite=action.datasite,
             num_examples=action.num_examples,
-            metrics=message.metrics if message is not None else None,
+            metrics=metrics,
+            train_seconds=runner_seconds,
             path=str(handle.path),
             fold_seconds=fold_seconds,
         )

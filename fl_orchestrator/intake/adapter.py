@@ -27,7 +27,7 @@ from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused, Resul
 from fl_orchestrator.intake.safe_read import FileIdentity
 from fl_orchestrator.storage.kept import KeptResults
 from fl_orchestrator.wire.layout import Classified
-from fl_orchestrator.wire.messages import RUNNER_SECONDS_METRIC, HeartbeatMessage
+from fl_orchestrator.wire.messages import HeartbeatMessage, split_runner_seconds
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,7 @@ def event_of(inbound: Inbound, now: float) -> ev.Event:
         # by a datasite that died before our restart must not count as fresh.
         return ev.NodeSeen(now, inbound.datasite, seen_at=inbound.identity.mtime_ns / 1e9)
     env = message.envelope
-    metrics = dict(message.metrics)
-    runner_seconds = metrics.pop(RUNNER_SECONDS_METRIC, None)
+    metrics, runner_seconds = split_runner_seconds(message.metrics)
     return ev.ResultReceived(
         now=now,
         datasite=inbound.datasite,
@@ -120,8 +119,7 @@ def event_of(inbound: Inbound, now: float) -> ev.Event:
         payload=ResultHandle(inbound.path, inbound.identity, inbound.sha256, message),
         purpose=message.action,
         update_norm=inbound.update_norm,
-        # A number by the wire's metric rules (finite); a negative one is no time at all.
-        runner_seconds=float(runner_seconds) if runner_seconds is not None and runner_seconds >= 0 else None,
+        runner_seconds=runner_seconds,
     )
 
 

@@ -36,6 +36,14 @@ Metrics = dict[str, MetricValue]
 # field, so that a daemon older than it still accepts the result (it shows as a metric there).
 RUNNER_SECONDS_METRIC = "fl.train_seconds"
 
+
+def split_runner_seconds(metrics: Metrics) -> tuple[Metrics, float | None]:
+    """The train function's own metrics, and the runner's seconds in it (None if not said, or < 0)."""
+    own = dict(metrics)
+    seconds = own.pop(RUNNER_SECONDS_METRIC, None)
+    return own, float(seconds) if seconds is not None and seconds >= 0 else None
+
+
 _COMMON = {"version", "kind", "job", "round", "message_id", "reply_to", "created", "deadline"}
 _KIND_FIELDS = {
     "task": _COMMON | {"attempt", "model", "config", "action"},
