@@ -33,8 +33,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
 MIN_RANDOM_KILLS = int(os.environ.get("CHAOS_KILLS", "20"))
-# Enough rounds that the job outlives the kills: each life makes about 2-3 rounds of progress.
-NUM_ROUNDS = max(60, 4 * MIN_RANDOM_KILLS)
+# Enough rounds that the job outlives the kills: a life of 0.3-0.9 s makes several rounds of
+# progress (3 at first; up to 8 since the runners answer a task the moment it lands).
+NUM_ROUNDS = max(200, 10 * MIN_RANDOM_KILLS)
 FAILPOINTS = [
     "round_log.before_append",
     "round_log.after_append",

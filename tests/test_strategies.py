@@ -347,7 +347,7 @@ def test_custom_strategy_by_import_string() -> None:
 
 
 def test_example_custom_strategies_run() -> None:
-    path = Path(__file__).resolve().parents[1] / "examples" / "custom_strategy.py"
+    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "custom_strategy.py"
     spec = importlib.util.spec_from_file_location("custom_strategy_example", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -10,7 +10,7 @@ every result at once: it sets ``streaming = False`` and reads the updates
 slice by slice with the helpers in ``fl_orchestrator.aggregation.chunks``, so
 memmap-backed updates never have to be loaded whole.
 
-Run ``python examples/custom_strategy.py`` to see one round of each.
+Run ``python docs/examples/custom_strategy.py`` to see one round of each.
 """
 
 from __future__ import annotations
