@@ -14,6 +14,7 @@ from fl_orchestrator.config import load_config
 from fl_orchestrator.daemon.lifecycle import EXIT_DONE, Daemon
 from fl_orchestrator.storage.checkpoints import MAGIC, Checkpoint, CheckpointError, CheckpointStore
 from fl_orchestrator.storage.job_state import JobState, StartRefused, StateWriteError
+from fl_orchestrator.storage.models import ModelStore
 from fl_orchestrator.storage.round_log import CloseRecord, DispatchRecord, ResultRecord, RoundLog
 from fl_orchestrator.storage.run_record import load_run
 
@@ -40,6 +41,38 @@ def test_checkpoint_round_trips_model_strategy_state_and_records(tmp_path: Path)
     assert np.array_equal(loaded.strategy_state["m"]["w"], np.ones((3, 2)))
     assert loaded.strategy_state["step"] == 4 and loaded.strategy_state["rng"]["state"] == 2**70
     assert loaded.records == {"a@x.org": {"succeeded": 4, "failed": 0}}
+
+
+def test_a_checkpoint_names_the_saved_model_instead_of_copying_it(tmp_path: Path) -> None:
+    # The round's model file is written first (the daemon's order): the checkpoint holds its hash.
+    big = checkpoint(2, 1.5)
+    big = Checkpoint(2, "run1", {"w": np.full((500, 200), 1.5, np.float32)}, big.strategy_state, big.records)
+    models = ModelStore(tmp_path, "job")
+    models.save(2, big.model)
+    store = CheckpointStore(tmp_path, "job", keep=3)
+    path = store.save(big)
+    assert path.stat().st_size < 10_000 < models.path_for(2).stat().st_size  # 400 kB not copied
+    assert np.array_equal(store.load(2).model["w"], big.model["w"])
+    # Without its model file (or with another model in it) a checkpoint carries the model itself.
+    embedded = store.save(checkpoint(3, 4.0))
+    assert embedded.stat().st_size > 48 and np.array_equal(
+        store.load(3).model["w"], checkpoint(3, 4.0).model["w"]
+    )
+
+
+def test_a_checkpoint_whose_model_file_changed_is_unusable_and_the_previous_is_used(tmp_path: Path) -> None:
+    models = ModelStore(tmp_path, "job")
+    store = CheckpointStore(tmp_path, "job", keep=3)
+    for rnd in (1, 2):
+        models.save(rnd, checkpoint(rnd, float(rnd)).model)
+        store.save(checkpoint(rnd, float(rnd)))
+    models.save(2, checkpoint(2, 99.0).model)  # rewritten behind the checkpoint's back
+    with pytest.raises(CheckpointError, match="the model it names is unusable"):
+        store.load(2)
+    models.path_for(1).unlink()
+    with pytest.raises(CheckpointError, match="unusable"):
+        store.load(1)
+    assert store.load_latest() is None  # neither can be trusted: the start refuses (tested below)
 
 
 def test_only_the_newest_k_checkpoints_are_kept(tmp_path: Path) -> None:

@@ -98,12 +98,15 @@ class RoundWork:
         model_round = action.round + 1 if action.purpose == "evaluate" else action.round
         if self.broadcast is None or self.broadcast.round != model_round:
             model = self.global_model
+            # The state folder saved this model as the round before: the broadcast may link it.
             self.broadcast = await self.retry.run(
-                lambda: self.publisher.write_model(model_round, model),
+                lambda: self.publisher.write_model(
+                    model_round, model, self.store.saved(model_round - 1, model)
+                ),
                 what="model for the datasites",
                 path=self.publisher.models_dir,
             )
-            self.bytes_written_total += self.broadcast.nbytes
+            self.bytes_written_total += 0 if self.broadcast.linked else self.broadcast.nbytes
         failpoints.hit("dispatch.after_model")
         if begin and action.purpose == "train":
             self.strategy.begin_round(action.round, self.global_model)

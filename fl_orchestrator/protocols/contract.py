@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fl_orchestrator.storage.models import SavedModel
 from fl_orchestrator.wire.messages import ModelRef
 
 
@@ -19,6 +20,8 @@ class Broadcast:
     round: int
     ref: ModelRef
     nbytes: int
+    # A link to the state folder's copy: no bytes were written for it.
+    linked: bool = False
 
 
 class Publisher(Protocol):
@@ -38,8 +41,14 @@ class Publisher(Protocol):
         """Before the first round: folders and permissions; return our leftover temp files removed."""
         ...
 
-    def write_model(self, rnd: int, model: Mapping[str, np.ndarray]) -> Broadcast:
-        """Make round rnd's model available to the datasites."""
+    def write_model(
+        self, rnd: int, model: Mapping[str, np.ndarray], saved: SavedModel | None = None
+    ) -> Broadcast:
+        """Make round rnd's model available to the datasites.
+
+        ``saved`` is the state folder's file holding this very model: a publisher that puts the
+        model in a file may link that one instead of writing the bytes a second time.
+        """
         ...
 
     def write_tasks(

@@ -1,10 +1,15 @@
 """Checkpoints: everything needed to resume after the last completed round.
 
 A checkpoint file is ``MAGIC + sha256(body) + body`` where the body is a
-message stream (header map, then one bin per array) holding the global model,
-the strategy's state and the per-datasite accounting. It is written atomically
-and durably; on load a bad magic, a bad checksum or a truncated file is
-reported loudly and the previous checkpoint is used instead.
+message stream (header map, then one bin per array) holding the strategy's
+state, the per-datasite accounting and the global model. The model is named,
+not copied, when the round's model file (storage/models.py, written just
+before) is there: the header holds its sha256, and loading checks the file
+against it, so the model is written once a round instead of twice. A
+checkpoint whose model file is gone or changed is unusable like a corrupt one.
+It is written atomically and durably; on load a bad magic, a bad checksum, a
+truncated file or a changed model file is reported loudly and the previous
+checkpoint is used instead. Files of version 1 (the model inside) still load.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import structlog
 from fl_orchestrator.core.reasons import Rejection
 from fl_orchestrator.storage import failpoints
 from fl_orchestrator.storage.atomic import atomic_write
+from fl_orchestrator.storage.models import ModelFileError, ModelStore
 from fl_orchestrator.wire.frames import FrameLimits, decode_arrays, decode_header, encode_frames
 
 log = structlog.get_logger("fl_orchestrator.checkpoints")
@@ -84,6 +90,7 @@ class CheckpointStore:
         self.directory = state_dir / "checkpoints"
         self.job = job
         self.keep = keep
+        self.models = ModelStore(state_dir, job)
 
     def path_for(self, rnd: int) -> Path:
         """Where round rnd's checkpoint lives."""
@@ -97,17 +104,21 @@ class CheckpointStore:
 
     def save(self, checkpoint: Checkpoint) -> Path:
         """Write a checkpoint atomically and durably, then prune old ones."""
-        arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in checkpoint.model.items()}
-        strategy = _flatten(checkpoint.strategy_state, arrays)
-        header = {
-            "version": 1,
+        arrays: dict[str, np.ndarray] = {}
+        header: dict[str, Any] = {
+            "version": 2,
             "kind": "checkpoint",
             "job": self.job,
             "run_id": checkpoint.run_id,
             "round": checkpoint.round,
-            "strategy": strategy,
-            "records": checkpoint.records,
         }
+        model_file = self._model_file(checkpoint)
+        if model_file is None:
+            arrays.update({f"model/{k}": v for k, v in checkpoint.model.items()})
+        else:
+            header["model_sha256"] = model_file
+        header["strategy"] = _flatten(checkpoint.strategy_state, arrays)
+        header["records"] = checkpoint.records
         frames = encode_frames(header, arrays)
         digest = hashlib.sha256()
         for frame in frames:
@@ -118,6 +129,15 @@ class CheckpointStore:
         failpoints.hit("checkpoint.after_write")
         self._prune()
         return path
+
+    def _model_file(self, checkpoint: Checkpoint) -> str | None:
+        """The sha256 of the round's model file if it holds exactly this model, else None (embed it)."""
+        sha, size = self.models.digest(checkpoint.round, checkpoint.model)
+        try:
+            on_disk = self.models.path_for(checkpoint.round).stat().st_size
+        except OSError:
+            return None
+        return sha if on_disk == size else None
 
     def _prune(self) -> None:
         for rnd in self.rounds()[: -self.keep]:
@@ -147,6 +167,12 @@ class CheckpointStore:
         if header.get("kind") != "checkpoint" or header.get("job") != self.job:
             raise CheckpointError(f"{path}: belongs to job {header.get('job')!r}, not {self.job!r}")
         model = {k.removeprefix("model/"): np.array(v) for k, v in arrays.items() if k.startswith("model/")}
+        named = header.get("model_sha256")
+        if isinstance(named, str):
+            try:
+                model = self.models.load_verified(int(header["round"]), named)
+            except ModelFileError as exc:
+                raise CheckpointError(f"{path}: the model it names is unusable: {exc}") from None
         return Checkpoint(
             round=int(header["round"]),
             run_id=str(header["run_id"]),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +21,7 @@ from fl_orchestrator.wire.messages import (
     ModelMessage,
     decode_message,
     encode_model_frames,
+    sha256_of_frames,
 )
 
 _ROUND_FILE = re.compile(r"^global-r(\d{5})\.msgpack$")
@@ -66,6 +70,10 @@ def load_weights_file(path: Path) -> Weights:
         data = path.read_bytes()
     except OSError as exc:
         raise ModelFileError(f"{path}: {exc.strerror}") from None
+    return _decode_model(path, data)
+
+
+def _decode_model(path: Path, data: bytes) -> Weights:
     try:
         message = decode_message(data, expect_kind="model", expect_job=_job_of(data), limits=_MODEL_LIMITS)
     except Rejection as exc:
@@ -95,12 +103,24 @@ def model_message(job: str, rnd: int, model: Mapping[str, np.ndarray], message_i
     return ModelMessage(Envelope(job, rnd, message_id, None, 0.0, None), dict(model))
 
 
+@dataclass(frozen=True)
+class SavedModel:
+    """A model file as ModelStore wrote it: a publisher may link it rather than write the model again."""
+
+    path: Path
+    sha256: str
+    nbytes: int
+
+
 class ModelStore:
     """state_dir/models/global-rNNNNN.msgpack, one per completed round (0 = initial)."""
 
     def __init__(self, state_dir: Path, job: str) -> None:
         self.directory = state_dir / "models"
         self.job = job
+        # The last model saved (held, so it is the same object), its sha256 and size: naming it
+        # again costs no second hash.
+        self._last: tuple[int, Mapping[str, np.ndarray], str, int] | None = None
 
     def path_for(self, rnd: int) -> Path:
         """Where round rnd's model is kept."""
@@ -109,9 +129,46 @@ class ModelStore:
     def save(self, rnd: int, model: Mapping[str, np.ndarray]) -> Path:
         """Write round rnd's model atomically and durably."""
         path = self.path_for(rnd)
-        frames = encode_model_frames(model_message(self.job, rnd, model, f"r{rnd}"))
+        frames = self._frames(rnd, model)
         atomic_write(path, frames)
+        self._last = (rnd, model, sha256_of_frames(frames), sum(memoryview(f).nbytes for f in frames))
         return path
+
+    def digest(self, rnd: int, model: Mapping[str, np.ndarray]) -> tuple[str, int]:
+        """The sha256 and size ``save`` writes for this model (the encoding is deterministic)."""
+        if self._last is not None and self._last[0] == rnd and self._last[1] is model:
+            return self._last[2], self._last[3]
+        frames = self._frames(rnd, model)
+        return sha256_of_frames(frames), sum(memoryview(f).nbytes for f in frames)
+
+    def saved(self, rnd: int, model: Mapping[str, np.ndarray]) -> SavedModel | None:
+        """Round rnd's model file, if it holds exactly this model's bytes; else None."""
+        written_here = self._last is not None and self._last[0] == rnd and self._last[1] is model
+        sha, nbytes = self.digest(rnd, model)
+        path = self.path_for(rnd)
+        try:
+            if path.stat().st_size != nbytes:
+                return None
+            # Not saved by this process (a resume): the file is checked, not trusted.
+            if not written_here and hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+                return None
+        except OSError:
+            return None
+        return SavedModel(path, sha, nbytes)
+
+    def load_verified(self, rnd: int, sha256: str) -> Weights:
+        """Round rnd's model, only if its file's bytes still hash to ``sha256`` (ModelFileError)."""
+        path = self.path_for(rnd)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelFileError(f"{path}: {exc.strerror}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ModelFileError(f"{path}: its bytes changed since the checkpoint named them")
+        return _decode_model(path, data)
+
+    def _frames(self, rnd: int, model: Mapping[str, np.ndarray]) -> list[Any]:
+        return encode_model_frames(model_message(self.job, rnd, model, f"r{rnd}"))
 
     def rounds(self) -> list[int]:
         """Rounds with a saved model, ascending."""

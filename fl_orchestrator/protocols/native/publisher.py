@@ -21,7 +21,7 @@ from fl_orchestrator.storage.atomic import (
     remove_own_temps,
     write_durably,
 )
-from fl_orchestrator.storage.models import model_message
+from fl_orchestrator.storage.models import SavedModel, model_message
 from fl_orchestrator.wire.layout import JobLayout
 from fl_orchestrator.wire.messages import (
     Envelope,
@@ -83,8 +83,20 @@ class Publisher:
             if not path.exists() or path.read_text(encoding="utf-8") != text:
                 self.bytes_written += atomic_write_text(path, text)
 
-    def write_model(self, rnd: int, model: Mapping[str, np.ndarray]) -> Broadcast:
-        """Write round rnd's model once, named by its content hash; reuse it if present."""
+    def write_model(
+        self, rnd: int, model: Mapping[str, np.ndarray], saved: SavedModel | None = None
+    ) -> Broadcast:
+        """Write round rnd's model once, named by its content hash; reuse it if present.
+
+        With ``saved`` (the state folder's file of this model) and no parts needed, the broadcast
+        is a hard link to it: the model's bytes are written once a round, not twice. Its envelope
+        then carries the round the model came out of; datasites check the job and the sha256,
+        never that round. Across filesystems, or where links are refused, it is written.
+        """
+        if saved is not None and not 0 < self.part_bytes < saved.nbytes:
+            linked = self._link_model(rnd, saved)
+            if linked is not None:
+                return linked
         frames = encode_model_frames(model_message(self.layout.job, rnd, model, f"g{rnd}"))
         nbytes = sum(memoryview(f).nbytes for f in frames)
         if 0 < self.part_bytes < nbytes:
@@ -105,6 +117,22 @@ class Publisher:
             self.bytes_written += written
         relative = path.relative_to(self.layout.aggregator_dir).as_posix()
         return Broadcast(rnd, ModelRef(relative, sha, nbytes), nbytes)
+
+    def _link_model(self, rnd: int, saved: SavedModel) -> Broadcast | None:
+        path = self.layout.models_dir / self.layout.model_name(rnd, saved.sha256)
+        relative = path.relative_to(self.layout.aggregator_dir).as_posix()
+        broadcast = Broadcast(rnd, ModelRef(relative, saved.sha256, saved.nbytes), saved.nbytes, linked=True)
+        if path.exists() and path.stat().st_size == saved.nbytes:
+            return broadcast
+        temp = self.layout.models_dir / f".incoming-r{rnd:05d}.{secrets.token_hex(6)}.tmp"
+        try:
+            self.layout.models_dir.mkdir(parents=True, exist_ok=True)
+            os.link(saved.path, temp)
+        except OSError:
+            return None  # another filesystem, or no links here: write the bytes instead
+        os.replace(temp, path)
+        fsync_dir(path.parent)
+        return broadcast
 
     def _write_model_parts(self, rnd: int, frames: list[Any], nbytes: int) -> Broadcast:
         """Too large for the sync's file cap: write parts named by the whole model's hash."""

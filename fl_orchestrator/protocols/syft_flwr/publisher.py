@@ -34,6 +34,7 @@ from fl_orchestrator.protocols.syft_flwr.layout import (
 from fl_orchestrator.protocols.syft_flwr.replies import SyftFlwrState, TaskInfo
 from fl_orchestrator.storage.atomic import atomic_write
 from fl_orchestrator.storage.job_state import StartRefused
+from fl_orchestrator.storage.models import SavedModel
 from fl_orchestrator.wire.messages import ModelRef, model_spec
 
 log = structlog.get_logger("fl_orchestrator.protocols.syft_flwr")
@@ -98,7 +99,9 @@ class SyftFlwrPublisher:
         self.run_id = run_id
         self.flower_run_id = zlib.crc32(run_id.encode())
 
-    def write_model(self, rnd: int, model: Mapping[str, np.ndarray]) -> Broadcast:
+    def write_model(
+        self, rnd: int, model: Mapping[str, np.ndarray], saved: SavedModel | None = None
+    ) -> Broadcast:
         """Keep the arrays for this round's requests (the model travels inside each one)."""
         self._model = (rnd, model)
         self.state.spec = model_spec(model)
