@@ -424,12 +424,24 @@ def bytes_written(before: Snapshot, after: Snapshot, categorise: Callable[[str],
 
     A new or replaced file (new inode) counts whole; a file that grew in place
     (an append-only log) counts its growth. A file rewritten several times in
-    between counts once, so this is a lower bound.
+    between counts once, so this is a lower bound. An inode counts once: a hard
+    link to a file that was already there, or to another new one, writes no bytes,
+    and neither do the links under ``kept/`` to results the datasites wrote.
     """
     totals: dict[str, int] = {}
-    for path, (inode, size) in after.items():
+    inodes_before = {inode for inode, _ in before.values()}
+    counted: set[int] = set()
+    for path, (inode, size) in sorted(after.items()):
         old = before.get(path)
-        grown = size if old is None or old[0] != inode else max(0, size - old[1])
+        if "kept" in Path(path).parts:
+            continue
+        if old is not None and old[0] == inode:
+            grown = max(0, size - old[1])
+        elif inode in inodes_before or inode in counted:
+            grown = 0  # another name for bytes already counted
+        else:
+            grown = size
+            counted.add(inode)
         if grown:
             key = categorise(path)
             totals[key] = totals.get(key, 0) + grown

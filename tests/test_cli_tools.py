@@ -186,7 +186,7 @@ def test_status_of_a_running_round_shows_time_left_selection_and_accounting(tmp_
     row_b = next(line for line in lines if line.startswith(B))
     assert "1 min 15 s ago" in row_b
     row_c = next(line for line in lines if line.startswith(C))
-    assert "never" in row_c and row_c.split()[-2:] == ["-", "-"]  # no result yet: no train time, no turnaround
+    assert "never" in row_c and row_c.split()[-2:] == ["-", "-"]  # no result yet: no times
     assert f"{C}: round_closed 1" in text
     assert "mallory@example.org (not in this job): unknown_datasite 2" in text
     assert "flagged" not in text

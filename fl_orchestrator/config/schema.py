@@ -240,7 +240,7 @@ class DaemonSection:
         default=None,
         metadata=spec(
             "where the job's Prometheus metrics go, in the text format node_exporter's textfile"
-            " collector reads, rewritten atomically with status.json; default"
+            " collector reads, rewritten atomically with status.json (at most every 15 s); default"
             " <state_dir>/fl_orchestrator.prom",
         ),
     )

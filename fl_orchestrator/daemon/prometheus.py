@@ -1,7 +1,7 @@
 """The job as Prometheus metrics, in the text format node_exporter's textfile collector reads.
 
-Written beside every status.json write (the same snapshot), atomically, so a
-scrape never sees half a file. No server and no dependency: point
+Written with status.json (the same snapshot, at most every 15 s and at the
+end), atomically, so a scrape never sees half a file. No server and no dependency: point
 node_exporter's ``--collector.textfile.directory`` at the folder of
 ``[daemon] prometheus_textfile_path`` (default ``<state_dir>/fl_orchestrator.prom``).
 Counters are the job's totals since its first run; a restart resumes them from

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ from fl_orchestrator.storage.jsonl import append_json_line, json_text, read_json
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 PROMETHEUS_FILE = "fl_orchestrator.prom"
+PROMETHEUS_EVERY_SECONDS = 15.0
 EVALUATIONS_FILE = "evaluations.jsonl"
 
 
@@ -50,15 +52,24 @@ class Reports:
         # The last completed round's line and how many rounds have one (for the metrics file).
         self._last_round: dict[str, Any] | None = None
         self._rounds_completed: int | None = None
+        self._prometheus_at = -math.inf
         self.metrics_path = state_dir / METRICS_FILE
         self.evaluations_path = state_dir / EVALUATIONS_FILE
         self._host = socket.gethostname()
         self._pid = os.getpid()
         self._pid_start_ticks = process_start_ticks(self._pid)
 
-    def write_status_document(self, status: dict[str, Any]) -> None:
-        """Write a snapshot taken by status_document, and the metrics file; safe in a worker thread."""
+    def write_status_document(self, status: dict[str, Any], *, final: bool = False) -> None:
+        """Write a snapshot taken by status_document, and the metrics file; safe in a worker thread.
+
+        The metrics file follows at most every PROMETHEUS_EVERY_SECONDS (and at the end): with
+        a thousand datasites it is most of a megabyte, and scrapes come every 15-60 s.
+        """
         atomic_write_text(self.status_path, json_text(status, sort_keys=True), durable=False)
+        now = time.monotonic()
+        if not final and now - self._prometheus_at < PROMETHEUS_EVERY_SECONDS:
+            return
+        self._prometheus_at = now
         if self._rounds_completed is None:
             lines = self.round_lines()  # once, on the first write of this process (a resume)
             self._rounds_completed = len(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from fl_orchestrator.storage.round_log import DispatchRecord
 log = structlog.get_logger("fl_orchestrator.daemon")
 
 EXIT_DONE = 0
+# Heartbeats alone refresh status.json ("last seen") at most this often.
+PRESENCE_STATUS_SECONDS = 5.0
 EXIT_JOB_FAILED = 1
 STATE_OF_PHASE = {Phase.DONE: "done", Phase.FAILED: "failed"}
 
@@ -75,6 +78,8 @@ class RoundDriver:
         self.replaying = False
         self.pending_aggregate: ev.RoundSummary | None = None
         self.status_wanted = anyio.Event()
+        self.status_written_at = -math.inf  # time.monotonic() of the last status.json write
+        self.presence_seen = anyio.Event()
         self.waiting_log = WaitingLog()
         self.status_urgent = anyio.Event()
 
@@ -119,8 +124,9 @@ class RoundDriver:
         if self.replaying:
             return
         transition = (machine.phase, machine.round) != before
-        # A heartbeat moves "last seen": status.json follows (its writer keeps to once a second).
-        if transition or actions or isinstance(event, ev.NodeSeen | ev.NodesSeen):
+        if isinstance(event, ev.NodeSeen | ev.NodesSeen):
+            self.presence_seen.set()  # "last seen" moved: refresh_status_on_presence
+        if transition or actions:
             self.status_wanted.set()
             if transition:
                 self.status_urgent.set()
@@ -278,6 +284,20 @@ class RoundDriver:
         """Something status.json shows changed outside the round loop (a refusal, say)."""
         self.status_wanted.set()
 
+    async def refresh_status_on_presence(self) -> None:
+        """Heartbeats move "last seen": status.json follows, at most every PRESENCE_STATUS_SECONDS.
+
+        A heartbeat alone waits for the rest of that span, so it shows late but always shows;
+        results and transitions still rewrite the file at once (the file is O(datasites)).
+        """
+        while True:
+            await self.presence_seen.wait()
+            self.presence_seen = anyio.Event()
+            wait = self.status_written_at + PRESENCE_STATUS_SECONDS - time.monotonic()
+            if wait > 0:
+                await anyio.sleep(wait)
+            self.status_wanted.set()
+
     async def write_status_when_wanted(self) -> None:
         """Rewrite status.json on every transition, and after results at most once a second.
 
@@ -287,6 +307,7 @@ class RoundDriver:
         while True:
             await self.status_wanted.wait()
             self.status_wanted = anyio.Event()
+            self.status_written_at = time.monotonic()
             self.status_urgent = anyio.Event()
             document = self.status_document()
             await self.state.durably(
@@ -301,7 +322,9 @@ class RoundDriver:
         """The last status of a run that is ending: one try, since run.json already holds the outcome."""
         document = self.status_document(state)
         try:
-            await anyio.to_thread.run_sync(self.reports.write_status_document, document)
+            await anyio.to_thread.run_sync(
+                functools.partial(self.reports.write_status_document, document, final=True)
+            )
         except OSError as exc:
             log.error("status.write_failed", path=str(self.reports.status_path), error=exc.strerror)
 
