@@ -59,30 +59,25 @@ def test_runners_exit_0_when_the_job_ends_and_one_told_to_keep_running_does_not(
         federation.stop()
 
 
+def _datasite_command(root: Path) -> list[str]:
+    """`fl-orchestrator datasite` for ds0 of job1, JSON logs; the code flags are the caller's."""
+    import sys
+
+    tool = str(Path(sys.executable).with_name("fl-orchestrator"))
+    where = ["--syftbox-root", str(root), "--create", "--job", "job1"]
+    who = ["--email", "ds0@example.org", "--aggregator", "agg@example.org"]
+    return [tool, "datasite", *where, *who, "--log-format", "json"]
+
+
 def test_the_data_owners_module_is_found_in_the_folder_the_runner_starts_from(tmp_path: Path) -> None:
     import os
     import subprocess
-    import sys
 
     code = tmp_path / "owner"
     code.mkdir()
     (code / "my_training.py").write_text("def train(arrays, config):\n    return arrays, 1, {}\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    command = [
-        str(Path(sys.executable).with_name("fl-orchestrator")),
-        "datasite",
-        "--syftbox-root",
-        str(tmp_path / "root"),
-        "--create",
-        "--email",
-        "ds0@example.org",
-        "--aggregator",
-        "agg@example.org",
-        "--job",
-        "job1",
-        "--log-format",
-        "json",
-    ]
+    command = _datasite_command(tmp_path / "root")
     missing = subprocess.run(
         [*command, "--train", "nowhere_here:train"],
         cwd=code,
@@ -115,27 +110,14 @@ def test_the_data_owners_module_is_found_in_the_folder_the_runner_starts_from(tm
 def test_a_runner_with_no_task_says_what_it_waits_for_at_start_and_again(tmp_path: Path) -> None:
     import os
     import subprocess
-    import sys
 
     from fl_orchestrator.wire.layout import JobLayout
 
     root = tmp_path / "root"
     command = [
-        str(Path(sys.executable).with_name("fl-orchestrator")),
-        "datasite",
-        "--syftbox-root",
-        str(root),
-        "--create",
-        "--email",
-        "ds0@example.org",
-        "--aggregator",
-        "agg@example.org",
-        "--job",
-        "job1",
+        *_datasite_command(root),
         "--train",
         "support.scripted:train",
-        "--log-format",
-        "json",
         "--waiting-log-interval-seconds",
         "0.3",
     ]

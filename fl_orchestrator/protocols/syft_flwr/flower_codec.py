@@ -166,15 +166,7 @@ def parse_reply(body: bytes) -> FlowerReply:
             arrays = [(name, array.numpy()) for name, array in content.array_records[ARRAYS_KEY].items()]
         except Exception as exc:
             raise ReplyError(f"its arrays do not load: {type(exc).__name__}: {exc}") from None
-    metrics, dropped = _scalars(content.metric_records.get(METRICS_KEY, {}))
-    return FlowerReply(
-        metadata.message_type,
-        metadata.group_id,
-        metadata.src_node_id,
-        arrays=arrays,
-        metrics=metrics,
-        dropped_metrics=tuple(dropped),
-    )
+    return _ok_reply(metadata, arrays, content.metric_records.get(METRICS_KEY, {}))
 
 
 def _parse_legacy(metadata: Any, content: RecordDict) -> FlowerReply:
@@ -200,14 +192,19 @@ def _parse_legacy(metadata: Any, content: RecordDict) -> FlowerReply:
             error_code=int(status.code.value),
             error_reason=f"the client's status: {status.code.name}: {status.message}",
         )
-    metrics, dropped = _scalars({**loss, **dict(extra)})
-    metrics[NUM_EXAMPLES_KEY] = count if isinstance(count, int) else -1
+    counted = {**loss, **dict(extra), NUM_EXAMPLES_KEY: count if isinstance(count, int) else -1}
+    return _ok_reply(metadata, arrays, counted)
+
+
+def _ok_reply(metadata: Any, arrays: list[tuple[str, np.ndarray]], metrics: Mapping[str, Any]) -> FlowerReply:
+    """A successful reply: its arrays, and its finite scalar metrics (the others named as dropped)."""
+    kept, dropped = _scalars(metrics)
     return FlowerReply(
         metadata.message_type,
         metadata.group_id,
         metadata.src_node_id,
         arrays=arrays,
-        metrics=metrics,
+        metrics=kept,
         dropped_metrics=tuple(dropped),
     )
 
