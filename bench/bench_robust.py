@@ -1,4 +1,4 @@
-"""Benchmark 3: robust strategies (median, trimmed mean, Krum) over counted result files.
+"""Benchmark 3: robust strategies (median, trimmed mean, Krum; Multi-Krum, Bulyan) over counted result files.
 
 Each strategy is built with ``fl_orchestrator.aggregation.registry.build_strategy``
 and runs in its own process, so its peak RSS (its own VmHWM) is its own.
@@ -9,8 +9,8 @@ and then ``strategy.finish()``, after ``begin_round(1, global_model)``. The
 timed part is what the daemon's round work does: open the FileUpdates (which
 decodes each file's header), aggregate_all, finish.
 
-For comparison, the same strategies also run on ``np.memmap`` views over the
-array payloads (the path the daemon used before FileUpdate). Baseline, in the
+For comparison, median, trimmed mean and Krum also run on ``np.memmap`` views
+over the array payloads (the path the daemon used before FileUpdate). Baseline, in the
 same run: ``np.median`` over the same results stacked into one (N, P) float32
 array.
 
@@ -39,6 +39,23 @@ import numpy as np
 from harness import MIB, Outcome, Row, RssSampler, Sizes, fmt_mib, fmt_seconds, self_peak_rss, verdict
 
 STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
+
+_SHORT = {"num_malicious_nodes": "f", "num_nodes_to_select": "m"}
+
+
+def extra_strategies(count: int) -> dict[str, dict[str, int]]:
+    """The rest of the Krum family, run on the daemon's path only (FileUpdate), and its parameters.
+
+    f = 2 of 32 results, so that Multi-Krum averages several results and Bulyan
+    trims (θ = 28, β = 24); less when there are too few results for Bulyan (smoke).
+    """
+    f = max(0, min(2, (count - 3) // 4))
+    return {
+        "multikrum": {"num_malicious_nodes": f, "num_nodes_to_select": min(5, count)},
+        "bulyan": {"num_malicious_nodes": f},
+    }
+
+
 # How each strategy's results are read: FileUpdate (the daemon's path, the primary
 # figures) and np.memmap (the previous path, for comparison).
 READERS = ("file_update", "memmap")
@@ -109,7 +126,7 @@ def child(spec_path: Path) -> None:
     else:
         from fl_orchestrator.aggregation.registry import build_strategy
 
-        strategy = build_strategy(spec["strategy"])
+        strategy = build_strategy(spec["strategy"], spec.get("strategy_params"))
         strategy.begin_round(1, {"w": np.zeros(params, dtype=np.float32)})
         counts = [100 + i for i in range(count)]
         updates: list[Any] = []
@@ -180,6 +197,8 @@ def _importable() -> str | None:
         registry = importlib.import_module("fl_orchestrator.aggregation.registry")
         for name in STRATEGIES:
             registry.build_strategy(name)
+        for name, params in extra_strategies(32).items():
+            registry.build_strategy(name, params)
         result_files = importlib.import_module("fl_orchestrator.intake.result_files")
         result_files.FileUpdate  # noqa: B018 - only checks that it exists
     except Exception as exc:  # a module half-written by someone else: skip, say why
@@ -213,6 +232,10 @@ def run(sizes: Sizes, folder: Path, shared: dict[str, Any]) -> Outcome:
             key = name if how == "file_update" else f"{name}_{how}"
             spec = {**base_spec, "what": how, "strategy": name}
             results[key] = _run_child(spec, folder, key, timeout)
+    extras = extra_strategies(len(located))
+    for name, params in extras.items():
+        spec = {**base_spec, "what": "file_update", "strategy": name, "strategy_params": params}
+        results[name] = _run_child(spec, folder, name, timeout)
     naive = results["naive_median"]
     data: dict[str, Any] = {
         "files": len(located),
@@ -220,6 +243,7 @@ def run(sizes: Sizes, folder: Path, shared: dict[str, Any]) -> Outcome:
         "input_bytes": len(located) * 4 * sizes.robust_params,
         "target_peak_rss_bytes": TARGET_PEAK_BYTES,
         "readers": {"primary": "FileUpdate (os.pread per block)", "memmap": "np.memmap (previous path)"},
+        "extra_strategy_params": extras,
         "results": results,
     }
     naive_cell = f"{fmt_seconds(naive['seconds'])}, {fmt_mib(naive['peak_rss'])}"
@@ -274,6 +298,32 @@ def run(sizes: Sizes, folder: Path, shared: dict[str, Any]) -> Outcome:
                 f"{fmt_seconds(mapped['seconds'])}, {fmt_mib(mapped['peak_rss'])}",
                 naive_cell,
                 f"{mapped['seconds'] / naive['seconds']:.2f}, {mapped['peak_rss'] / naive['peak_rss']:.2f}",
+            )
+        )
+    for name, params in extras.items():
+        got = results[name]
+        passed = got["peak_rss"] <= TARGET_PEAK_BYTES
+        data[f"pass_{name}"] = passed
+        settings = ", ".join(f"{_SHORT[key]} {value}" for key, value in params.items())
+        parts = " / ".join(fmt_seconds(got["parts_seconds"][k]) for k in ("open", "aggregate_all", "finish"))
+        rows.append(
+            Row(
+                "3 robust",
+                f"{name} ({settings}) time (FileUpdate); open / aggregate_all / finish",
+                f"{fmt_seconds(got['seconds'])}; {parts}",
+                fmt_seconds(naive["seconds"]),
+                f"{got['seconds'] / naive['seconds']:.2f}",
+            )
+        )
+        rows.append(
+            Row(
+                "3 robust",
+                f"{name} peak RSS (anon {fmt_mib(got['peak_anon'])}, file {fmt_mib(got['peak_file'])})",
+                fmt_mib(got["peak_rss"]),
+                fmt_mib(naive["peak_rss"]),
+                f"{got['peak_rss'] / naive['peak_rss']:.2f}",
+                f"<= {fmt_mib(TARGET_PEAK_BYTES)}",
+                verdict(passed),
             )
         )
     return Outcome("ok", data, rows)

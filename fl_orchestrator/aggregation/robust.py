@@ -2,20 +2,26 @@
 
 These need every result at once, so they are whole-set strategies
 (``streaming = False``). They never stack N whole models: each array is read
-in chunks of ``chunk_elements`` elements across the N updates (see chunks.py),
-so updates may be ``np.memmap`` views over the result files.
+in blocks of at most ``chunk_elements`` columns across the N updates, and at
+most ``BLOCK_ELEMENTS`` values in all (see chunks.py), so updates may be
+``np.memmap`` views or ``FileUpdate`` readers over the result files. Each block
+is sorted per coordinate (orderstats.py), which is what makes the median and
+the trimmed mean cheap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from fl_orchestrator.aggregation import orderstats
 from fl_orchestrator.aggregation.base import RoundSkipped, StrategyBase, Weights
 from fl_orchestrator.aggregation.chunks import (
     CHUNK_ELEMENTS,
     Layout,
+    block_buffer,
+    block_columns,
     check_updates,
     empty_model,
     layout_of,
@@ -24,6 +30,10 @@ from fl_orchestrator.aggregation.chunks import (
     stack_block,
     to_dtype,
 )
+
+# A per-coordinate reduction of an (N, columns) float64 block, given scratch space
+# of the block's size; returns one float64 value per column.
+BlockReduce = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class WholeSetStrategy(StrategyBase):
@@ -43,12 +53,14 @@ class WholeSetStrategy(StrategyBase):
             raise ValueError("chunk_elements must be at least 1")
         self.chunk_elements = chunk_elements
         self._layout: Layout | None = None
+        self._sent: Mapping[str, np.ndarray] = {}
         self._updates: list[Mapping[str, np.ndarray]] = []
         self._num_examples: list[int] = []
 
     def begin_round(self, rnd: int, global_model: Mapping[str, np.ndarray]) -> None:
         """Forget the previous round's updates; take the output layout from the model sent."""
         self._layout = layout_of(global_model)
+        self._sent = global_model
         self._updates, self._num_examples = [], []
 
     def fold(self, update: Mapping[str, np.ndarray], num_examples: int) -> None:
@@ -80,17 +92,34 @@ class WholeSetStrategy(StrategyBase):
     ) -> Weights:
         raise NotImplementedError
 
-    def _reduce_chunks(self, updates: Sequence[Mapping[str, np.ndarray]], layout: Layout) -> Weights:
-        """Apply ``self._reduce`` to every (N, chunk) block and assemble the model."""
-        out = empty_model(layout)
-        for name, spec in layout.items():
-            for start, stop in ranges(spec.size, self.chunk_elements):
-                block = stack_block(updates, name, start, stop)
-                out[name][start:stop] = to_dtype(self._reduce(block), spec.dtype)
-        return shaped(out, layout)
+    def _blocks(
+        self, updates: Sequence[Mapping[str, np.ndarray]], layout: Layout, rows: Sequence[int] | None = None
+    ) -> Iterator[tuple[str, int, int, np.ndarray]]:
+        """(array name, start, stop, block) over every array; each block reuses one buffer.
 
-    def _reduce(self, block: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        A block is valid until the next one is yielded. ``rows`` picks updates (in that order).
+        """
+        count = len(updates) if rows is None else len(rows)
+        columns = block_columns(count, self.chunk_elements)
+        buffer = block_buffer(count, columns)
+        for name, spec in layout.items():
+            for start, stop in ranges(spec.size, columns):
+                yield name, start, stop, stack_block(updates, name, start, stop, rows, out=buffer)
+
+    def _reduce_chunks(
+        self,
+        updates: Sequence[Mapping[str, np.ndarray]],
+        layout: Layout,
+        reduce: BlockReduce,
+        rows: Sequence[int] | None = None,
+    ) -> Weights:
+        """Apply ``reduce`` to every (N, columns) block and assemble the model."""
+        out = empty_model(layout)
+        count = len(updates) if rows is None else len(rows)
+        scratch = block_buffer(count, block_columns(count, self.chunk_elements))
+        for name, start, stop, block in self._blocks(updates, layout, rows):
+            out[name][start:stop] = to_dtype(reduce(block, scratch), layout[name].dtype)
+        return shaped(out, layout)
 
 
 class FedMedian(WholeSetStrategy):
@@ -101,20 +130,7 @@ class FedMedian(WholeSetStrategy):
     def _aggregate(
         self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int], layout: Layout
     ) -> Weights:
-        return self._reduce_chunks(updates, layout)
-
-    def _reduce(self, block: np.ndarray) -> np.ndarray:
-        return np.asarray(np.median(block, axis=0))
-
-
-def trimmed_mean(block: np.ndarray, beta: float) -> np.ndarray:
-    """Mean over axis 0 after dropping int(beta·n) values at each end, per column."""
-    n = block.shape[0]
-    cut = int(beta * n)
-    if cut == 0:
-        return np.asarray(block.mean(axis=0))
-    kept = np.partition(block, (cut, n - cut - 1), axis=0)[cut : n - cut]
-    return np.asarray(kept.mean(axis=0))
+        return self._reduce_chunks(updates, layout, orderstats.median)
 
 
 class FedTrimmedAvg(WholeSetStrategy):
@@ -131,7 +147,6 @@ class FedTrimmedAvg(WholeSetStrategy):
     def _aggregate(
         self, updates: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int], layout: Layout
     ) -> Weights:
-        return self._reduce_chunks(updates, layout)
-
-    def _reduce(self, block: np.ndarray) -> np.ndarray:
-        return trimmed_mean(block, self.beta)
+        return self._reduce_chunks(
+            updates, layout, lambda block, scratch: orderstats.trimmed_mean(block, self.beta, scratch)
+        )
