@@ -234,7 +234,7 @@ class Daemon:
             )
             root.start_soon(intake.run, batches_recv, events_send)
             root.start_soon(self.rounds.write_status_when_wanted)
-            root.start_soon(self.rounds.refresh_status_on_presence)
+            root.start_soon(self.rounds.refresh_status_soon)
             interval = self.notifier.watchdog_interval_seconds()
             if interval is not None:
                 root.start_soon(self._ping_watchdog, interval)

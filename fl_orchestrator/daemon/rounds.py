@@ -39,8 +39,8 @@ from fl_orchestrator.storage.round_log import DispatchRecord
 log = structlog.get_logger("fl_orchestrator.daemon")
 
 EXIT_DONE = 0
-# Heartbeats alone refresh status.json ("last seen") at most this often.
-PRESENCE_STATUS_SECONDS = 5.0
+# Outside transitions, status.json is rewritten at most this often.
+STATUS_PACE_SECONDS = 5.0
 EXIT_JOB_FAILED = 1
 STATE_OF_PHASE = {Phase.DONE: "done", Phase.FAILED: "failed"}
 
@@ -79,7 +79,7 @@ class RoundDriver:
         self.pending_aggregate: ev.RoundSummary | None = None
         self.status_wanted = anyio.Event()
         self.status_written_at = -math.inf  # time.monotonic() of the last status.json write
-        self.presence_seen = anyio.Event()
+        self.status_soon = anyio.Event()
         self.waiting_log = WaitingLog()
         self.status_urgent = anyio.Event()
 
@@ -124,12 +124,11 @@ class RoundDriver:
         if self.replaying:
             return
         transition = (machine.phase, machine.round) != before
-        if isinstance(event, ev.NodeSeen | ev.NodesSeen):
-            self.presence_seen.set()  # "last seen" moved: refresh_status_on_presence
-        if transition or actions:
+        if transition:
             self.status_wanted.set()
-            if transition:
-                self.status_urgent.set()
+            self.status_urgent.set()
+        elif actions or isinstance(event, ev.NodeSeen | ev.NodesSeen):
+            self.status_soon.set()  # results, refusals, "last seen": refresh_status_soon
         if transition:
             self.notifier.status(self.status_line())
 
@@ -282,24 +281,26 @@ class RoundDriver:
 
     def want_status(self) -> None:
         """Something status.json shows changed outside the round loop (a refusal, say)."""
-        self.status_wanted.set()
+        self.status_soon.set()
 
-    async def refresh_status_on_presence(self) -> None:
-        """Heartbeats move "last seen": status.json follows, at most every PRESENCE_STATUS_SECONDS.
+    async def refresh_status_soon(self) -> None:
+        """Results, refusals and heartbeats: status.json follows, at most every STATUS_PACE_SECONDS.
 
-        A heartbeat alone waits for the rest of that span, so it shows late but always shows;
-        results and transitions still rewrite the file at once (the file is O(datasites)).
+        A change waits for the rest of that span, so it shows late but always shows; a
+        transition rewrites the file at once. The file is O(datasites): at 1,000 of them
+        building and writing it holds the interpreter for tens of milliseconds, which every
+        result arriving meanwhile waits for (the detection benchmark's p99).
         """
         while True:
-            await self.presence_seen.wait()
-            self.presence_seen = anyio.Event()
-            wait = self.status_written_at + PRESENCE_STATUS_SECONDS - time.monotonic()
+            await self.status_soon.wait()
+            self.status_soon = anyio.Event()
+            wait = self.status_written_at + STATUS_PACE_SECONDS - time.monotonic()
             if wait > 0:
                 await anyio.sleep(wait)
             self.status_wanted.set()
 
     async def write_status_when_wanted(self) -> None:
-        """Rewrite status.json on every transition, and after results at most once a second.
+        """Rewrite status.json when wanted: at once on a transition, else paced by refresh_status_soon.
 
         Off the round loop: with a thousand datasites the file takes tens of
         milliseconds to write, which would delay the next result.

@@ -111,7 +111,11 @@ def json_safe(value: Any) -> Any:
 
 def json_text(value: Any, **options: Any) -> str:
     """Strict JSON for files and logs others read: non-finite numbers via ``json_safe``."""
-    return json.dumps(json_safe(value), allow_nan=False, **options)
+    try:
+        # The common case, all finite, in C; status.json at 1,000 datasites is 16 ms the slow way.
+        return json.dumps(value, allow_nan=False, **options)
+    except (ValueError, TypeError):
+        return json.dumps(json_safe(value), allow_nan=False, **options)
 
 
 def append_json_line(path: Path, value: dict[str, Any]) -> None:
