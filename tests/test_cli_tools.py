@@ -30,6 +30,7 @@ from fl_orchestrator.wire.layout import JobLayout
 
 from support import scripted
 from support.jobs import AGGREGATOR, job_table, site_emails, write_job
+from support.records import round_line
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 NEEDS_MATPLOTLIB = pytest.mark.skipif(
@@ -369,24 +370,8 @@ def test_reports_write_what_status_needs(tmp_path: Path) -> None:
 
 
 def metrics_line(rnd: int, **overrides: Any) -> str:
-    line: dict[str, Any] = {
-        "round": rnd,
-        "attempt": 1,
-        "selected": [A, B, C],
-        "succeeded": [A, B],
-        "failed": {},
-        "timed_out": [C],
-        "num_examples": 30,
-        "train_metrics": {"loss": 1.0 / rnd},
-        "evaluate_metrics": {"accuracy": 0.5 + rnd / 10, "num_examples": 100.0},
-        "collect_seconds": 1.0,
-        "aggregate_seconds": 0.01,
-        "train_seconds": {A: 0.5, B: 0.6},
-        "model_path": "/x",
-        "written": NOW,
-    }
-    line.update(overrides)
-    return json.dumps(line)
+    evaluate = {"accuracy": 0.5 + rnd / 10, "num_examples": 100.0}
+    return json.dumps(round_line(rnd, **{"evaluate_metrics": evaluate, "written": NOW, **overrides}))
 
 
 def write_metrics(state_dir: Path, lines: list[str]) -> None:

@@ -29,6 +29,7 @@ from fl_orchestrator.cli.report_participation import (
 from fl_orchestrator.cli.tool_main import main as tool_main
 
 from support.jobs import job_table, site_emails, write_job
+from support.records import round_line
 
 NEEDS_MATPLOTLIB = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
@@ -40,24 +41,7 @@ A, B, C = site_emails(3)
 
 def metrics_line(rnd: int, **overrides: Any) -> dict[str, Any]:
     """A metrics.jsonl line as Reports.append_round writes it."""
-    line: dict[str, Any] = {
-        "round": rnd,
-        "attempt": 1,
-        "selected": [A, B, C],
-        "succeeded": [A, B],
-        "failed": {},
-        "timed_out": [C],
-        "num_examples": 30,
-        "train_metrics": {"loss": 1.0 / rnd},
-        "evaluate_metrics": {"accuracy": 0.5 + rnd / 10},
-        "collect_seconds": 1.0,
-        "aggregate_seconds": 0.01,
-        "train_seconds": {A: 0.5, B: 0.6},
-        "model_path": "/x",
-        "written": 1_800_000_000.0,
-    }
-    line.update(overrides)
-    return line
+    return round_line(rnd, **overrides)
 
 
 def evaluation_line(rnd: int, **overrides: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import tomllib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,7 @@ def pool_main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError, HookError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EX_USAGE
-    anyio.run(_until_signal, pool.run, "simulate.pool_stopped")
+    anyio.run(_until_signal, pool.run, lambda name: log.info("simulate.pool_stopped", signal=name))
     return 0
 
 
@@ -241,41 +242,37 @@ def run_datasite(args: argparse.Namespace) -> int:
 
 async def _serve(runner: DatasiteRunner) -> None:
     """The runner until its job ends, or until SIGTERM/SIGINT (the task in hand is then abandoned)."""
-    async with anyio.create_task_group() as group:
 
-        async def stop_on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for number in signals:
-                    # A task abandoned here has no result yet: it is answered again after a restart.
-                    log.info(
-                        "datasite.stopped",
-                        datasite=runner.settings.email,
-                        signal=signal.Signals(number).name,
-                        abandoned_task=runner.current_task,
-                    )
-                    group.cancel_scope.cancel()
-                    return
+    def stopped_by(name: str) -> None:
+        # A task abandoned here has no result yet: it is answered again after a restart.
+        log.info(
+            "datasite.stopped",
+            datasite=runner.settings.email,
+            signal=name,
+            abandoned_task=runner.current_task,
+        )
 
-        group.start_soon(stop_on_signal)
-        await runner.run()
+    if not await _until_signal(runner.run, stopped_by):
         log.info("datasite.stopped", datasite=runner.settings.email, reason="the job has ended")
-        group.cancel_scope.cancel()
 
 
-async def _until_signal(work: Any, event: str) -> None:
-    """Run ``work()`` until it returns, or until SIGTERM/SIGINT cancels it."""
+async def _until_signal(work: Callable[[], Awaitable[None]], stopped_by: Callable[[str], None]) -> bool:
+    """Run ``work()`` until it returns (False), or until SIGTERM/SIGINT cancels it (True)."""
+    signalled: list[str] = []
     async with anyio.create_task_group() as group:
 
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for number in signals:
-                    log.info(event, signal=signal.Signals(number).name)
+                    signalled.append(signal.Signals(number).name)
+                    stopped_by(signalled[0])
                     group.cancel_scope.cancel()
                     return
 
         group.start_soon(stop_on_signal)
         await work()
         group.cancel_scope.cancel()
+    return bool(signalled)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,26 @@ def records_under(folder: Path) -> list[dict[str, Any]]:
         for name in ("records.1.jsonl", "records.jsonl"):
             records.extend(json_lines(bucket / name))
     return records
+
+
+def round_line(rnd: int, **overrides: Any) -> dict[str, Any]:
+    """A metrics.jsonl line as Reports.append_round writes it: ds0, ds1 answered, ds2 timed out."""
+    a, b, c = (f"ds{i}@example.org" for i in range(3))
+    line: dict[str, Any] = {
+        "round": rnd,
+        "attempt": 1,
+        "selected": [a, b, c],
+        "succeeded": [a, b],
+        "failed": {},
+        "timed_out": [c],
+        "num_examples": 30,
+        "train_metrics": {"loss": 1.0 / rnd},
+        "evaluate_metrics": {"accuracy": 0.5 + rnd / 10},
+        "collect_seconds": 1.0,
+        "aggregate_seconds": 0.01,
+        "train_seconds": {a: 0.5, b: 0.6},
+        "model_path": "/x",
+        "written": 1_800_000_000.0,
+    }
+    line.update(overrides)
+    return line
