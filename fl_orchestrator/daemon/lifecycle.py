@@ -88,6 +88,7 @@ class Daemon:
             job,
             keep_checkpoints=config.state.keep_checkpoints,
             retry_seconds=config.state.write_retry_seconds,
+            models=self.store,
         )
         self.quarantine = Quarantine(
             self.state_dir / "quarantine",

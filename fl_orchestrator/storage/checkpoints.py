@@ -86,11 +86,12 @@ def _unflatten(state: Any, arrays: Mapping[str, np.ndarray]) -> Any:
 class CheckpointStore:
     """state_dir/checkpoints/ckpt-rNNNNN.bin, keeping the newest ``keep``."""
 
-    def __init__(self, state_dir: Path, job: str, keep: int) -> None:
+    def __init__(self, state_dir: Path, job: str, keep: int, models: ModelStore | None = None) -> None:
         self.directory = state_dir / "checkpoints"
         self.job = job
         self.keep = keep
-        self.models = ModelStore(state_dir, job)
+        # The daemon passes the store that saved the round's model: naming it costs no second hash.
+        self.models = models or ModelStore(state_dir, job)
 
     def path_for(self, rnd: int) -> Path:
         """Where round rnd's checkpoint lives."""

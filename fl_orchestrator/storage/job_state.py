@@ -19,6 +19,7 @@ import structlog
 from fl_orchestrator.storage.atomic import remove_own_temps
 from fl_orchestrator.storage.checkpoints import Checkpoint, CheckpointStore
 from fl_orchestrator.storage.lock import LOCK_FILE
+from fl_orchestrator.storage.models import ModelStore
 from fl_orchestrator.storage.retry import EX_IOERR, StateWriteError, WriteRetry
 from fl_orchestrator.storage.round_log import Record, ResultRecord, RoundLog, read_records
 from fl_orchestrator.storage.run_record import (
@@ -56,10 +57,18 @@ class StartPoint:
 class JobState:
     """The state folder of one job."""
 
-    def __init__(self, state_dir: Path, job: str, *, keep_checkpoints: int, retry_seconds: float) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        job: str,
+        *,
+        keep_checkpoints: int,
+        retry_seconds: float,
+        models: ModelStore | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.job = job
-        self.checkpoints = CheckpointStore(state_dir, job, keep_checkpoints)
+        self.checkpoints = CheckpointStore(state_dir, job, keep_checkpoints, models)
         self.rounds_dir = state_dir / "rounds"
         self.retry = WriteRetry(retry_seconds)
         self.run: RunRecord | None = None
