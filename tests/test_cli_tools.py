@@ -74,6 +74,8 @@ STATUS_KEYS = {
     "datasites",
     "quarantined_other",
     "flagged",
+    "tier",
+    "regions",
 }
 DATASITE_KEYS = {
     "last_seen",

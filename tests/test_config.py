@@ -825,6 +825,7 @@ def test_cli_check_prints_resolved_json(tmp_path: Path, capsys: pytest.CaptureFi
         "limits",
         "logging",
         "syft_flwr",
+        "region",
         "source_path",
     }
 

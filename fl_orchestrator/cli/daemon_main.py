@@ -117,6 +117,10 @@ def main(argv: Sequence[str] | None = None, *, stop_requests: list[int] | None =
     except HookError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    if config.job.role == "region":
+        from fl_orchestrator.tiers.region import make_region
+
+        make_region(daemon)
     try:
         return anyio.run(daemon.run)
     except LockHeld as exc:

@@ -50,6 +50,9 @@ key                        meaning
 ``quarantined_other``      reason counts of senders that are not datasites of the job
 ``flagged``                datasites the daemon flagged for files refused many times in a
                            row (status.json ``flagged``; empty from daemons without it)
+``tier``                   ``root`` or ``region`` in a tiered job (docs/TIERS.md), else null
+``regions``                a root's regions -> their own ``selected``, ``succeeded``,
+                           ``failed``, ``timed_out`` in the last round each answered
 =========================  ===============================================================
 """
 
@@ -238,6 +241,19 @@ def status_document(
             str(k): _reason_counts(v) for k, v in sorted(quarantined.items()) if k not in datasites
         },
         "flagged": sorted(_str_list(status.get("flagged"))),
+        "tier": status.get("tier") if isinstance(status.get("tier"), str) else None,
+        "regions": _regions(status.get("regions")),
+    }
+
+
+def _regions(raw: object) -> dict[str, dict[str, int]]:
+    """A root's regions and their own counts of their last answered round (docs/TIERS.md)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(name): {str(k): int(v) for k, v in counts.items() if isinstance(v, int | float)}
+        for name, counts in sorted(raw.items())
+        if isinstance(counts, dict)
     }
 
 
@@ -271,7 +287,8 @@ def render_text(doc: dict[str, Any]) -> str:
     """The human view of a status_document."""
     lines: list[str] = []
     run = f" (run {doc['run_id']})" if doc.get("run_id") else ""
-    lines.append(f"job {doc['job']}{run}: {doc['summary']}")
+    tier = f" ({doc['tier']})" if doc.get("tier") else ""
+    lines.append(f"job {doc['job']}{tier}{run}: {doc['summary']}")
     if doc["daemon"] == UNKNOWN and doc["state"] == "running":
         lines.append(f"  (pid {doc['pid']} on host {doc['host']}: cannot check from here whether it runs)")
     where = f"round {doc['round']} of {doc['num_rounds']}, phase {doc['phase']}"
@@ -324,6 +341,13 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.extend(breakdown)
     if doc["flagged"]:
         lines.append(f"flagged for repeatedly refused files: {_emails(doc['flagged'])}")
+    if doc["regions"]:
+        lines.append("regions, their own datasites in the last round they answered:")
+        lines.extend(
+            f"  {name}: selected {c.get('selected', 0)}, results {c.get('succeeded', 0)},"
+            f" failures {c.get('failed', 0)}, timeouts {c.get('timed_out', 0)}"
+            for name, c in doc["regions"].items()
+        )
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_orchestrator.config.schema import JobConfig, StrategySection
+from fl_orchestrator.config.tiers import check_tiers
 
 EX_CONFIG = 78
 # sysexits' EX_USAGE, for bad command-line flags (argparse's own 2 is not a sysexits code).
@@ -298,6 +299,11 @@ def _check_cross_fields(config: JobConfig) -> None:
                 "model.checkpoint_path", str(model.checkpoint_path), "a file ending .npz or .msgpack"
             )
     _check_syft_flwr(config)
+    tiers = check_tiers(config)
+    if tiers is not None:
+        raise ConfigError(*tiers)
+    if config.region.root_job is not None and not _JOB_NAME.fullmatch(config.region.root_job):
+        raise ConfigError("region.root_job", config.region.root_job, "1-64 of letters, digits, '.', '-', '_'")
     for name in model.arrays:
         if not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,128}", name) or ".." in name:
             raise ConfigError(f"model.arrays.{name}", name, "an array name of [A-Za-z0-9_.:/-]")

@@ -28,6 +28,15 @@ class JobSection:
             choices=("native", "syft-flwr"),
         ),
     )
+    role: str = field(
+        default="flat",
+        metadata=spec(
+            "'flat' (datasites answer this job), 'root' (some datasites are regions: only strategies"
+            " that fold exactly are allowed) or 'region' (answer a root job by running its rounds"
+            " over this job's datasites; needs [region]); see docs/TIERS.md",
+            choices=("flat", "root", "region"),
+        ),
+    )
     num_rounds: int = field(default=3, metadata=spec("number of rounds", minimum=1))
     round_timeout_seconds: float = field(
         default=600.0,
@@ -405,6 +414,34 @@ class SyftFlwrSection:
     )
 
 
+@dataclass(frozen=True)
+class RegionSection:
+    """Where a region's root job is (used only with job.role = 'region'; docs/TIERS.md)."""
+
+    root_aggregator_email: str | None = field(
+        default=None, metadata=spec("the root job's aggregator email", email=True)
+    )
+    root_job: str | None = field(default=None, metadata=spec("the root job's name"))
+    email: str | None = field(
+        default=None,
+        metadata=spec(
+            "this region's datasite email in the root job (default: syftbox.aggregator_email)", email=True
+        ),
+    )
+    deadline_margin_seconds: float = field(
+        default=10.0,
+        metadata=spec(
+            "the region's rounds close this long before the root's deadline, so that its answer"
+            " is written and synced in time",
+            minimum=0,
+        ),
+    )
+    heartbeat_interval_seconds: float = field(
+        default=5.0,
+        metadata=spec("how often the region tells the root it is present", minimum=0, exclusive_minimum=True),
+    )
+
+
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -422,4 +459,5 @@ class JobConfig:
     limits: LimitsSection = field(default_factory=LimitsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     syft_flwr: SyftFlwrSection = field(default_factory=SyftFlwrSection)
+    region: RegionSection = field(default_factory=RegionSection)
     source_path: Path | None = field(default=None, metadata=spec("(set by the loader)"))

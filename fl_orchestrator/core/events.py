@@ -122,6 +122,26 @@ class AggregationFailed:
     error: str
 
 
+@dataclass(frozen=True)
+class RootTask:
+    """A region only: the root job asked for round ``round``, to be answered by ``deadline``.
+
+    The shell has already made the root's model the round's model; the machine
+    opens the round (or, for a round it already runs, takes the new deadline).
+    """
+
+    now: float
+    round: int
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class RootEnded:
+    """A region only: the root job has ended, so no more rounds will be asked for."""
+
+    now: float
+
+
 Event = (
     Started
     | AttemptReplayed
@@ -132,6 +152,8 @@ Event = (
     | Tick
     | RoundAggregated
     | AggregationFailed
+    | RootTask
+    | RootEnded
 )
 
 
@@ -250,6 +272,21 @@ class EvaluationSkipped:
 
 
 @dataclass(frozen=True)
+class AwaitRoot:
+    """A region only: round ``round`` opens when the root asks for it."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class RootRoundFailed:
+    """A region only: this round cannot be answered; the root counts the region as failed."""
+
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class JobFinished:
     """All rounds are done."""
 
@@ -273,6 +310,8 @@ Action = (
     | Aggregate
     | EvaluationDone
     | EvaluationSkipped
+    | AwaitRoot
+    | RootRoundFailed
     | JobFinished
     | JobFailed
 )

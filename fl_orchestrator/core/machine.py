@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from fl_orchestrator.core.admission import check_result
 from fl_orchestrator.core.evaluation import EVALUATION_ATTEMPT, EvaluationRound, start_evaluation
 from fl_orchestrator.core.events import (
     AbandonAttempt,
@@ -18,6 +19,7 @@ from fl_orchestrator.core.events import (
     AggregationFailed,
     AttemptReplayed,
     AwaitNodes,
+    AwaitRoot,
     Dispatch,
     EvaluationSkipped,
     Event,
@@ -28,12 +30,16 @@ from fl_orchestrator.core.events import (
     RecordFailure,
     Reject,
     ResultReceived,
+    RootEnded,
+    RootRoundFailed,
+    RootTask,
     RoundAggregated,
     Started,
     Tick,
 )
 from fl_orchestrator.core.metrics import weighted_metrics
-from fl_orchestrator.core.outliers import outlier_detail, reference_norm
+from fl_orchestrator.core.outliers import reference_norm
+from fl_orchestrator.core.pacing import RootPacing
 from fl_orchestrator.core.reasons import Reason
 from fl_orchestrator.core.records import Attempt, DatasiteRecord, RoundRules
 from fl_orchestrator.core.selection import select_datasites, task_id
@@ -45,6 +51,7 @@ class Phase(StrEnum):
     """Where the job is."""
 
     STARTING = "starting"
+    AWAITING_ROOT = "awaiting_root"  # a region between rounds: the root has not asked yet
     WAITING_FOR_NODES = "waiting_for_nodes"
     TRAINING = "training"
     AGGREGATING = "aggregating"
@@ -75,6 +82,7 @@ class RoundMachine:
         self.evaluation: EvaluationRound | None = None
         # The outlier rule's reference for the open attempt, fixed when it starts.
         self.reference_norm: float | None = None
+        self.pacing = RootPacing(rules.root_margin_seconds) if rules.paced_by_root else None
         if records:
             self._restore_records(records)
 
@@ -92,6 +100,8 @@ class RoundMachine:
             return self._on_result(event)
         if self.phase in (Phase.DONE, Phase.FAILED):
             return []
+        if isinstance(event, RootTask | RootEnded):
+            return self._on_root(event)
         if isinstance(event, AttemptReplayed):
             self._replay_attempt(event)
             return []
@@ -172,9 +182,35 @@ class RoundMachine:
         record.last_seen = max(record.last_seen or seen_at, seen_at)
         return True
 
+    def _on_root(self, event: RootTask | RootEnded) -> list[Action]:
+        pacing = self.pacing
+        if pacing is None:
+            return []  # not a region: nothing paces this job
+        if isinstance(event, RootEnded):
+            self.phase = Phase.DONE
+            self.current = None
+            return [JobFinished(self.round - 1)]
+        if event.round < self.round or (pacing.round is not None and event.round < pacing.round):
+            return []  # an older round: the shell answers it from what it saved, or says it failed
+        pacing.take(event)
+        if self.phase == Phase.AWAITING_ROOT:
+            return self._enter_waiting(event.now)
+        return []  # busy with this or an earlier round: the round asked for opens after it
+
+    def _deadline(self, deadline: float) -> float:
+        return deadline if self.pacing is None else self.pacing.cap(deadline)
+
     def _enter_waiting(self, now: float) -> list[Action]:
+        asked = None if self.pacing is None else self.pacing.round
+        if self.pacing is not None and (asked is None or asked < self.round):
+            self.phase = Phase.AWAITING_ROOT
+            self.wait_until = None
+            return [AwaitRoot(self.round)]
+        if asked is not None and asked > self.round:
+            self.round = asked  # the root did not ask this region for the rounds between
+            self.attempt_number = 0
         self.phase = Phase.WAITING_FOR_NODES
-        self.wait_until = now + self.rules.available_timeout_seconds
+        self.wait_until = self._deadline(now + self.rules.available_timeout_seconds)
         self.last_missing = None
         return self._try_dispatch(now)
 
@@ -200,7 +236,7 @@ class RoundMachine:
             attempt=self.attempt_number,
         )
         tasks = {d: task_id(self.rules.run_id, self.round, self.attempt_number, d) for d in selected}
-        deadline = now + self.rules.round_timeout_seconds
+        deadline = self._deadline(now + self.rules.round_timeout_seconds)
         self.current = Attempt(self.round, self.attempt_number, tasks, now, deadline)
         self.reference_norm = reference_norm(self.records.values())
         for d in selected:
@@ -217,7 +253,15 @@ class RoundMachine:
             return [Reject(event.datasite, Reason.UNKNOWN_DATASITE, "not in this job", event.payload)]
         if event.purpose == "evaluate":
             return self._on_evaluation_result(event, record)
-        rejection = self._check_result(event)
+        rejection = check_result(
+            event,
+            rnd=self.round,
+            phase=str(self.phase),
+            current=self.current,
+            rules=self.rules,
+            first_num_examples=record.first_num_examples,
+            reference_norm=self.reference_norm,
+        )
         if rejection is not None:
             record.rejected += 1
             return [Reject(event.datasite, rejection[0], rejection[1], event.payload)]
@@ -258,32 +302,6 @@ class RoundMachine:
             actions.extend(self._close(event.now))
         return actions
 
-    def _check_result(self, event: ResultReceived) -> tuple[Reason, str] | None:
-        current = self.current
-        if event.round < self.round or (
-            event.round == self.round and self.phase in (Phase.AGGREGATING, Phase.EVALUATING, Phase.DONE)
-        ):
-            return Reason.ROUND_CLOSED, f"round {event.round} is closed (now at {self.round})"
-        if event.round > self.round or current is None or self.phase != Phase.TRAINING:
-            return Reason.UNKNOWN_ROUND, f"round {event.round} is not open (phase {self.phase})"
-        expected = current.tasks.get(event.datasite)
-        if expected is None:
-            return Reason.NOT_SELECTED, f"not selected in round {self.round} attempt {current.attempt}"
-        if event.reply_to != expected:
-            return Reason.REPLY_TO_MISMATCH, f"reply_to {event.reply_to!r} is not this attempt's task"
-        if event.datasite in current.answered():
-            return Reason.DUPLICATE, f"already answered round {self.round}"
-        first = self.records[event.datasite].first_num_examples
-        growth = self.rules.max_num_examples_growth
-        if event.ok and growth > 0 and first is not None and event.num_examples > growth * first:
-            return Reason.NUM_EXAMPLES_JUMP, (
-                f"claims {event.num_examples} examples, over {growth:g} x its first claim of {first}"
-            )
-        outlier = outlier_detail(event.update_norm, self.reference_norm, self.rules.outlier_norm_factor)
-        if event.ok and outlier is not None:
-            return Reason.NORM_OUTLIER, outlier
-        return None
-
     def _on_tick(self, now: float) -> list[Action]:
         if self.phase == Phase.WAITING_FOR_NODES:
             actions = self._try_dispatch(now)
@@ -292,10 +310,11 @@ class RoundMachine:
                 available = self.available(now)
                 present = set(available)
                 missing = [d for d in self.rules.datasites if d not in present]
-                return self._fail(
+                return self._fail_round(
                     f"only {len(available)} of {self.rules.min_available_nodes} needed datasites"
                     f" were seen within {self.rules.available_timeout_seconds:g} s before round"
-                    f" {self.round}; missing: {', '.join(missing)}"
+                    f" {self.round}; missing: {', '.join(missing)}",
+                    now,
                 )
             return actions
         if self.phase == Phase.TRAINING and self.current and now >= self.current.deadline:
@@ -326,7 +345,13 @@ class RoundMachine:
         self.current = None
         if summary.attempt > self.rules.max_round_retries:
             actions: list[Action] = [AbandonAttempt(summary, reason, retry=False)]
-            actions.extend(self._fail(f"{reason}; no retries left ({self.rules.max_round_retries})"))
+            actions.extend(
+                self._fail_round(f"{reason}; no retries left ({self.rules.max_round_retries})", now)
+            )
+            return actions
+        if self.pacing is not None and self.pacing.too_late(now):
+            actions = [AbandonAttempt(summary, reason, retry=False)]
+            actions.extend(self._fail_round(f"{reason}; no time left before the root's deadline", now))
             return actions
         actions = [AbandonAttempt(summary, reason, retry=True)]
         actions.extend(self._enter_waiting(now))
@@ -398,6 +423,13 @@ class RoundMachine:
             self.phase = Phase.DONE
             return [JobFinished(self.rules.num_rounds)]
         return self._enter_waiting(now)
+
+    def _fail_round(self, reason: str, now: float) -> list[Action]:
+        """A round that cannot be finished: the job fails, or a region tells its root and goes on."""
+        if self.pacing is None:
+            return self._fail(reason)
+        self.current = None
+        return [RootRoundFailed(self.round, reason), *self._next_round(now)]
 
     def _fail(self, reason: str) -> list[Action]:
         self.phase = Phase.FAILED

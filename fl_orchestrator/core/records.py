@@ -32,6 +32,10 @@ class RoundRules:
     # claim (0: no limit): a datasite cannot earn trust and then take the aggregate over.
     max_num_examples_growth: float = 0.0
     outlier_norm_factor: float = 0.0
+    # A region of a root job (docs/TIERS.md): a round opens only when the root asks for it,
+    # and closes this many seconds before the root's deadline.
+    paced_by_root: bool = False
+    root_margin_seconds: float = 0.0
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -24,6 +24,7 @@ from fl_orchestrator.config.schema import JobConfig
 from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.machine import RoundMachine
 from fl_orchestrator.daemon.reports import Reports
+from fl_orchestrator.daemon.root_link import RootLink
 from fl_orchestrator.daemon.round_work import RoundWork
 from fl_orchestrator.daemon.rounds import EXIT_DONE, EXIT_JOB_FAILED, RoundDriver
 from fl_orchestrator.daemon.sdnotify import SystemdNotifier
@@ -140,6 +141,10 @@ class Daemon:
             clock=clock,
         )
         self.startup = Startup(config, self.state, self.reports, self.work, self.kept)
+        self.root_link = RootLink(self.state_dir, self.store, clock) if config.job.role == "region" else None
+        self.rounds.root_link = self.root_link
+        # Run in the root task group once start-up is done (a region's runner in its root job).
+        self.companions: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     @property
     def machine(self) -> RoundMachine | None:
@@ -164,6 +169,8 @@ class Daemon:
         still failed after ``state.write_retry_seconds``.
         """
         structlog.contextvars.bind_contextvars(job=self.config.job.name)
+        if self.config.job.role != "flat":
+            structlog.contextvars.bind_contextvars(tier=self.config.job.role)
         self.lock.acquire()
         try:
             return await self._run()
@@ -171,7 +178,9 @@ class Daemon:
             self.lock.release()
             if self.signals is not None:
                 self.signals.restore()
-            structlog.contextvars.unbind_contextvars("job", "run", "round", "attempt")
+            if self.root_link is not None:
+                self.root_link.stop()
+            structlog.contextvars.unbind_contextvars("job", "run", "round", "attempt", "tier")
 
     async def _run(self) -> int:
         # ---- start-up
@@ -221,6 +230,9 @@ class Daemon:
         # Small buffer: each queued result holds a decoded model, so back-pressure
         # on intake is what keeps memory flat.
         events_send, events_recv = anyio.create_memory_object_stream[ev.Event](0)
+        if self.root_link is not None:
+            self.root_link.reference = self.work.global_model
+            self.root_link.attach(events_send.clone(), lambda: machine.round)
         async with anyio.create_task_group() as root:
             if self.signals is not None:
                 root.start_soon(self.signals.listen, root.cancel_scope)
@@ -234,6 +246,8 @@ class Daemon:
                 )
             )
             root.start_soon(intake.run, batches_recv, events_send)
+            for companion in self.companions:
+                root.start_soon(companion)
             root.start_soon(self.rounds.write_status_when_wanted)
             root.start_soon(self.rounds.refresh_status_soon)
             interval = self.notifier.watchdog_interval_seconds()

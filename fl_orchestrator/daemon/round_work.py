@@ -90,6 +90,8 @@ class RoundWork:
         self.bytes_written_total = 0
         # Whole-set strategies: accepted results stay on disk until the round closes.
         self.accepted_files: list[tuple[str, ResultHandle, int]] = []
+        # A region's round: the config its root sent, over this job's own (docs/TIERS.md).
+        self.root_config: dict[str, Any] | None = None
 
     async def dispatch(self, action: ev.Dispatch, *, begin: bool = True) -> None:
         """Write the round's model (once) and its tasks; start a fresh aggregate if ``begin``."""
@@ -160,6 +162,8 @@ class RoundWork:
                     f"job.configure_round failed for round {rnd}: {type(exc).__name__}: {exc}"
                 ) from exc
             config.update(extra)
+        if self.root_config is not None:
+            config.update(self.root_config)
         config["server-round"] = rnd
         return config
 

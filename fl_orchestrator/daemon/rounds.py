@@ -25,6 +25,7 @@ from fl_orchestrator.core.machine import Phase, RoundMachine
 from fl_orchestrator.daemon.action_log import WaitingLog, log_action, log_round_completed
 from fl_orchestrator.daemon.recording import records_for
 from fl_orchestrator.daemon.reports import Reports
+from fl_orchestrator.daemon.root_link import RootLink, regions_of, sum_tier_counts
 from fl_orchestrator.daemon.round_work import HookFailed, RoundWork
 from fl_orchestrator.daemon.sdnotify import SystemdNotifier
 from fl_orchestrator.intake.loop import IntakeLoop
@@ -82,6 +83,10 @@ class RoundDriver:
         self.status_soon = anyio.Event()
         self.waiting_log = WaitingLog()
         self.status_urgent = anyio.Event()
+        # Set when this daemon is a region of a root job (docs/TIERS.md).
+        self.root_link: RootLink | None = None
+        # A root's regions: their own counts in the last round they answered (status.json).
+        self.regions: dict[str, dict[str, int | float]] = {}
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -146,6 +151,8 @@ class RoundDriver:
             if action.purpose == "train":
                 structlog.contextvars.bind_contextvars(attempt=action.attempt)
             if not self.replaying:
+                if action.purpose == "train":
+                    self._take_root_model(action.round)
                 try:
                     await self.work.dispatch(action)
                 except HookFailed as exc:
@@ -167,6 +174,12 @@ class RoundDriver:
                 self.pending_aggregate = action.summary
                 return []
             return await self.aggregate(action.summary)
+        elif isinstance(action, ev.AwaitRoot):
+            log.info("region.waiting_for_root", round=action.round)
+        elif isinstance(action, ev.RootRoundFailed):
+            log.warning("region.round_failed", round=action.round, reason=action.reason)
+            if self.root_link is not None:
+                self.root_link.failed(action.round, action.reason)
         elif isinstance(action, (ev.EvaluationDone, ev.EvaluationSkipped)):
             await self._record_evaluation(action)
         elif isinstance(action, ev.JobFinished):
@@ -225,6 +238,9 @@ class RoundDriver:
             # The next round's results are measured against the model it will be sent.
             self.intake.reader.set_global_model(self.work.global_model, summary.round + 1)
         summary = self.work.aggregate_metrics(summary)
+        if self.config.job.role == "root":
+            self.regions.update(regions_of(summary))
+            summary = sum_tier_counts(summary)
         evaluate = await self.work.evaluate(summary.round)
         line = await self.state.durably(
             lambda: self.reports.append_round(
@@ -242,7 +258,17 @@ class RoundDriver:
             self.work.strategy.state_dict(),
             machine.records_snapshot(),
         )
+        link = self.root_link
+        if link is not None:
+            # Before the checkpoint: a restart that aggregates this round again gets the same model.
+            await self.state.durably(
+                functools.partial(link.record, summary, self.work.global_model),
+                what="region answer",
+                path=link.answer_path(summary.round),
+            )
         await self.state.save_checkpoint(checkpoint)
+        if link is not None:
+            link.completed(summary.round)
         # A corrupt newest checkpoint falls back to the oldest one kept: keep what replays need.
         oldest_kept = summary.round - self.config.state.keep_checkpoints + 1
         await anyio.to_thread.run_sync(self.kept.prune, oldest_kept)
@@ -254,6 +280,17 @@ class RoundDriver:
             model=str(path),
         )
         return [ev.RoundAggregated(self.clock(), summary.round)]
+
+    def _take_root_model(self, rnd: int) -> None:
+        """A region's round dispatches the model and config its root sent for that round."""
+        offered = None if self.root_link is None else self.root_link.offered.get(rnd)
+        if offered is None:
+            return
+        arrays, config = offered
+        self.work.global_model = arrays
+        self.work.root_config = config
+        if self.intake is not None:
+            self.intake.reader.set_global_model(arrays, rnd)
 
     # ---- status ----------------------------------------------------------------------
 
@@ -274,6 +311,10 @@ class RoundDriver:
             "last_evaluate": dict(self.work.last_evaluate),
             "bytes_written_total": self.work.bytes_written_total,
         }
+        if self.config.job.role != "flat":
+            extra["tier"] = self.config.job.role
+        if self.regions:
+            extra["regions"] = {name: dict(counts) for name, counts in sorted(self.regions.items())}
         if self.failure_reason:
             extra["error"] = self.failure_reason
         shown = state or STATE_OF_PHASE.get(self.machine.phase, "running")

@@ -61,6 +61,8 @@ def rules_from_config(config: JobConfig, run_id: str) -> RoundRules:
         timeout_means_gone=job.protocol == "syft-flwr",
         max_num_examples_growth=config.limits.max_num_examples_growth,
         outlier_norm_factor=config.limits.outlier_norm_factor,
+        paced_by_root=job.role == "region",
+        root_margin_seconds=config.region.deadline_margin_seconds,
     )
 
 

@@ -27,6 +27,8 @@ class TaskContext:
     node_config: dict[str, Any] = field(default_factory=dict)
     round: int = 0
     task_id: str = ""
+    # When the aggregator stops waiting for this answer (seconds since the epoch), if it said.
+    deadline: float | None = None
 
 
 def call_with_context(

@@ -357,6 +357,7 @@ class DatasiteRunner:
             node_config=dict(settings.node_config),
             round=task.envelope.round,
             task_id=task.envelope.message_id,
+            deadline=task.envelope.deadline,
         )
 
     def _train_and_encode(

@@ -95,6 +95,17 @@ class LocalFederation:
                 subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env(spec.env))
             )
 
+    def start_daemon(self, config_path: Path, name: str) -> subprocess.Popen[bytes]:
+        """Start another daemon in the background (a region of a tiered job), logging to ``name``.log."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        command = [sys.executable, "-m", "fl_orchestrator.cli.daemon_main", "--config", str(config_path)]
+        command += ["--log-format", "json"]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env({}))
+        self.processes.append(process)
+        return process
+
     def start_pools(self, specs: Sequence[PoolSpec]) -> None:
         """Start one process per pool of in-process datasite runners (simulate/pool.py)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
