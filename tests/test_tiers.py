@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -184,3 +185,39 @@ def test_a_tier_killed_mid_round_resumes_and_the_root_still_gets_the_flat_model(
         np.testing.assert_allclose(tiered[name], value, rtol=1e-6, atol=1e-6)
     restarted = _events_tolerant(logs / "restarted.log")
     assert any(e.get("event") == "round.completed" and e.get("round") == 2 for e in restarted)
+
+
+def _simulate(job: Path, workdir: Path, *extra: str) -> str:
+    command = [sys.executable, "-m", "fl_orchestrator.cli.tool_main", "simulate", "--config", str(job)]
+    command += ["--datasites", "6", "--train", "support.sim_code:train"]
+    command += ["--partition", "support.sim_code:partition", "--workdir", str(workdir), *extra]
+    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_simulate_tiers_gives_the_flat_simulations_model(tmp_path: Path) -> None:
+    table = flat_table(SITES, num_rounds=ROUNDS)
+    table["syftbox"]["root"] = "syftbox"
+    job = write_job(tmp_path / "job", table)
+    shown = _simulate(job, tmp_path / "tiered", "--tiers", "2")
+    assert "6 datasites in 2 regions" in shown
+    _simulate(job, tmp_path / "flat")
+    tiered = ModelStore(tmp_path / "tiered" / "state", "flat").load(ROUNDS)
+    flat = ModelStore(tmp_path / "flat" / "state", "flat").load(ROUNDS)
+    for name, value in flat.items():
+        difference = np.linalg.norm(tiered[name].astype(np.float64) - value.astype(np.float64))
+        assert difference <= 1e-6 * np.linalg.norm(value.astype(np.float64)), name
+
+
+def test_simulate_tiers_refuses_a_robust_strategy_with_the_reason(tmp_path: Path) -> None:
+    table = flat_table(SITES, num_rounds=ROUNDS)
+    table["strategy"] = {"name": "fedmedian"}
+    job = write_job(tmp_path / "job", table)
+    command = [sys.executable, "-m", "fl_orchestrator.cli.tool_main", "simulate", "--config", str(job)]
+    command += ["--datasites", "6", "--tiers", "2", "--train", "support.sim_code:train"]
+    command += ["--workdir", str(tmp_path / "work")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert "strategy.name = 'fedmedian'" in done.stderr

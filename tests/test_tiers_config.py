@@ -93,3 +93,17 @@ def test_the_daemon_refuses_a_robust_root_at_check_with_exit_78(tmp_path: Path) 
     assert done.returncode == 78
     assert "strategy.name = 'fedmedian'" in done.stderr
     assert "docs/TIERS.md" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("tiers", "says"), [("-1", "--tiers -1: 0 (one tier)"), ("7", "--tiers 7: between 1 and --datasites (6)")]
+)
+def test_simulate_refuses_a_careless_tiers_flag(tmp_path: Path, tiers: str, says: str) -> None:
+    job = write_job(tmp_path, job_table(3))
+    command = [sys.executable, "-m", "fl_orchestrator.cli.tool_main", "simulate", "--config", str(job)]
+    command += ["--datasites", "6", "--tiers", tiers, "--train", "support.sim_code:train"]
+    command += ["--workdir", str(tmp_path / "work")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert says in done.stderr
+    assert not list((tmp_path / "work").glob("*.toml"))  # nothing half-written

@@ -36,6 +36,13 @@ def add_simulate_parser(sub: Any) -> None:
         help="one process per datasite, or in-process runners on a thread pool"
         " (auto: processes up to 20 datasites)",
     )
+    sim.add_argument(
+        "--tiers",
+        type=int,
+        default=0,
+        metavar="R",
+        help="run the job as a root over R region daemons, the datasites split among them (docs/TIERS.md)",
+    )
     sim.add_argument("--workdir", type=Path, help="default: a new temporary folder")
     sim.add_argument("--report", type=Path, help="the PNG report (default: WORKDIR/report.png)")
     sim.add_argument("--force", action="store_true", help="overwrite --report if it exists")
@@ -58,6 +65,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         workdir=args.workdir,
         runners=args.runners,
+        tiers=args.tiers,
     )
     try:
         result = simulate(settings)

@@ -41,6 +41,7 @@ class LocalFederation:
     extra_pythonpath: Sequence[Path] = ()
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _logs: list[IO[bytes]] = field(default_factory=list)
+    _daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def config(self) -> JobConfig:
@@ -104,15 +105,16 @@ class LocalFederation:
         command += ["--log-format", "json"]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._env({}))
         self.processes.append(process)
+        self._daemons.append(process)
         return process
 
-    def start_pools(self, specs: Sequence[PoolSpec]) -> None:
+    def start_pools(self, specs: Sequence[PoolSpec], *, name: str = "pool") -> None:
         """Start one process per pool of in-process datasite runners (simulate/pool.py)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for index, spec in enumerate(specs):
-            spec_path = self.log_dir / f"pool-{index}.json"
+            spec_path = self.log_dir / f"{name}-{index}.json"
             spec.write(spec_path)
-            log = open(self.log_dir / f"pool-{index}.log", "wb")  # noqa: SIM115 - closed in stop()
+            log = open(self.log_dir / f"{name}-{index}.log", "wb")  # noqa: SIM115 - closed in stop()
             self._logs.append(log)
             # By module name: cli sits above simulate, so this layer starts it without importing it.
             command = [sys.executable, "-m", "fl_orchestrator.cli.datasite_cmd", "--spec", str(spec_path)]
@@ -161,6 +163,19 @@ class LocalFederation:
         code = daemon.wait()
         timer.cancel()
         yield {"event": "daemon.exit", "code": code, "timed_out": timer.fired}
+
+    def wait_daemons(self, *, timeout_seconds: float) -> int:
+        """Wait for the daemons started with ``start_daemon`` to exit; the first non-zero code, or 0."""
+        import time
+
+        deadline = time.monotonic() + timeout_seconds
+        codes = []
+        for process in self._daemons:
+            try:
+                codes.append(process.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(1)
+        return next((code for code in codes if code), 0)
 
     def stop(self) -> None:
         """Stop every process: SIGTERM, then SIGKILL after a short grace."""

@@ -26,6 +26,7 @@ from fl_orchestrator.simulate import behaviour
 from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
 from fl_orchestrator.simulate.job import write_simulation_job
 from fl_orchestrator.simulate.pool import POOL_SIZE, PooledDatasite, PoolSpec
+from fl_orchestrator.simulate.tiers import write_tiered_jobs
 
 # How much longer than the round timeout a --slow datasite takes.
 SLOW_FACTOR = 1.6
@@ -51,6 +52,8 @@ class SimulateSettings:
     # "processes": one datasite process each; "threads": in-process runners (simulate/pool.py);
     # "auto": processes up to PROCESSES_UP_TO datasites, threads past that.
     runners: str = "auto"
+    # > 0: the job runs as a root over this many region daemons (simulate/tiers.py).
+    tiers: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,11 @@ def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationRes
     """Run the simulation; its code is the daemon's exit code."""
     config = load_config(settings.config)
     use_python_path(config.job.python_path)
+    if settings.tiers < 0:
+        raise ValueError(f"--tiers {settings.tiers}: 0 (one tier) or a number of regions")
     workdir = settings.workdir or Path(tempfile.mkdtemp(prefix="fl-orchestrator-simulate-"))
+    if settings.tiers > 0:
+        return _simulate_tiered(settings, config, workdir, out)
     job, changes = write_simulation_job(config, settings.datasites, workdir)
     # The datasites find the user's code where the coordinator does: here, and [job] python_path.
     federation = LocalFederation(
@@ -128,6 +135,68 @@ def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationRes
         federation.stop()
     state = simulated.state.state_dir
     print(f"\nthe daemon exited {code}; logs: {workdir / 'logs'}   state: {state}", file=out)
+    return SimulationResult(code, workdir, state, simulated.job.name, simulated.job.num_rounds)
+
+
+def _simulate_tiered(
+    settings: SimulateSettings, config: JobConfig, workdir: Path, out: Any
+) -> SimulationResult:
+    """The job as a root over ``settings.tiers`` region daemons, each with its group of datasites."""
+    jobs = write_tiered_jobs(config, settings.datasites, settings.tiers, workdir)
+    root = LocalFederation(
+        jobs.root, workdir / "logs", extra_pythonpath=[Path.cwd(), *config.job.python_path]
+    )
+    simulated = root.config
+    emails = [email for group in jobs.groups for email in group]
+    behaviours = dict(
+        zip(emails, _behaviours(len(emails), settings.slow, settings.flaky, settings.seed), strict=True)
+    )
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    partition = load_callable(settings.partition, what="--partition") if settings.partition else None
+    index_of = {email: index for index, email in enumerate(sorted(emails))}
+    slow_seconds = config.job.round_timeout_seconds * SLOW_FACTOR
+    print(
+        f"simulating {settings.config}: {len(emails)} datasites in {settings.tiers} regions,"
+        f" {simulated.job.num_rounds} rounds",
+        file=out,
+    )
+    print(f"  work folder: {workdir}", file=out)
+    for change in jobs.changes:
+        print(f"  {change}", file=out)
+    regions = [
+        LocalFederation(job, workdir / "logs", extra_pythonpath=root.extra_pythonpath) for job in jobs.regions
+    ]
+    table = _RoundTable(out)
+    code = 1
+    try:
+        for index, (region, group) in enumerate(zip(regions, jobs.groups, strict=True)):
+            region.start_daemon(region.config_path, f"region{index:03d}")
+            nodes = [_node_config(index_of[e], len(emails), partition) for e in group]
+            region.start_pools(
+                _pool_specs(
+                    settings, region.config, group, [behaviours[e] for e in group], nodes, slow_seconds
+                ),
+                name=f"region{index:03d}-pool",
+            )
+        limit = simulated.job.num_rounds * (simulated.job.round_timeout_seconds + 10) + 120
+        limit += simulated.job.available_timeout_seconds
+        for event in root.run_daemon(timeout_seconds=limit):
+            name = event.get("event")
+            if name == "round.completed":
+                table.round(event)
+            elif name in ("job.failed", "round.attempt_failed"):
+                print(f"  {name}: {event.get('reason', '')}", file=out)
+            elif name == "daemon.exit":
+                code = int(event["code"])
+        for region in regions:
+            code = code or region.wait_daemons(timeout_seconds=60.0)
+    finally:
+        for region in regions:
+            region.stop()
+        root.stop()
+    state = simulated.state.state_dir
+    print(f"\nthe root daemon exited {code}; logs: {workdir / 'logs'}   state: {state}", file=out)
     return SimulationResult(code, workdir, state, simulated.job.name, simulated.job.num_rounds)
 
 
