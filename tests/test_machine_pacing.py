@@ -129,3 +129,39 @@ def test_a_region_never_runs_a_round_its_root_did_not_ask_for(asked: list[int]) 
                 opened += [a.round for a in only(finish_round(machine, now), ev.Dispatch)]
     assert set(opened) <= set(asked)
     assert opened == sorted(set(opened))  # each once, in order
+
+
+def test_a_region_outlives_its_own_num_rounds_until_the_root_ends() -> None:
+    machine = region(num_rounds=1)
+    machine.handle(ev.Started(1.0))
+    machine.handle(ev.RootTask(2.0, 1, deadline=100.0))
+    assert finish_round(machine, 3.0) == [ev.AwaitRoot(2)]  # not JobFinished: the answer may still be out
+    assert only(machine.handle(ev.RootTask(4.0, 2, deadline=100.0)), ev.Dispatch)
+
+
+def test_a_task_asked_too_late_fails_without_dispatching() -> None:
+    machine = region()
+    machine.handle(ev.Started(1.0))
+    actions = machine.handle(ev.RootTask(10.0, 1, deadline=12.0))  # 12 - 5 is already past
+    assert not only(actions, ev.Dispatch)
+    assert only(actions, ev.RootRoundFailed)
+    assert machine.phase == Phase.AWAITING_ROOT and machine.round == 2
+
+
+def test_a_restart_grants_a_fresh_timeout_but_never_past_the_roots_deadline() -> None:
+    machine = region()
+    machine.handle(ev.Started(1.0))
+    machine.handle(ev.RootTask(2.0, 1, deadline=100.0))
+    assert machine.current is not None
+    machine.handle(ev.Started(90.0, fresh_deadline=True))
+    assert machine.current.deadline == 100.0 - MARGIN
+
+
+def test_the_root_asking_again_caps_the_open_attempts_deadline() -> None:
+    machine = RoundMachine(rules(paced_by_root=True, root_margin_seconds=MARGIN, round_timeout_seconds=600.0))
+    seen_all(machine, 0.0)
+    machine.handle(ev.Started(1.0))
+    machine.handle(ev.RootTask(2.0, 1, deadline=None))  # an older root: no deadline
+    assert machine.current is not None and machine.current.deadline == 602.0
+    machine.handle(ev.RootTask(3.0, 1, deadline=50.0))
+    assert machine.current.deadline == 50.0 - MARGIN

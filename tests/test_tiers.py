@@ -139,7 +139,7 @@ def _events_tolerant(log: Path) -> list[dict[str, object]]:
     return found
 
 
-@pytest.mark.parametrize("tier", ["region", "root"])
+@pytest.mark.parametrize("tier", ["region", "region-and-its-datasites", "root"])
 def test_a_tier_killed_mid_round_resumes_and_the_root_still_gets_the_flat_model(
     tmp_path: Path, tier: str
 ) -> None:
@@ -159,11 +159,22 @@ def test_a_tier_killed_mid_round_resumes_and_the_root_still_gets_the_flat_model(
         regions[1].start_datasites(_specs(GROUPS[1]))
         root_daemon = root.start_daemon(root_job, "daemon")
         # kill -9 with round 2 dispatched and its results on the way.
-        if tier == "region":
+        if tier.startswith("region"):
             _wait_for(logs / "region0.log", "round.dispatched", 2)
             region0.kill()
             region0.wait()
+            if tier == "region-and-its-datasites":
+                # They restart after the region, so they read round 2's tasks as the restarted
+                # region left them: its model must still be the root's.
+                for process in regions[0].processes[1:]:
+                    process.kill()
+                    process.wait()
+                regions[0].processes[1:] = []
+                for stale in (tmp_path / "syftbox").glob("datasites/ds[01]@example.org/**/results/*"):
+                    stale.unlink()
             regions[0].start_daemon(region_jobs[0], "restarted")
+            if tier == "region-and-its-datasites":
+                regions[0].start_datasites(_specs(GROUPS[0]))
         else:
             _wait_for(logs / "daemon.log", "round.dispatched", 2)
             root_daemon.kill()

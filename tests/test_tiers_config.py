@@ -63,6 +63,13 @@ def test_a_root_takes_every_strategy_that_folds_exactly(tmp_path: Path, strategy
         (lambda t: t["region"].update(root_job=t["job"]["name"]), "region.root_job"),
         (lambda t: t["region"].update(deadline_margin_seconds=-1), "region.deadline_margin_seconds"),
         (lambda t: t["region"].update(root_deadline=3), "region.root_deadline"),
+        (lambda t: t["job"].update(fraction_evaluate=0.5), "job.fraction_evaluate"),
+        (
+            lambda t: t["job"].update(metrics_aggregation="support.hooks:largest_loss"),
+            "job.metrics_aggregation",
+        ),
+        (lambda t: t.update(limits={"max_weight_share": 0.5}), "limits.max_weight_share"),
+        (lambda t: t["region"].update(deadline_margin_seconds=20.0), "region.deadline_margin_seconds"),
     ],
 )
 def test_a_careless_region_is_refused_with_the_key_named(tmp_path: Path, change: Any, key: str) -> None:
@@ -107,3 +114,18 @@ def test_simulate_refuses_a_careless_tiers_flag(tmp_path: Path, tiers: str, says
     assert done.returncode != 0
     assert says in done.stderr
     assert not list((tmp_path / "work").glob("*.toml"))  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda t: t["job"].update(fraction_evaluate=0.5), "job.fraction_evaluate"),
+        (lambda t: t.update(limits={"max_weight_share": 0.5}), "limits.max_weight_share"),
+    ],
+)
+def test_a_root_refuses_what_breaks_the_flat_mean(tmp_path: Path, change: Any, key: str) -> None:
+    table = root_table(2)
+    change(table)
+    with pytest.raises(ConfigError) as refused:
+        _load(tmp_path, table)
+    assert refused.value.key == key

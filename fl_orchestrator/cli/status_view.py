@@ -21,7 +21,8 @@ key                        meaning
 ``summary``                ``state``, or ``daemon not running (last state: running)``
 ``error``                  why the job failed, else null
 ``phase``                  ``starting``, ``waiting_for_nodes``, ``training``,
-                           ``aggregating``, ``done``, ``failed``
+                           ``aggregating``, ``evaluating``, ``done``, ``failed``; a region
+                           also ``awaiting_root`` (between rounds, until its root asks)
 ``round``, ``num_rounds``  round n of N
 ``attempt``                attempt of the open round, null between rounds
 ``dispatched_at``          when the open attempt was sent, else null (and

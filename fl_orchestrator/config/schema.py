@@ -37,6 +37,7 @@ class JobSection:
             choices=("flat", "root", "region"),
         ),
     )
+    # A region (role = "region") runs the rounds its root asks for, and ends when the root does.
     num_rounds: int = field(default=3, metadata=spec("number of rounds", minimum=1))
     round_timeout_seconds: float = field(
         default=600.0,

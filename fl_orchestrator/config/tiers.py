@@ -40,12 +40,28 @@ def check_tiers(config: JobConfig) -> Problem | None:
                 " folds exactly only into these (robust and DP strategies need single results;"
                 " docs/TIERS.md)",
             )
-        if config.job.fraction_evaluate > 0:
-            return (
-                "job.fraction_evaluate",
-                config.job.fraction_evaluate,
-                "0 with job.role = 'root': regions do not pass evaluation tasks on",
-            )
+        if config.job.protocol != "native":
+            return "job.protocol", config.job.protocol, "'native' with job.role = 'root': regions speak it"
+        return _check_tiered_job(config)
+    return None
+
+
+def _check_tiered_job(config: JobConfig) -> Problem | None:
+    """What breaks the flat weighted mean at either tier."""
+    role = config.job.role
+    if config.job.fraction_evaluate > 0:
+        return (
+            "job.fraction_evaluate",
+            config.job.fraction_evaluate,
+            f"0 with job.role = {role!r}: federated evaluation is not passed through regions",
+        )
+    if config.limits.max_weight_share > 0:
+        return (
+            "limits.max_weight_share",
+            config.limits.max_weight_share,
+            f"0 with job.role = {role!r}: capping a share changes the weights, so the tiers"
+            " would not give the flat weighted mean",
+        )
     return None
 
 
@@ -64,6 +80,23 @@ def _check_region(config: JobConfig) -> Problem | None:
             "'fedavg' with job.role = 'region': a region sends its root the weighted mean, and the"
             " root's own strategy takes it from there",
         )
+    if config.job.metrics_aggregation is not None:
+        return (
+            "job.metrics_aggregation",
+            config.job.metrics_aggregation,
+            "unset with job.role = 'region': the root's metrics_aggregation merges the regions'"
+            " num_examples-weighted metrics",
+        )
+    if region.deadline_margin_seconds >= config.job.round_timeout_seconds:
+        return (
+            "region.deadline_margin_seconds",
+            region.deadline_margin_seconds,
+            f"less than job.round_timeout_seconds ({config.job.round_timeout_seconds:g}), or no round"
+            " would have time left",
+        )
+    problem = _check_tiered_job(config)
+    if problem is not None:
+        return problem
     email = region_email(config)
     if email in config.syftbox.datasites:
         return "region.email", email, "an email not among this region's own datasites"

@@ -9,17 +9,17 @@ from __future__ import annotations
 from fl_orchestrator.core.events import ResultReceived
 from fl_orchestrator.core.outliers import outlier_detail
 from fl_orchestrator.core.reasons import Reason
-from fl_orchestrator.core.records import Attempt, RoundRules
+from fl_orchestrator.core.records import Attempt, Phase, RoundRules
 
-# Phases (by value) in which the open round has stopped taking results.
-_CLOSED_PHASES = ("aggregating", "evaluating", "done")
+# Phases in which the open round has stopped taking results.
+_CLOSED_PHASES = (Phase.AGGREGATING, Phase.EVALUATING, Phase.DONE)
 
 
 def check_result(
     event: ResultReceived,
     *,
     rnd: int,
-    phase: str,
+    phase: Phase,
     current: Attempt | None,
     rules: RoundRules,
     first_num_examples: int | None,
@@ -28,7 +28,7 @@ def check_result(
     """None if ``event`` counts in the open attempt of round ``rnd``, else the reason it is refused."""
     if event.round < rnd or (event.round == rnd and phase in _CLOSED_PHASES):
         return Reason.ROUND_CLOSED, f"round {event.round} is closed (now at {rnd})"
-    if event.round > rnd or current is None or phase != "training":
+    if event.round > rnd or current is None or phase != Phase.TRAINING:
         return Reason.UNKNOWN_ROUND, f"round {event.round} is not open (phase {phase})"
     expected = current.tasks.get(event.datasite)
     if expected is None:

@@ -6,8 +6,6 @@ the shell must carry out, and ``next_wakeup()`` says when to send the next Tick.
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from fl_orchestrator.core.admission import check_result
 from fl_orchestrator.core.evaluation import EVALUATION_ATTEMPT, EvaluationRound, start_evaluation
 from fl_orchestrator.core.events import (
@@ -41,23 +39,10 @@ from fl_orchestrator.core.metrics import weighted_metrics
 from fl_orchestrator.core.outliers import reference_norm
 from fl_orchestrator.core.pacing import RootPacing
 from fl_orchestrator.core.reasons import Reason
-from fl_orchestrator.core.records import Attempt, DatasiteRecord, RoundRules
+from fl_orchestrator.core.records import Attempt, DatasiteRecord, Phase, RoundRules
 from fl_orchestrator.core.selection import select_datasites, task_id
 
 __all__ = ["Attempt", "DatasiteRecord", "Phase", "RoundMachine", "RoundRules", "weighted_metrics"]
-
-
-class Phase(StrEnum):
-    """Where the job is."""
-
-    STARTING = "starting"
-    AWAITING_ROOT = "awaiting_root"  # a region between rounds: the root has not asked yet
-    WAITING_FOR_NODES = "waiting_for_nodes"
-    TRAINING = "training"
-    AGGREGATING = "aggregating"
-    EVALUATING = "evaluating"
-    DONE = "done"
-    FAILED = "failed"
 
 
 class RoundMachine:
@@ -108,12 +93,12 @@ class RoundMachine:
         if isinstance(event, Aborted):
             return self._fail(event.reason)
         if isinstance(event, Started):
-            if self.round > self.rules.num_rounds:
+            if self.round > self.rules.num_rounds and self.pacing is None:
                 self.phase = Phase.DONE
                 return [JobFinished(self.rules.num_rounds)]
             if self.phase in (Phase.TRAINING, Phase.AGGREGATING):
                 if event.fresh_deadline and self.phase == Phase.TRAINING and self.current is not None:
-                    self.current.deadline = event.now + self.rules.round_timeout_seconds
+                    self.current.deadline = self._deadline(event.now + self.rules.round_timeout_seconds)
                 return []  # resumed mid-round: nothing to start
             return self._enter_waiting(event.now)
         if isinstance(event, Tick):
@@ -195,6 +180,9 @@ class RoundMachine:
         pacing.take(event)
         if self.phase == Phase.AWAITING_ROOT:
             return self._enter_waiting(event.now)
+        if event.round == self.round and self.current is not None and self.phase == Phase.TRAINING:
+            # Asked again for the open round (a restart on either side): the root's deadline holds.
+            self.current.deadline = pacing.cap(self.current.deadline)
         return []  # busy with this or an earlier round: the round asked for opens after it
 
     def _deadline(self, deadline: float) -> float:
@@ -209,6 +197,9 @@ class RoundMachine:
         if asked is not None and asked > self.round:
             self.round = asked  # the root did not ask this region for the rounds between
             self.attempt_number = 0
+        if self.pacing is not None and self.pacing.too_late(now):
+            self.current = None
+            return self._fail_round("the root's deadline, less the margin, has passed", now)
         self.phase = Phase.WAITING_FOR_NODES
         self.wait_until = self._deadline(now + self.rules.available_timeout_seconds)
         self.last_missing = None
@@ -256,7 +247,7 @@ class RoundMachine:
         rejection = check_result(
             event,
             rnd=self.round,
-            phase=str(self.phase),
+            phase=self.phase,
             current=self.current,
             rules=self.rules,
             first_num_examples=record.first_num_examples,
@@ -419,7 +410,9 @@ class RoundMachine:
     def _next_round(self, now: float) -> list[Action]:
         self.round += 1
         self.attempt_number = 0
-        if self.round > self.rules.num_rounds:
+        # A region ends when its root does (RootEnded), however many rounds it has run: ending
+        # on its own count could cut off the answer to the root's last round.
+        if self.round > self.rules.num_rounds and self.pacing is None:
             self.phase = Phase.DONE
             return [JobFinished(self.rules.num_rounds)]
         return self._enter_waiting(now)

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from fl_orchestrator.core.events import Metrics, RoundSummary
 from fl_orchestrator.core.metrics import weighted_metrics
+
+
+class Phase(StrEnum):
+    """Where the job is."""
+
+    STARTING = "starting"
+    AWAITING_ROOT = "awaiting_root"  # a region between rounds: the root has not asked yet
+    WAITING_FOR_NODES = "waiting_for_nodes"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"
+    DONE = "done"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,10 @@ class Daemon:
         intake.seen.update(ledger.stayed)
         if ledger.records:
             log.info("quarantine.ledger_read", records=ledger.records, refused_in_place=len(ledger.stayed))
+        if self.root_link is not None:
+            # A region resumed mid-round sends what its root sent for that round, not its own model.
+            await anyio.to_thread.run_sync(self.root_link.load_offer, machine.round)
+            self.rounds.take_root_model(machine.round)
         await self.startup.resume(self.rounds, intake)
         # ---- the main loop
         batches_send, batches_recv = anyio.create_memory_object_stream[PathBatch](16)

@@ -14,7 +14,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-PHASES = ("starting", "waiting_for_nodes", "training", "aggregating", "evaluating", "done", "failed")
+from fl_orchestrator.core.machine import Phase
+
+PHASES = tuple(str(phase) for phase in Phase)
 STATES = ("running", "done", "failed", "stopped")
 
 # (name, type, help, key in a datasite's status record)

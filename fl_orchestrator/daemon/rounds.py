@@ -152,7 +152,7 @@ class RoundDriver:
                 structlog.contextvars.bind_contextvars(attempt=action.attempt)
             if not self.replaying:
                 if action.purpose == "train":
-                    self._take_root_model(action.round)
+                    self.take_root_model(action.round)
                 try:
                     await self.work.dispatch(action)
                 except HookFailed as exc:
@@ -281,12 +281,12 @@ class RoundDriver:
         )
         return [ev.RoundAggregated(self.clock(), summary.round)]
 
-    def _take_root_model(self, rnd: int) -> None:
+    def take_root_model(self, rnd: int) -> None:
         """A region's round dispatches the model and config its root sent for that round."""
         offered = None if self.root_link is None else self.root_link.offered.get(rnd)
         if offered is None:
             return
-        arrays, config = offered
+        arrays, config, _ = offered
         self.work.global_model = arrays
         self.work.root_config = config
         if self.intake is not None:

@@ -164,19 +164,6 @@ class LocalFederation:
         timer.cancel()
         yield {"event": "daemon.exit", "code": code, "timed_out": timer.fired}
 
-    def wait_daemons(self, *, timeout_seconds: float) -> int:
-        """Wait for the daemons started with ``start_daemon`` to exit; the first non-zero code, or 0."""
-        import time
-
-        deadline = time.monotonic() + timeout_seconds
-        codes = []
-        for process in self._daemons:
-            try:
-                codes.append(process.wait(timeout=max(0.1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                codes.append(1)
-        return next((code for code in codes if code), 0)
-
     def stop(self) -> None:
         """Stop every process: SIGTERM, then SIGKILL after a short grace."""
         for process in self.processes:
@@ -192,6 +179,21 @@ class LocalFederation:
             log.close()
         self.processes.clear()
         self._logs.clear()
+
+
+def wait_all(federations: Sequence[LocalFederation], *, timeout_seconds: float) -> int:
+    """Wait, within one deadline, for every daemon started with ``start_daemon``; first non-zero code."""
+    import time
+
+    deadline = time.monotonic() + timeout_seconds
+    codes = []
+    for federation in federations:
+        for process in federation._daemons:
+            try:
+                codes.append(process.wait(timeout=max(0.01, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(1)
+    return next((code for code in codes if code), 0)
 
 
 class _Watchdog:

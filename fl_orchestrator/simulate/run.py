@@ -23,7 +23,7 @@ from typing import Any
 from fl_orchestrator.config import JobConfig, load_config
 from fl_orchestrator.config.hooks import load_callable, use_python_path
 from fl_orchestrator.simulate import behaviour
-from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation
+from fl_orchestrator.simulate.federation import DatasiteSpec, LocalFederation, wait_all
 from fl_orchestrator.simulate.job import write_simulation_job
 from fl_orchestrator.simulate.pool import POOL_SIZE, PooledDatasite, PoolSpec
 from fl_orchestrator.simulate.tiers import write_tiered_jobs
@@ -189,8 +189,7 @@ def _simulate_tiered(
                 print(f"  {name}: {event.get('reason', '')}", file=out)
             elif name == "daemon.exit":
                 code = int(event["code"])
-        for region in regions:
-            code = code or region.wait_daemons(timeout_seconds=60.0)
+        code = code or wait_all(regions, timeout_seconds=60.0)
     finally:
         for region in regions:
             region.stop()

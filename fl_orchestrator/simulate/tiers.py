@@ -14,6 +14,7 @@ Every region is one more daemon process, and its datasites run in-process
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import tomli_w
 
 from fl_orchestrator.config import JobConfig, load_config
 from fl_orchestrator.config.render import config_to_table
+from fl_orchestrator.config.schema import RegionSection
 from fl_orchestrator.simulate.job import SimulationRefused, site_email
 from fl_orchestrator.storage.atomic import atomic_write_text
 
@@ -56,12 +58,17 @@ def write_tiered_jobs(config: JobConfig, datasites: int, regions: int, workdir: 
     table.pop("region", None)
     groups = [[site_email(i) for i in range(datasites) if i % regions == r] for r in range(regions)]
     changes: list[str] = []
-    margin = 10.0
+    margin = RegionSection().deadline_margin_seconds
     root = copy.deepcopy(table)
     root["job"]["role"] = "root"
     root["job"]["round_timeout_seconds"] = (
         config.job.round_timeout_seconds + _MARGINS_IN_ROOT_TIMEOUT * margin
     )
+    if config.job.fraction_train < 1.0:
+        changes.append(
+            f"job.fraction_train = {config.job.fraction_train:g} applies in each region; the root"
+            " asks every region every round"
+        )
     root["job"]["fraction_train"] = 1.0
     root["syftbox"]["root"] = str(workdir / "syftbox")
     root["syftbox"]["datasites"] = [region_email(r) for r in range(regions)]
@@ -69,13 +76,15 @@ def write_tiered_jobs(config: JobConfig, datasites: int, regions: int, workdir: 
     if config.job.fraction_evaluate > 0:
         root["job"]["fraction_evaluate"] = 0.0
         changes.append("job.fraction_evaluate set to 0: regions do not pass evaluation tasks on")
-    _lower_counts(root["job"], regions, "regions", changes)
+    for key, (wanted, share) in _scale_counts(root["job"], datasites, regions).items():
+        changes.append(f"job.{key} = {wanted} becomes {share} ({regions} regions)")
     changes.append(
         f"the root's job.round_timeout_seconds is {root['job']['round_timeout_seconds']:g}: the job's"
         f" plus {_MARGINS_IN_ROOT_TIMEOUT} x the regions' {margin:g} s margin"
     )
     root_path = _write(workdir / "root.toml", root, f"the root of {datasites} datasites in {regions} regions")
     paths = []
+    shares: dict[str, tuple[int, list[int]]] = {}
     for r, group in enumerate(groups):
         region = copy.deepcopy(table)
         job = region["job"]
@@ -95,17 +104,30 @@ def write_tiered_jobs(config: JobConfig, datasites: int, regions: int, workdir: 
             "root_job": config.job.name,
             "deadline_margin_seconds": margin,
         }
-        _lower_counts(job, len(group), "datasites in a region", changes if r == 0 else [])
+        for key, (wanted, share) in _scale_counts(job, datasites, len(group)).items():
+            shares.setdefault(key, (wanted, []))[1].append(share)
         paths.append(_write(workdir / f"region{r:03d}.toml", region, f"region {r} of {regions}"))
+    for key, (wanted, values) in shares.items():
+        shown = f"{min(values)}" if min(values) == max(values) else f"{min(values)} to {max(values)}"
+        changes.append(f"job.{key} = {wanted} becomes {shown} in each region (its share of the datasites)")
     return TieredJobs(root_path, paths, groups, changes)
 
 
-def _lower_counts(job: dict[str, Any], available: int, what: str, changes: list[str]) -> None:
+def _scale_counts(job: dict[str, Any], datasites: int, available: int) -> dict[str, tuple[int, int]]:
+    """Set the job's node counts in proportion to ``available`` of ``datasites`` (rounded up).
+
+    Returns what changed: key -> (the job's count, the new count).
+    """
+    changed = {}
     for key in _NODE_COUNTS:
         wanted = job.get(key)
-        if isinstance(wanted, int) and wanted > available:
-            job[key] = available
-            changes.append(f"job.{key} = {wanted} lowered to {available} ({available} {what})")
+        if not isinstance(wanted, int):
+            continue
+        share = min(available, max(1, math.ceil(min(wanted, datasites) * available / datasites)))
+        if share != wanted:
+            job[key] = share
+            changed[key] = (wanted, share)
+    return changed
 
 
 def _write(path: Path, table: dict[str, Any], what: str) -> Path:
