@@ -142,7 +142,10 @@ def _simulate_tiered(
     settings: SimulateSettings, config: JobConfig, workdir: Path, out: Any
 ) -> SimulationResult:
     """The job as a root over ``settings.tiers`` region daemons, each with its group of datasites."""
-    jobs = write_tiered_jobs(config, settings.datasites, settings.tiers, workdir)
+    beats = heartbeat_interval(settings.datasites)
+    jobs = write_tiered_jobs(
+        config, settings.datasites, settings.tiers, workdir, heartbeat_interval_seconds=beats
+    )
     root = LocalFederation(
         jobs.root, workdir / "logs", extra_pythonpath=[Path.cwd(), *config.job.python_path]
     )
@@ -175,7 +178,7 @@ def _simulate_tiered(
             nodes = [_node_config(index_of[e], len(emails), partition) for e in group]
             region.start_pools(
                 _pool_specs(
-                    settings, region.config, group, [behaviours[e] for e in group], nodes, slow_seconds
+                    settings, region.config, group, [behaviours[e] for e in group], nodes, slow_seconds, beats
                 ),
                 name=f"region{index:03d}-pool",
             )
@@ -197,6 +200,11 @@ def _simulate_tiered(
     state = simulated.state.state_dir
     print(f"\nthe root daemon exited {code}; logs: {workdir / 'logs'}   state: {state}", file=out)
     return SimulationResult(code, workdir, state, simulated.job.name, simulated.job.num_rounds)
+
+
+def heartbeat_interval(datasites: int) -> float:
+    """Seconds between a simulated datasite's heartbeats: each is a file that some daemon reads."""
+    return max(2.0, datasites / 100)
 
 
 def _behaviours(count: int, slow: int, flaky: int, seed: int) -> list[str]:
@@ -231,6 +239,7 @@ def _pool_specs(
     behaviours: Sequence[str],
     node_configs: Sequence[Mapping[str, Any]],
     slow_seconds: float,
+    heartbeat_interval_seconds: float | None = None,
 ) -> list[PoolSpec]:
     sites = [
         PooledDatasite(email, kind, node)
@@ -246,8 +255,7 @@ def _pool_specs(
             evaluate=settings.evaluate,
             client_app=settings.client_app,
             slow_seconds=slow_seconds,
-            # One heartbeat file per datasite per interval: the daemon reads every one.
-            heartbeat_interval_seconds=max(2.0, len(sites) / 100),
+            heartbeat_interval_seconds=heartbeat_interval_seconds or heartbeat_interval(len(sites)),
             rescan_interval_seconds=10.0,
         )
         for start in range(0, len(sites), POOL_SIZE)

@@ -48,8 +48,14 @@ def region_email(index: int) -> str:
     return f"region-{index:03d}@simulate.local"
 
 
-def write_tiered_jobs(config: JobConfig, datasites: int, regions: int, workdir: Path) -> TieredJobs:
-    """Write the root's and the regions' job files under workdir; refuse what cannot run tiered."""
+def write_tiered_jobs(
+    config: JobConfig, datasites: int, regions: int, workdir: Path, *, heartbeat_interval_seconds: float
+) -> TieredJobs:
+    """Write the root's and the regions' job files under workdir; refuse what cannot run tiered.
+
+    ``heartbeat_interval_seconds``: how often the simulated datasites will write heartbeats;
+    the regions' presence_ttl_seconds is raised to three of them if it is shorter.
+    """
     if config.job.protocol != "native":
         raise SimulationRefused(f"job.protocol = {config.job.protocol!r}: tiers run the native protocol")
     if not 1 <= regions <= datasites:
@@ -85,6 +91,12 @@ def write_tiered_jobs(config: JobConfig, datasites: int, regions: int, workdir: 
     root_path = _write(workdir / "root.toml", root, f"the root of {datasites} datasites in {regions} regions")
     paths = []
     shares: dict[str, tuple[int, list[int]]] = {}
+    ttl = max(config.syftbox.presence_ttl_seconds, 3 * heartbeat_interval_seconds)
+    if ttl != config.syftbox.presence_ttl_seconds:
+        changes.append(
+            f"the regions' syftbox.presence_ttl_seconds is {ttl:g}: three heartbeats of {datasites}"
+            f" simulated datasites ({heartbeat_interval_seconds:g} s apart)"
+        )
     for r, group in enumerate(groups):
         region = copy.deepcopy(table)
         job = region["job"]
@@ -98,6 +110,7 @@ def write_tiered_jobs(config: JobConfig, datasites: int, regions: int, workdir: 
         region["syftbox"]["root"] = str(workdir / "syftbox")
         region["syftbox"]["aggregator_email"] = region_email(r)
         region["syftbox"]["datasites"] = group
+        region["syftbox"]["presence_ttl_seconds"] = ttl
         region["state"]["state_dir"] = str(workdir / f"state-region{r:03d}")
         region["region"] = {
             "root_aggregator_email": config.syftbox.aggregator_email,
