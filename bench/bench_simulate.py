@@ -28,15 +28,23 @@ TOOL = Path(sys.executable).with_name("fl-orchestrator")
 TARGETS = {100: 60.0, 1000: 300.0}
 
 
-def _job(folder: Path, count: int) -> Path:
+def write_job(
+    folder: Path,
+    count: int,
+    *,
+    name: str = "simbench",
+    arrays: dict[str, Any] | None = None,
+    timeout_seconds: float = 300.0,
+) -> Path:
+    """A 3-round job over ``count`` datasites that waits for all of them every round."""
     table: dict[str, Any] = {
         "job": {
-            "name": "simbench",
+            "name": name,
             "num_rounds": 3,
-            "round_timeout_seconds": 300.0,
+            "round_timeout_seconds": timeout_seconds,
             "min_train_nodes": count,
             "min_available_nodes": count,
-            "available_timeout_seconds": 300.0,
+            "available_timeout_seconds": timeout_seconds,
             "max_round_retries": 0,
         },
         "syftbox": {
@@ -47,7 +55,8 @@ def _job(folder: Path, count: int) -> Path:
         "model": {
             "source": "random",
             "seed": 1,
-            "arrays": {"w": {"shape": [16, 4], "init": "normal"}, "b": {"shape": [4], "init": "zeros"}},
+            "arrays": arrays
+            or {"w": {"shape": [16, 4], "init": "normal"}, "b": {"shape": [4], "init": "zeros"}},
         },
         "state": {"state_dir": "state"},
         "logging": {"format": "json"},
@@ -59,7 +68,7 @@ def _job(folder: Path, count: int) -> Path:
 
 
 def _simulate(folder: Path, count: int, runners: str, timeout: float) -> tuple[float, int, list[str]]:
-    job = _job(folder / "job", count)
+    job = write_job(folder / "job", count)
     command = [
         str(TOOL),
         "simulate",

@@ -121,16 +121,7 @@ def simulate(settings: SimulateSettings, out: Any = sys.stdout) -> SimulationRes
                 heartbeat_interval_seconds=max(0.5, len(specs) / 40),
                 rescan_interval_seconds=max(2.0, len(specs) / 10),
             )
-        limit = simulated.job.num_rounds * (simulated.job.round_timeout_seconds + 10) + 120
-        limit += simulated.job.available_timeout_seconds
-        for event in federation.run_daemon(timeout_seconds=limit):
-            name = event.get("event")
-            if name == "round.completed":
-                table.round(event)
-            elif name in ("job.failed", "round.attempt_failed"):
-                print(f"  {name}: {event.get('reason', '')}", file=out)
-            elif name == "daemon.exit":
-                code = int(event["code"])
+        code = _run_daemon(federation, simulated, table, out)
     finally:
         federation.stop()
     state = simulated.state.state_dir
@@ -182,16 +173,7 @@ def _simulate_tiered(
                 ),
                 name=f"region{index:03d}-pool",
             )
-        limit = simulated.job.num_rounds * (simulated.job.round_timeout_seconds + 10) + 120
-        limit += simulated.job.available_timeout_seconds
-        for event in root.run_daemon(timeout_seconds=limit):
-            name = event.get("event")
-            if name == "round.completed":
-                table.round(event)
-            elif name in ("job.failed", "round.attempt_failed"):
-                print(f"  {name}: {event.get('reason', '')}", file=out)
-            elif name == "daemon.exit":
-                code = int(event["code"])
+        code = _run_daemon(root, simulated, table, out)
         code = code or wait_all(regions, timeout_seconds=60.0)
     finally:
         for region in regions:
@@ -288,6 +270,22 @@ def _toml_scalar(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))
+
+
+def _run_daemon(federation: LocalFederation, simulated: JobConfig, table: _RoundTable, out: Any) -> int:
+    """The job's daemon to its end, one line per round; its exit code."""
+    limit = simulated.job.num_rounds * (simulated.job.round_timeout_seconds + 10) + 120
+    limit += simulated.job.available_timeout_seconds
+    code = 1
+    for event in federation.run_daemon(timeout_seconds=limit):
+        name = event.get("event")
+        if name == "round.completed":
+            table.round(event)
+        elif name in ("job.failed", "round.attempt_failed"):
+            print(f"  {name}: {event.get('reason', '')}", file=out)
+        elif name == "daemon.exit":
+            code = int(event["code"])
+    return code
 
 
 class _RoundTable:
