@@ -38,7 +38,7 @@ from flwr.common.typing import Run
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
 
-from fl_orchestrator.core.reasons import Rejection, printable
+from fl_orchestrator.core.reasons import Reason, Rejection, printable
 from fl_orchestrator.intake.safe_read import read_below
 from fl_orchestrator.protocols.syft_flwr import flower_codec
 from fl_orchestrator.protocols.syft_flwr.envelope import (
@@ -55,6 +55,10 @@ from fl_orchestrator.storage.atomic import atomic_write
 log = structlog.get_logger("fl_orchestrator.server_app")
 
 DEFAULT_TTL_SECONDS = 3600.0
+
+
+class _StillArriving(Exception):
+    """A response file that exists but is still empty: read it again on its next event."""
 
 
 class GridClosed(Exception):
@@ -215,7 +219,10 @@ class SyftFlwrGrid(Grid):  # type: ignore[misc]
             path = self.box.take(sent.names[-1])
             if path is None:
                 continue
-            reply = self._read(sent, path)
+            try:
+                reply = self._read(sent, path)
+            except _StillArriving:
+                continue
             if reply is None:
                 continue  # sent again under a new name
             with self._lock:
@@ -294,6 +301,13 @@ class SyftFlwrGrid(Grid):  # type: ignore[misc]
         """The reply in a response file, or a Flower error reply; None when it was sent again."""
         try:
             data, _ = read_below(self.target.datasites_dir, path, self.reply_limit)
+        except Rejection as exc:
+            if exc.reason == Reason.EMPTY_FILE:
+                # Created, not yet written (an owner's plain write): its next event brings it again.
+                raise _StillArriving() from None
+            self._remove(sent.owner, sent.names[-1])
+            return self._failed(sent, f"unusable response: {exc}")
+        try:
             response = decode_response(data)
         except (Rejection, EnvelopeError) as exc:
             return self._failed(sent, f"unusable response: {exc}")
