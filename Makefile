@@ -9,7 +9,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-examples test-syftbox test-syft-flwr compare-syft-flwr chaos fuzz bench lint typecheck check clean service-install ci-tools
+.PHONY: install demo test test-fast test-examples test-syftbox test-syft-flwr compare-syft-flwr chaos fuzz bench bench-large lint typecheck check clean service-install ci-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -84,6 +84,11 @@ fuzz: $(STAMP)
 # Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="--only ingest,latency".
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The same plus the sizes that take long: round_overhead at N = 10,000 datasites (about 20 minutes,
+# 10,000 sparse result files a round). E.g. make bench-large BENCH_ARGS="--only round_overhead".
+bench-large: $(STAMP)
+	$(PY) bench/run.py --large $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_orchestrator tests bench

@@ -47,7 +47,16 @@ class Sizes:
     latency_pace_seconds: float
     latency_params: int
     overhead_sites: tuple[int, ...]
+    # Added to overhead_sites by run.py --large (a round of 10,000 datasites takes minutes).
+    overhead_large_sites: tuple[int, ...]
     overhead_params: int
+    # Benchmark 9: (datasites, regions) of each tiered simulation; run.py --large adds the large ones.
+    tiers_runs: tuple[tuple[int, int], ...]
+    tiers_large_runs: tuple[tuple[int, int], ...]
+    tiers_params: int
+    # Round transitions measured per N (each its own round of the same job): 1 -> 2 and 2 -> 3 prune
+    # nothing, 3 -> 4 and later are the steady state (bench_overhead.py); the best of each is reported.
+    overhead_transitions: int
     encode_params: int
     flood_sites: int
     flood_params: int
@@ -73,7 +82,12 @@ FULL = Sizes(
     latency_pace_seconds=0.02,
     latency_params=16,
     overhead_sites=(100, 1000),
+    overhead_large_sites=(10_000,),
     overhead_params=1_000_000,
+    tiers_runs=((1000, 10),),
+    tiers_large_runs=((10_000, 50),),
+    tiers_params=10_000,
+    overhead_transitions=4,
     encode_params=10_000_000,
     flood_sites=8,
     flood_params=1_000_000,
@@ -98,7 +112,12 @@ SMOKE = Sizes(
     latency_pace_seconds=0.005,
     latency_params=16,
     overhead_sites=(10, 20),
+    overhead_large_sites=(40,),
     overhead_params=100_000,
+    tiers_runs=((12, 3),),
+    tiers_large_runs=(),
+    tiers_params=1_000,
+    overhead_transitions=1,
     encode_params=100_000,
     flood_sites=2,
     flood_params=1_000,

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                 # full run (several minutes, ~6 GB of temp files)
     .venv/bin/python bench/run.py --smoke         # same code paths at tiny sizes, well under 30 s
     .venv/bin/python bench/run.py --only ingest,encode --repeats 3
+    .venv/bin/python bench/run.py --large --only round_overhead   # adds N = 10,000 (many minutes)
 
 Every figure is a ratio against a baseline measured in the same run. Temp
 files go to a fresh folder under --workdir (default: the system temp folder)
@@ -34,6 +35,7 @@ import bench_overhead
 import bench_robust
 import bench_rss
 import bench_simulate
+import bench_tiers
 import simulator
 from harness import BENCH_DIR, FULL, SMOKE, Outcome, Row, Sizes, environment, render_table
 
@@ -49,6 +51,7 @@ BENCHMARKS: dict[str, Runner] = {
     "round_overhead": bench_overhead.run,
     "flood": bench_flood.run,
     "simulate": bench_simulate.run,
+    "tiers": bench_tiers.run,
 }
 _SHARED_FILES_OWNER = "ingest"
 _SHARED_FILES_LAST_USER = "robust"
@@ -63,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--repeats", type=int, default=0, help="timed repetitions (default: 5, smoke: 2)")
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="also the sizes that take long: round_overhead at N = 10,000 datasites",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where temp files go")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (for debugging)")
     parser.add_argument(
@@ -102,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     simulator.TRACE_GC = args.trace_gc
     if args.repeats > 0:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    if args.large:
+        sizes = dataclasses.replace(
+            sizes,
+            overhead_sites=sizes.overhead_sites + sizes.overhead_large_sites,
+            tiers_runs=sizes.tiers_runs + sizes.tiers_large_runs,
+        )
     selected = [s.strip() for s in args.only.split(",") if s.strip()] or list(BENCHMARKS)
     unknown = [s for s in selected if s not in BENCHMARKS]
     if unknown:
@@ -136,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report: dict[str, Any] = {
         "mode": sizes.mode,
+        "large": args.large,
         "sizes": dataclasses.asdict(sizes),
         "environment": environment(),
         "wall_seconds": round(time.perf_counter() - started, 1),

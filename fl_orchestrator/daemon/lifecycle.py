@@ -253,6 +253,7 @@ class Daemon:
             for companion in self.companions:
                 root.start_soon(companion)
             root.start_soon(self.rounds.write_status_when_wanted)
+            root.start_soon(self.rounds.prune_kept_when_wanted)
             root.start_soon(self.rounds.refresh_status_soon)
             interval = self.notifier.watchdog_interval_seconds()
             if interval is not None:

@@ -83,6 +83,9 @@ class RoundDriver:
         self.status_soon = anyio.Event()
         self.waiting_log = WaitingLog()
         self.status_urgent = anyio.Event()
+        # Kept links of rounds up to this one are no longer needed; removed by prune_kept_when_wanted.
+        self.prune_through = 0
+        self.prune_wanted = anyio.Event()
         # Set when this daemon is a region of a root job (docs/TIERS.md).
         self.root_link: RootLink | None = None
         # A root's regions: their own counts in the last round they answered (status.json).
@@ -124,6 +127,8 @@ class RoundDriver:
         if isinstance(event, ev.ResultReceived) and not self.replaying:
             # Counted (and kept) or refused, and logged: the protocol may clean up after it.
             await anyio.to_thread.run_sync(self.work.wire.decided, event.payload)
+        if isinstance(event, ev.RoundAggregated) and self.prune_through:
+            self.prune_wanted.set()  # the next round is dispatched by now: prune beside it, not before
         if machine.round != rnd:
             structlog.contextvars.bind_contextvars(round=machine.round)
         if self.replaying:
@@ -270,8 +275,10 @@ class RoundDriver:
         if link is not None:
             link.completed(summary.round)
         # A corrupt newest checkpoint falls back to the oldest one kept: keep what replays need.
+        # The rest goes after the next dispatch (prune_kept_when_wanted): removing a round's links
+        # takes 0.5-0.9 s at 1,000 datasites, and the next round needs none of it.
         oldest_kept = summary.round - self.config.state.keep_checkpoints + 1
-        await anyio.to_thread.run_sync(self.kept.prune, oldest_kept)
+        self.prune_through = max(self.prune_through, oldest_kept)
         log_round_completed(
             summary,
             evaluate=evaluate,
@@ -339,6 +346,18 @@ class RoundDriver:
             if wait > 0:
                 await anyio.sleep(wait)
             self.status_wanted.set()
+
+    async def prune_kept_when_wanted(self) -> None:
+        """Remove the kept links no checkpoint replay needs, in a worker thread, off the round's path.
+
+        Woken once the round after the aggregate is dispatched. A stop waits for a removal under
+        way; one a kill cuts short is finished by the next start (startup prunes through its
+        checkpoint's round).
+        """
+        while True:
+            await self.prune_wanted.wait()
+            self.prune_wanted = anyio.Event()
+            await anyio.to_thread.run_sync(self.kept.prune, self.prune_through)
 
     async def write_status_when_wanted(self) -> None:
         """Rewrite status.json when wanted: at once on a transition, else paced by refresh_status_soon.
