@@ -88,6 +88,7 @@ def test_region_keys_without_the_region_role_are_refused(tmp_path: Path) -> None
     assert refused.value.key == "region.root_job"
 
 
+@pytest.mark.integration  # a real process: out of make test-fast, in make test
 def test_the_daemon_refuses_a_robust_root_at_check_with_exit_78(tmp_path: Path) -> None:
     table = root_table(4)
     table["strategy"] = {"name": "fedmedian"}
@@ -102,6 +103,7 @@ def test_the_daemon_refuses_a_robust_root_at_check_with_exit_78(tmp_path: Path) 
     assert "docs/TIERS.md" in done.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("tiers", "says"), [("-1", "--tiers -1: 0 (one tier)"), ("7", "--tiers 7: between 1 and --datasites (6)")]
 )
