@@ -589,6 +589,7 @@ def test_a_missing_syftbox_root_is_an_error_unless_create(tmp_path: Path) -> Non
     assert not (tmp_path / "SyftBx").exists()  # a typo is not silently made into a folder
 
 
+@pytest.mark.integration  # a real daemon: in make test, not make test-fast
 def test_a_relative_syftbox_root_is_made_absolute_at_start(tmp_path: Path) -> None:
     # Relative, the watcher's paths and the runner's disagreed: only the rescan ever saw a task.
     (tmp_path / "box").mkdir()
@@ -667,6 +668,7 @@ def site_runner(
     return DatasiteRunner(settings, train=train)
 
 
+@pytest.mark.integration  # a real daemon: in make test, not make test-fast
 def test_status_report_and_init_on_a_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = tmp_path / "job.toml"
     # The job itself comes from `init`: what it writes must be a job the daemon runs.

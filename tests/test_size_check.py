@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fl_orchestrator.config import load_config
 from fl_orchestrator.config.schema import JobConfig
@@ -68,6 +69,7 @@ def test_a_reply_limit_below_what_a_reply_takes_is_refused(tmp_path: Path) -> No
     assert any(p.startswith(f"limits.max_file_bytes = {2 * MIB}") for p in problems)
 
 
+@pytest.mark.integration  # a real daemon: in make test, not make test-fast
 def test_the_installed_daemon_refuses_at_check_and_at_start_with_the_numbers(tmp_path: Path) -> None:
     table = job_table(3, syftbox={"part_bytes": 0})
     table["model"]["arrays"] = {"w": {"shape": [3 * MIB], "init": "zeros"}}  # 12 MiB of float32
