@@ -35,7 +35,7 @@ def check_result(
         return Reason.NOT_SELECTED, f"not selected in round {rnd} attempt {current.attempt}"
     if event.reply_to != expected:
         return Reason.REPLY_TO_MISMATCH, f"reply_to {event.reply_to!r} is not this attempt's task"
-    if event.datasite in current.answered():
+    if current.has_answered(event.datasite):
         return Reason.DUPLICATE, f"already answered round {rnd}"
     first = first_num_examples
     growth = rules.max_num_examples_growth

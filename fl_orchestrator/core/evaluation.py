@@ -33,6 +33,10 @@ class EvaluationRound:
         """Selected datasites that have not answered."""
         return set(self.tasks) - set(self.num_examples) - set(self.failed)
 
+    def outstanding_count(self) -> int:
+        """len(outstanding()) in O(1): only selected datasites answer, and each once (check)."""
+        return len(self.tasks) - len(self.num_examples) - len(self.failed)
+
     def check(self, event: ResultReceived) -> tuple[Reason, str] | None:
         """Why this evaluation result cannot count, or None."""
         expected = self.tasks.get(event.datasite)

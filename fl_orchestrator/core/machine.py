@@ -286,10 +286,8 @@ class RoundMachine:
             actions.append(
                 RecordFailure(current.round, event.datasite, error_type, event.error_message or "")
             )
-        if (
-            not current.outstanding()
-            or len(current.succeeded) + len(current.outstanding()) < self.rules.min_train_nodes
-        ):
+        outstanding = current.outstanding_count()  # per result: O(1), not a set of N
+        if not outstanding or len(current.succeeded) + outstanding < self.rules.min_train_nodes:
             actions.extend(self._close(event.now))
         return actions
 
@@ -396,7 +394,7 @@ class RoundMachine:
             record.rejected += 1
             return [Reject(event.datasite, rejection[0], rejection[1], event.payload)]
         evaluation.record(event)
-        if not evaluation.outstanding():
+        if not evaluation.outstanding_count():
             return self._finish_evaluation(event.now)
         return []
 

@@ -91,8 +91,15 @@ class Attempt:
     def answered(self) -> set[str]:
         return set(self.succeeded) | set(self.failed)
 
+    def has_answered(self, datasite: str) -> bool:
+        return datasite in self.succeeded or datasite in self.failed
+
     def outstanding(self) -> set[str]:
         return set(self.tasks) - self.answered()
+
+    def outstanding_count(self) -> int:
+        """len(outstanding()) in O(1): only selected datasites answer, and each once (check_result)."""
+        return len(self.tasks) - len(self.succeeded) - len(self.failed)
 
     def summary(self, now: float) -> RoundSummary:
         """What the attempt came to, closed at ``now``."""

@@ -216,6 +216,7 @@ class Daemon:
             self.clock,
             settle_seconds=self.config.daemon.partial_file_settle_seconds,
             unlisted_log_seconds=self.config.syftbox.presence_ttl_seconds,
+            fold_wait_seconds=self.config.daemon.aggregation_timeout_seconds,
         )
         intake.on_refused = self.rounds.want_status
         # Files refused by an earlier run and left in place are not refused again (intake/ledger.py).

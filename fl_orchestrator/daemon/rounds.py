@@ -110,6 +110,8 @@ class RoundDriver:
             with anyio.move_on_after(timeout):
                 event = await events.receive()
             await self.feed(event if event is not None else ev.Tick(self.clock()))
+            if isinstance(event, ev.ResultReceived) and self.intake is not None:
+                self.intake.result_done()  # folded (or refused): the intake may read the next one
         return self.exit_code
 
     async def feed(self, event: ev.Event) -> None:

@@ -38,6 +38,7 @@ from fl_orchestrator.core import events as ev
 from fl_orchestrator.core.reasons import Reason, printable
 from fl_orchestrator.intake.adapter import Outcome, Settled, WireAdapter, event_of, presence_first
 from fl_orchestrator.intake.fair_queue import FairQueue
+from fl_orchestrator.intake.fold_gate import FoldGate
 from fl_orchestrator.intake.quarantine import Quarantine
 from fl_orchestrator.intake.reader import Inbound, InboundReader, Refused
 from fl_orchestrator.intake.safe_read import FileIdentity
@@ -85,12 +86,14 @@ class IntakeLoop:
         clock: Callable[[], float],
         settle_seconds: float = 2.0,
         unlisted_log_seconds: float = 60.0,
+        fold_wait_seconds: float = 600.0,
     ) -> None:
         self.wire = wire
         self.reader = reader
         self.quarantine = quarantine
         self.clock = clock
         self.settle_seconds = settle_seconds
+        self.fold_gate = FoldGate(fold_wait_seconds)
         # A datasite outside the job that writes heartbeats: said once per this many seconds.
         self.unlisted = UnlistedLog(unlisted_log_seconds)
         self.seen: dict[Path, FileIdentity] = {}
@@ -143,7 +146,7 @@ class IntakeLoop:
                 if path is None:
                     break
                 paths.append(path)
-            await self.take_many(paths, events.send)
+            await self.take_many(paths, events.send, one_result_in_hand=True)
 
     async def _queue_arrived(self, batches: MemoryObjectReceiveStream[PathBatch]) -> bool:
         """Queue every batch already waiting, without waiting for more; False once the watcher ended."""
@@ -215,22 +218,44 @@ class IntakeLoop:
         await self.take_many([path], keep)
         return found
 
-    async def take_many(self, paths: list[Path], send: Callable[[ev.Event], Awaitable[None]]) -> None:
+    def result_done(self) -> None:
+        """The round loop is done with the decoded result sent last (folded or refused)."""
+        self.fold_gate.release()
+
+    async def take_many(
+        self,
+        paths: list[Path],
+        send: Callable[[ev.Event], Awaitable[None]],
+        *,
+        one_result_in_hand: bool = False,
+    ) -> None:
         """Look at these paths, reading them in as few worker-thread hops as results allow.
 
         Junk is read and refused in one hop for the lot; a hop ends after the
         first decoded result, which is sent before the next is read, so no two
-        decoded models wait in memory at once.
+        decoded models wait in memory at once. With ``one_result_in_hand`` (the
+        daemon, whose round loop calls result_done) the next result is not even
+        read before the last is let go (intake/fold_gate.py).
         """
         ready = [item for item in map(self._prepare, paths) if item is not None]
         while ready:
-            done = await anyio.to_thread.run_sync(self._read_batch, ready, abandon_on_cancel=True)
-            events: list[ev.Event] = []
-            for item, (outcome, moved) in zip(ready, done, strict=False):
-                events += await self._finish(item, outcome, moved)
-            for event in presence_first(events):
-                await send(event)
-            ready = ready[len(done) :]
+            if one_result_in_hand and _may_decode(ready):
+                await self.fold_gate.passed()
+            ready = await self._hop(ready, send, one_result_in_hand)
+
+    async def _hop(
+        self, ready: list[_Pending], send: Callable[[ev.Event], Awaitable[None]], one_result_in_hand: bool
+    ) -> list[_Pending]:
+        """Read, finish and send one hop's files; return those left. A decoded result's locals end here."""
+        done = await anyio.to_thread.run_sync(self._read_batch, ready, abandon_on_cancel=True)
+        events: list[ev.Event] = []
+        for item, (outcome, moved) in zip(ready, done, strict=False):
+            events += await self._finish(item, outcome, moved)
+        for event in presence_first(events):
+            if one_result_in_hand and isinstance(event, ev.ResultReceived):
+                self.fold_gate.close()
+            await send(event)
+        return ready[len(done) :]
 
     def _prepare(self, path: Path) -> _Pending | None:
         """What to read for a path, or None if it is not ours or nothing new (cheap checks only)."""
@@ -410,3 +435,7 @@ class IntakeLoop:
             self.seen[path] = keep
         else:
             self.seen.pop(path, None)
+
+
+def _may_decode(ready: list[_Pending]) -> bool:
+    return any(item.classified.kind == FileKind.RESULT for item in ready)
