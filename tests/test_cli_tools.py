@@ -381,6 +381,7 @@ def write_metrics(state_dir: Path, lines: list[str]) -> None:
     (state_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.integration  # draws with matplotlib (~1 s): in make test, out of make test-fast
 @NEEDS_MATPLOTLIB
 def test_report_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = job_for(tmp_path)
@@ -395,6 +396,7 @@ def test_report_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "metrics.jsonl:3: skipped a line that is not JSON" in printed.err
 
 
+@pytest.mark.integration  # draws with matplotlib: in make test, out of make test-fast
 @NEEDS_MATPLOTLIB
 def test_report_of_a_long_job_and_of_one_without_metrics(tmp_path: Path) -> None:
     job = job_for(tmp_path)

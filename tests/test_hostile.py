@@ -561,6 +561,7 @@ def test_refusing_never_raises_even_when_the_state_folder_is_broken(tmp_path: Pa
     assert quarantine.counts == {HOSTILE: {"malformed": 1}}
 
 
+@pytest.mark.integration  # 2 s of threads: in make test, out of make test-fast
 def test_counters_can_be_read_while_refusals_run_in_threads(tmp_path: Path) -> None:
     root = tmp_path / "datasites"
     quarantine = Quarantine(tmp_path / "quarantine", flag_after=10**6)
