@@ -104,9 +104,7 @@ def render(status: Mapping[str, Any], last_round: Mapping[str, Any] | None, tota
         )
     datasites: Mapping[str, Mapping[str, Any]] = status.get("datasites") or {}
     quarantined: Mapping[str, Mapping[str, int]] = status.get("quarantined") or {}
-    for suffix, kind, help_text, key in _PER_DATASITE:
-        samples = [({**job, "datasite": name}, record.get(key)) for name, record in sorted(datasites.items())]
-        _family(out, f"datasite_{suffix}", kind, help_text, samples)
+    _per_datasite(out, job, datasites)
     _family(
         out,
         "datasite_quarantined_total",
@@ -119,6 +117,25 @@ def render(status: Mapping[str, Any], last_round: Mapping[str, Any] | None, tota
         ],
     )
     return "".join(out)
+
+
+def _per_datasite(out: list[str], job: Mapping[str, str], datasites: Mapping[str, Mapping[str, Any]]) -> None:
+    """The per-datasite families; each datasite's labels are escaped once, not once per family.
+
+    At 1,000 datasites these are 8,000 lines, rendered in a worker thread that holds the
+    interpreter lock meanwhile: its time is time the event loop may wait (detection p99).
+    """
+    labelled = [(_labels({**job, "datasite": name}), record) for name, record in sorted(datasites.items())]
+    for suffix, kind, help_text, key in _PER_DATASITE:
+        name = f"fl_orchestrator_datasite_{suffix}"
+        lines = [
+            f"{name}{labels} {_value(value)}\n"
+            for labels, record in labelled
+            if _number(value := record.get(key))
+        ]
+        if lines:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+            out.extend(lines)
 
 
 def _family(
