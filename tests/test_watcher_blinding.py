@@ -120,3 +120,31 @@ def test_the_rescan_never_lists_a_folder_through_a_link(tmp_path: Path) -> None:
     found = list(NativeWire(layout).scan(("linked@x.org", "under@x.org", "good@x.org")))
     assert found == [real / ("f" * 32 + ".result")]
     assert under_link.exists()  # the link does lead somewhere: the scan chose not to follow it
+
+
+async def test_a_paced_rescan_lists_every_file_a_few_datasites_per_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fl_orchestrator.intake import watcher
+
+    layout = JobLayout(tmp_path / "syftbox", "job", "agg@x.org")
+    sites = tuple(f"ds{i:03d}@x.org" for i in range(2 * watcher._RESCAN_DATASITES_PER_HOP + 5))
+    for site in sites:
+        layout.results_dir(site).mkdir(parents=True)
+        (layout.results_dir(site) / ("b" * 32 + ".result")).write_bytes(b"x")
+    wire = NativeWire(layout)
+    hops: list[tuple[str, ...]] = []
+    list_files = watcher._listed_files
+
+    def recorded(tree: NativeWire, chunk: tuple[str, ...]) -> PathBatch:
+        hops.append(chunk)
+        return list_files(tree, chunk)
+
+    monkeypatch.setattr(watcher, "_listed_files", recorded)
+    with anyio.fail_after(10):
+        listed = await watcher._rescan_paced(wire, sites)
+    assert sorted(listed) == sorted(wire.scan(sites)) and len(listed) == len(sites)
+    # Three hops, none over the limit: the interpreter lock is let go between them.
+    per_hop = watcher._RESCAN_DATASITES_PER_HOP
+    assert [len(hop) for hop in hops] == [per_hop, per_hop, 5]
+    assert tuple(site for hop in hops for site in hop) == sites
