@@ -359,7 +359,7 @@ async def _rescan_forever(
     tree: WatchedTree, datasites: tuple[str, ...], send: ObjectSendStream[PathBatch], interval: float
 ) -> None:
     # The first scan picks up whatever landed while the daemon was not running: in one go.
-    batch = await anyio.to_thread.run_sync(lambda: list(tree.scan(datasites)))
+    batch = await anyio.to_thread.run_sync(_listed_files, tree, datasites)
     if batch:
         await send.send(batch)
     while True:
